@@ -1,0 +1,83 @@
+"""Read a delimited or Parquet file into a string-typed LazyFrame with row numbers for errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from climber.data.schema import FILE_COLUMN, ROW_COLUMN, DataError
+
+
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """``"user=userId,item=movieId"`` -> ``{"user": "userId", "item": "movieId"}`` (target -> source)."""
+    if not text:
+        return {}
+    mapping = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise DataError(f"--columns entry {part!r} must look like target=source, e.g. user=userId")
+        target, source = (s.strip() for s in part.split("=", 1))
+        mapping[target] = source
+    return mapping
+
+
+def scan_table(
+    path: Path,
+    *,
+    columns: dict[str, str] | None = None,
+    names: list[str] | None = None,
+    separator: str = ",",
+    has_header: bool = True,
+) -> pl.LazyFrame:
+    """Scan CSV/TSV/Parquet lazily; every data column as Utf8, renamed target <- source.
+
+    ``names`` gives column names for a headerless file. ``columns`` maps our names (user, item, ts,
+    action, scenario, ...) to the file's names; unmapped file columns whose name is already one of
+    ours (or that start with ``item_``, item side features) are kept as they are, others are dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".parquet":
+        frame = pl.scan_parquet(path)
+        file_columns = frame.collect_schema().names()
+        frame = frame.with_row_index(ROW_COLUMN, offset=1)
+    else:
+        if has_header:
+            header = pl.read_csv(path, separator=separator, n_rows=0, infer_schema=False).columns
+        else:
+            if names is None:
+                raise DataError(f"{path}: a headerless file needs column names")
+            header = names
+        frame = pl.scan_csv(
+            path,
+            separator=separator,
+            has_header=has_header,
+            new_columns=None if has_header else names,
+            infer_schema=False,
+            quote_char='"',
+            row_index_name=ROW_COLUMN,
+            row_index_offset=2 if has_header else 1,  # line number in the file
+        )
+        file_columns = header
+    columns = dict(columns or {})
+    for target, source in columns.items():
+        if source not in file_columns:
+            raise DataError(
+                f"{path}: column {source!r} (for {target}) not found; the file has {', '.join(file_columns)}"
+            )
+    mapped_sources = set(columns.values())
+    keep = {t: s for t, s in columns.items()}
+    for c in file_columns:
+        if c not in mapped_sources and c not in keep and (c in _KNOWN_TARGETS or c.startswith("item_")):
+            keep[c] = c
+    exprs = [pl.col(s).cast(pl.Utf8).alias(t) for t, s in keep.items()]
+    return frame.select(
+        pl.col(ROW_COLUMN).cast(pl.Int64), pl.lit(str(path)).alias(FILE_COLUMN), *exprs
+    )
+
+
+_KNOWN_TARGETS = {"user", "item", "ts", "action", "scenario", "label"}

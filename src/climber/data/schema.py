@@ -1,0 +1,98 @@
+"""Event schema, label rules and the one error type users see for bad data.
+
+An event is ``(user, item, ts, action, scenario)`` plus optional side columns. Loaders hand
+``prepare`` a :class:`RawSource`: a polars LazyFrame whose columns are all strings, so that
+validation can name the file, row and column of the first bad value before anything is cast.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+EVENT_COLUMNS = ("user", "item", "ts", "action", "scenario")
+REQUIRED_COLUMNS = ("user", "item", "ts", "action")
+DEFAULT_SCENARIO = "default"
+ROW_COLUMN = "__row"  # 1-based data-row number within the source file, for error messages
+FILE_COLUMN = "__file"  # source file of the row, for error messages
+
+
+class DataError(Exception):
+    """A problem with input data that the user can fix; printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """Binary target of an event. Forms:
+
+    - ``action>=4`` (also ``>``, ``<=``, ``<``, ``==``, ``!=``): numeric comparison of the action;
+    - ``action in cart,fav,buy``: membership of the action in a set of values;
+    - ``label``: the source carries a 0/1 ``label`` column (synthetic data).
+    """
+
+    kind: str  # "compare" | "in" | "given"
+    op: str = ""
+    threshold: float = 0.0
+    values: tuple[str, ...] = ()
+
+    _COMPARE = re.compile(r"^\s*action\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+)\s*$")
+    _IN = re.compile(r"^\s*action\s+in\s+(.+)$")
+
+    @classmethod
+    def parse(cls, text: str) -> "LabelRule":
+        text = text.strip()
+        if text == "label":
+            return cls(kind="given")
+        if m := cls._COMPARE.match(text):
+            return cls(kind="compare", op=m.group(1), threshold=float(m.group(2)))
+        if m := cls._IN.match(text):
+            values = tuple(v.strip() for v in m.group(1).split(",") if v.strip())
+            if values:
+                return cls(kind="in", values=values)
+        raise DataError(
+            f"label rule {text!r} not understood: expected 'action>=4' (or >, <=, <, ==, !=), "
+            "'action in a,b,c', or 'label'"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "given":
+            return "label"
+        if self.kind == "in":
+            return "action in " + ",".join(self.values)
+        return f"action{self.op}{self.threshold:g}"
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind == "compare"
+
+    def expr(self) -> pl.Expr:
+        """A polars expression giving the Int8 label from the string columns of a RawSource."""
+        if self.kind == "given":
+            return pl.col("label").cast(pl.Int8)
+        if self.kind == "in":
+            return pl.col("action").is_in(list(self.values)).cast(pl.Int8)
+        a = pl.col("action").cast(pl.Float64)
+        t = self.threshold
+        cmp = {">=": a >= t, ">": a > t, "<=": a <= t, "<": a < t, "==": a == t, "!=": a != t}[self.op]
+        return cmp.cast(pl.Int8)
+
+
+@dataclass
+class RawSource:
+    """What a loader returns: string-typed events plus what prepare needs to know about them.
+
+    ``frame`` has at least the REQUIRED_COLUMNS, plus ROW_COLUMN and FILE_COLUMN for error messages,
+    optionally ``scenario``, ``label`` and side columns (kept through prepare: ``item_*`` are item
+    features, anything else is an event feature). All data columns are Utf8.
+    """
+
+    name: str
+    frame: pl.LazyFrame
+    label_rule: LabelRule
+    actions: tuple[str, ...] | None = None  # allowed action values; None = any
+    numeric_columns: tuple[str, ...] = ()  # side columns to keep as Float64 rather than categories
+    notes: list[str] = field(default_factory=list)  # e.g. "dropped 12 events outside the window"
+    files: tuple[Path, ...] = ()
