@@ -1,0 +1,1 @@
+"""Event data: schema, named loaders, prepare + split, synthetic data, MSE sequences, samples."""

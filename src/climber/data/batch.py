@@ -1,0 +1,46 @@
+"""The batch contract between data and models. Shapes: B rows (one user each), C candidates, L_k events.
+
+A row is one user's history, extracted into one Subsequence per MSE strategy, plus up to C candidates.
+"Single user, multiple items": candidates see the whole history and themselves only, never each other;
+"single user, single item" is the same with C = 1. Padding is on the left of subsequences (the most
+recent event is always at index L_k - 1) and on the right of candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Subsequence:
+    item: torch.Tensor  # (B, L) int64 dense item ids, 0 = padding
+    action: torch.Tensor  # (B, L) int64 dense action ids, 0 = padding
+    scenario: torch.Tensor  # (B, L) int64 dense scenario ids, 0 = padding
+    ts: torch.Tensor  # (B, L) int64 seconds, 0 at padding
+    mask: torch.Tensor  # (B, L) bool, True = real event
+
+    def to(self, device) -> "Subsequence":
+        return Subsequence(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class Batch:
+    user: torch.Tensor  # (B,) int64 dense user ids
+    seqs: list[Subsequence]  # one per strategy, in the order of the model's strategies
+    cand_item: torch.Tensor  # (B, C) int64, 0 = padding
+    cand_scenario: torch.Tensor  # (B, C) int64
+    cand_ts: torch.Tensor  # (B, C) int64 seconds
+    cand_mask: torch.Tensor  # (B, C) bool, True = real candidate
+    label: torch.Tensor  # (B, C) float32, 0 at padding
+
+    def to(self, device) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in moved.items()}
+        moved["seqs"] = [s.to(device) for s in self.seqs]
+        return Batch(**moved)
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.cand_mask.sum())
