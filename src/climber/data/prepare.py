@@ -113,8 +113,12 @@ def fingerprint(events_path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(source: RawSource, out: Path, *, force: bool = False, log=print) -> dict:
-    """Prepare ``source`` into ``out``. Returns the manifest. Nothing is left behind on failure."""
+def prepare(source: RawSource, out: Path, *, force: bool = False, log=print, extra=None) -> dict:
+    """Prepare ``source`` into ``out``. Returns the manifest. Nothing is left behind on failure.
+
+    ``extra(tmp_dir) -> dict``, when given, is called once events.parquet is written; what it returns
+    is merged into the manifest (synthetic data adds its Bayes ceiling this way).
+    """
     out = Path(out)
     if out.exists() and not force:
         raise DataError(f"{out}: already exists (use --force to replace it)")
@@ -152,6 +156,8 @@ def prepare(source: RawSource, out: Path, *, force: bool = False, log=print) -> 
         )
         events.sink_parquet(tmp / "events.parquet", row_group_size=1 << 17)
         manifest = _manifest(source, tmp, vocabs, categorical_side)
+        if extra is not None:
+            manifest.update(extra(tmp))
         manifest["prepare_seconds"] = round(time.time() - t0, 2)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_dir(tmp, out)

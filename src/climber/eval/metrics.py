@@ -1,0 +1,108 @@
+"""Metrics of PROTOCOL.md: AUC (pooled), GAUC, LogLoss, HR@k, NDCG@k. Plain numpy, ties handled.
+
+AUC is the Mann-Whitney statistic with average ranks for tied scores (a tie counts one half).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-7
+
+
+def _average_ranks(groups: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-based ranks of scores within each group (ties get their mean rank); also the sort order."""
+    order = np.lexsort((scores, groups))
+    g, s = groups[order], scores[order]
+    n = len(s)
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
+    run_id = np.cumsum(new_run) - 1
+    run_start = np.flatnonzero(new_run)
+    run_end = np.append(run_start[1:], n)
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = g[1:] != g[:-1]
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    # mean of positions run_start..run_end-1, relative to the group start, 1-based
+    mean_pos = (run_start + run_end - 1) / 2.0
+    ranks_sorted = mean_pos[run_id] - group_start + 1
+    ranks = np.empty(n)
+    ranks[order] = ranks_sorted
+    return ranks, order
+
+
+def _group_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray):
+    """Per-group AUC, candidate counts and a mask of groups that hold both labels."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    ranks, _ = _average_ranks(inv, scores)
+    pos = labels > 0.5
+    n_pos = np.bincount(inv, weights=pos, minlength=len(uniq))
+    n_all = np.bincount(inv, minlength=len(uniq)).astype(float)
+    n_neg = n_all - n_pos
+    rank_sum = np.bincount(inv, weights=ranks * pos, minlength=len(uniq))
+    valid = (n_pos > 0) & (n_neg > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return auc, n_all, valid
+
+
+def auc(labels, scores) -> float:
+    """Pooled AUC. NaN when only one class is present."""
+    labels, scores = np.asarray(labels, float), np.asarray(scores, float)
+    a, _, valid = _group_auc(np.zeros(len(labels), dtype=np.int64), labels, scores)
+    return float(a[0]) if valid[0] else float("nan")
+
+
+def gauc(users, labels, scores) -> float:
+    """sum_u w_u AUC_u / sum_u w_u over users with both labels; w_u = the user's candidate count."""
+    a, w, valid = _group_auc(np.asarray(users), np.asarray(labels, float), np.asarray(scores, float))
+    if not valid.any():
+        return float("nan")
+    return float(np.sum(a[valid] * w[valid]) / np.sum(w[valid]))
+
+
+def logloss(labels, probs) -> float:
+    """Mean binary cross-entropy with probabilities clipped to [1e-7, 1 - 1e-7]."""
+    y = np.asarray(labels, float)
+    p = np.clip(np.asarray(probs, float), EPS, 1 - EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def hit_ndcg_at_k(users, labels, scores, k: int) -> tuple[float, float]:
+    """HR@k and NDCG@k of the positives among each user's candidates, averaged over users with a positive.
+
+    HR@k: 1 when at least one positive is in the user's top k. NDCG@k: binary gains, DCG@k / ideal DCG@k.
+    Ties in score are broken by candidate order (stable), so results are deterministic.
+    """
+    users, labels, scores = np.asarray(users), np.asarray(labels, float), np.asarray(scores, float)
+    order = np.lexsort((np.arange(len(scores)), -scores, users))
+    u, y = users[order], labels[order] > 0.5
+    start = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+    counts = np.diff(np.r_[start, len(u)])
+    pos_in_user = np.arange(len(u)) - np.repeat(start, counts)
+    top = pos_in_user < k
+    gain = np.where(y & top, 1.0 / np.log2(pos_in_user + 2), 0.0)
+    dcg = np.add.reduceat(gain, start)
+    hits = np.add.reduceat((y & top).astype(float), start)
+    n_pos = np.add.reduceat(y.astype(float), start)
+    ideal = np.array([np.sum(1.0 / np.log2(np.arange(min(int(p), k)) + 2)) for p in n_pos])
+    has = n_pos > 0
+    if not has.any():
+        return float("nan"), float("nan")
+    return float(np.mean(hits[has] > 0)), float(np.mean(dcg[has] / ideal[has]))
+
+
+def all_metrics(users, labels, scores_logit, ks=(5, 10)) -> dict[str, float]:
+    """Every protocol metric from logits: AUC, GAUC, LogLoss (on sigmoid), HR@k, NDCG@k."""
+    logits = np.asarray(scores_logit, float)
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    out = {
+        "auc": auc(labels, logits),
+        "gauc": gauc(users, labels, logits),
+        "logloss": logloss(labels, probs),
+        "candidates": int(len(labels)),
+        "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
+    }
+    for k in ks:
+        out[f"hr@{k}"], out[f"ndcg@{k}"] = hit_ndcg_at_k(users, labels, logits, k)
+    return out
