@@ -6,7 +6,9 @@ keeps the most recent ``length`` of them:
 - ``recency``: all events;
 - ``action``: events whose raw action is in ``values`` (e.g. likes only, over the whole lifetime);
 - ``scenario``: events whose raw scenario is in ``values``;
-- ``window``: events within ``window_s`` seconds before the first candidate.
+- ``window``: events within ``window_s`` seconds before the first candidate;
+- ``positive``: events whose label is 1 (positive feedback, e.g. over the whole lifetime); works on
+  any data set, since every prepared event has a label.
 
 YAML form (one list item per strategy)::
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-KINDS = ("recency", "action", "scenario", "window")
+KINDS = ("recency", "action", "scenario", "window", "positive")
 
 
 @dataclass(frozen=True)
