@@ -1,0 +1,5 @@
+import sys
+
+from climber.cli import main
+
+sys.exit(main())

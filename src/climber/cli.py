@@ -1,0 +1,188 @@
+"""The one command line: ``climber data|train|eval|quickstart|models ...``.
+
+Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from climber.config import ConfigError
+from climber.data.schema import DataError
+
+USER_ERRORS = (DataError, ConfigError, ValueError, FileNotFoundError)
+
+
+def _data_prepare(args) -> None:
+    from climber.data.datasets import DATASETS, load_dataset
+    from climber.data.prepare import prepare
+    from climber.data.readers import parse_column_map, scan_table
+    from climber.data.schema import LabelRule, RawSource
+
+    if args.source_name in DATASETS:
+        if args.columns or args.label:
+            raise DataError(f"{args.source_name} is a named data set with its own columns and label rule; "
+                            "--columns/--label are for CSV/Parquet paths")
+        source = load_dataset(args.source_name, Path(args.source) if args.source else None)
+    else:
+        path = Path(args.source_name)
+        if not path.exists():
+            from climber.data.datasets import DATASETS as known
+
+            raise DataError(f"{path}: no such file, and not a named data set ({', '.join(known)})")
+        if not args.label:
+            raise DataError("a CSV/Parquet source needs --label, e.g. --label 'action>=4' or --label 'action in cart,fav,buy'")
+        names = args.names.split(",") if args.names else None
+        frame = scan_table(path, columns=parse_column_map(args.columns), names=names,
+                           separator=args.separator.encode().decode("unicode_escape"), has_header=names is None)
+        actions = tuple(args.actions.split(",")) if args.actions else None
+        source = RawSource(path.name, frame, LabelRule.parse(args.label), actions=actions, files=(path,))
+    manifest = prepare(source, Path(args.out), force=args.force)
+    _print_manifest(manifest, args.out)
+
+
+def _print_manifest(m: dict, where) -> None:
+    print(f"prepared {where}: {m['rows']:,} events, {m['users']:,} users, {m['items']:,} items, "
+          f"positive rate {m['positive_rate']:.3f}, label rule '{m['label_rule']}'")
+    for split in ("train", "val", "test"):
+        s = m["splits"].get(split, {"rows": 0, "users": 0, "positive_rate": float("nan")})
+        print(f"  {split:5s} {s['rows']:>10,} events  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}")
+    if "bayes" in m:
+        b = m["bayes"]["test"]
+        print(f"  Bayes-optimal test: AUC {b['auc']:.4f}  GAUC {b['gauc']:.4f}  LogLoss {b['logloss']:.4f}")
+    for note in m.get("notes", []):
+        print(f"  note: {note}")
+    print(f"  fingerprint sha256 {m['fingerprint']['sha256']}")
+
+
+def _data_synth(args) -> None:
+    from climber.data.synthetic import synthesize
+
+    m = synthesize(Path(args.out), users=args.users, events_per_user=args.events_per_user, items=args.items,
+                   topics=args.topics, seed=args.seed, force=args.force)
+    _print_manifest(m, args.out)
+
+
+def _data_info(args) -> None:
+    from climber.data.prepare import load_manifest
+
+    m = load_manifest(Path(args.dir))
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        _print_manifest(m, args.dir)
+
+
+def _train(args) -> None:
+    from climber.config import resolve
+    from climber.train.loop import Trainer
+
+    cfg = resolve(args.model, Path(args.config) if args.config else None, args.set or [])
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
+    metrics = Trainer(out, Path(args.data), cfg, progress=not args.no_progress).fit(resume=args.resume)
+    print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
+
+
+def _eval(args) -> None:
+    from climber.eval.evaluate import evaluate_run
+
+    out = evaluate_run(Path(args.run), Path(args.data) if args.data else None, split=args.split)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        m = out["metrics"]
+        print(f"{args.split}: AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  LogLoss {m['logloss']:.4f}  "
+              f"HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({m['candidates']:,} candidates)")
+
+
+def _quickstart(args) -> None:
+    from climber.quickstart import quickstart
+
+    quickstart(Path(args.out), dataset=args.dataset, source=Path(args.source) if args.source else None)
+
+
+def _models(args) -> None:
+    from climber.config import preset_names
+    from climber.models import model_names
+
+    print("models: " + ", ".join(model_names()))
+    print("presets: " + ", ".join(preset_names()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="climber", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare, synthesise and inspect event data").add_subparsers(dest="data_command", required=True)
+    pr = data.add_parser("prepare", help="raw log -> prepared dir (ids, labels, protocol split)")
+    pr.add_argument("source_name", metavar="SOURCE", help="a named data set (e.g. movielens-100k) or a CSV/Parquet path")
+    pr.add_argument("--out", required=True, help="prepared dir to write")
+    pr.add_argument("--source", help="local folder holding a named data set's files (default: download to a cache)")
+    pr.add_argument("--columns", help="column mapping for a file, e.g. user=userId,item=movieId,ts=timestamp,action=rating")
+    pr.add_argument("--label", help="label rule for a file: 'action>=4' or 'action in cart,fav,buy' or 'label'")
+    pr.add_argument("--actions", help="allowed action values (comma separated); others are an error")
+    pr.add_argument("--separator", default=",", help="field separator of a CSV (default ','; '\\t' for tabs)")
+    pr.add_argument("--names", help="column names of a headerless CSV, comma separated")
+    pr.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pr.set_defaults(func=_data_prepare)
+
+    sy = data.add_parser("synth", help="synthetic log with known true click probabilities")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--users", type=int, default=2000)
+    sy.add_argument("--events-per-user", type=int, default=100)
+    sy.add_argument("--items", type=int, default=1000)
+    sy.add_argument("--topics", type=int, default=20)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--force", action="store_true")
+    sy.set_defaults(func=_data_synth)
+
+    info = data.add_parser("info", help="print a prepared dir's manifest")
+    info.add_argument("dir")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_data_info)
+
+    tr = sub.add_parser("train", help="train a model on a prepared dir")
+    tr.add_argument("--data", required=True, help="prepared dir")
+    tr.add_argument("--model", help="model or preset name (default: the config file's, else climber)")
+    tr.add_argument("--config", help="YAML config file (model, model_config, train)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 (repeatable)")
+    tr.add_argument("--out", required=True, help="run dir")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--json", action="store_true", help="print final metrics as JSON")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run's best checkpoint")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--data", help="prepared dir (default: the one the run was trained on)")
+    ev.add_argument("--split", default="test", choices=["val", "test"])
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    qs = sub.add_parser("quickstart", help="synthesise (or prepare) data, train a small Climber, evaluate, report")
+    qs.add_argument("--out", default="runs/quickstart")
+    qs.add_argument("--dataset", help="a named data set instead of synthetic data, e.g. movielens-100k")
+    qs.add_argument("--source", help="local folder with the named data set's files")
+    qs.set_defaults(func=_quickstart)
+
+    mo = sub.add_parser("models", help="list registered models and presets")
+    mo.set_defaults(func=_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"climber: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("climber: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,140 @@
+"""Typed run configuration: model name + model config + training config; presets by name; YAML I/O.
+
+A config file (and a preset in ``climber/presets/``) looks like::
+
+    model: climber
+    model_config: {d_model: 64, n_layers: 2}
+    train: {epochs: 20, lr: 0.001}
+
+``--set`` overrides use dotted keys: ``train.lr=3e-4``, ``model_config.d_model=128`` (``model.`` is
+accepted as a short form of ``model_config.``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user can fix; printed as one line."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32  # rows (users) per step
+    candidates_per_row: int = 32  # C: candidates sharing one history ("single user, multiple items")
+    mode: str = "multi"  # "multi" | "single" ("single user, single item", C = 1)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    patience: int = 3  # epochs without a better val AUC before stopping
+    eval_batch_size: int = 64
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    tensorboard: bool = False
+    max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
+
+    def __post_init__(self):
+        if self.mode not in ("multi", "single"):
+            raise ConfigError(f"train.mode must be 'multi' or 'single', got {self.mode!r}")
+        for name in ("epochs", "batch_size", "candidates_per_row", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RunConfig:
+    model: str = "climber"
+    model_config: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "model_config": dict(self.model_config), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        unknown = set(d) - {"model", "model_config", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected model, model_config, train")
+        train = d.get("train") or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = set(train) - known
+        if bad:
+            raise ConfigError(f"unknown train settings {sorted(bad)}; known: {', '.join(sorted(known))}")
+        return cls(model=d.get("model", "climber"), model_config=dict(d.get("model_config") or {}),
+                   train=TrainConfig(**train))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("climber.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_preset(name: str) -> dict:
+    path = resources.files("climber.presets") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
+    return yaml.safe_load(path.read_text())
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists) to a nested dict copy."""
+    out = yaml.safe_load(yaml.safe_dump(d))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] == "model" and len(parts) > 1:
+            parts[0] = "model_config"
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def resolve(model: str | None, config_file: Path | None, overrides: list[str]) -> RunConfig:
+    """Preset (``--model`` as a preset name, or a model name's default preset) <- config file <- --set."""
+    base = load_yaml(config_file) if config_file is not None else {}
+    name = model or base.get("model") or "climber"
+    preset_name = name if name in preset_names() else DEFAULT_PRESETS.get(name)
+    preset = load_preset(preset_name) if preset_name else {"model": name}
+    merged = _merge(preset, {k: v for k, v in base.items() if k != "model"})
+    return RunConfig.from_dict(apply_overrides(merged, overrides))
+
+
+DEFAULT_PRESETS = {"climber": "climber-small"}  # model name -> the preset `--model NAME` means
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def save_yaml(d: dict, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))

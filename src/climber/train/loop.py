@@ -1,0 +1,222 @@
+"""The training loop: AdamW, warmup + cosine, clipping, early stopping on val AUC, exact resume.
+
+Run dir::
+
+    config.yaml          the resolved config (model, model_config, train) and the data dir
+    fingerprint.json     the prepared data's fingerprint
+    epochs.jsonl         one JSON line per epoch: train loss, val metrics, lr, seconds, samples/s
+    checkpoints/last.safetensors   weights + optimizer + RNG + loop state after the last finished epoch
+    checkpoints/best.safetensors   weights of the best val AUC epoch
+    metrics.json         best-val and last-epoch figures (val and test), written at the end
+    predictions.parquet  test predictions of the best checkpoint: user, item, label, score, logit
+
+Every random choice is a function of (seed, epoch) or of the checkpointed torch RNG, so a run resumed
+after a kill reaches the same weights and figures as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from climber.config import RunConfig, TrainConfig, save_yaml
+from climber.data.loader import SampleLoader
+from climber.data.prepare import load_manifest
+from climber.eval.evaluate import evaluate_split, with_raw_ids
+from climber.models import DataInfo, build_model
+from climber.train import checkpoint
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup for ``warmup_steps``, then cosine decay to 10% of the peak at ``total``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings (they are 1-d or lookup tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "emb" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def masked_bce(logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over real candidates. logits/label/mask: (B, C)."""
+    loss = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, data_dir: Path, cfg: RunConfig, log=print, progress: bool = True):
+        self.run_dir, self.data_dir, self.cfg, self.log, self.progress = Path(run_dir), Path(data_dir), cfg, log, progress
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        self.manifest = load_manifest(self.data_dir)
+        self.info = DataInfo.from_prepared(self.data_dir)
+        self.model = build_model(cfg.model, cfg.model_config, self.info)
+        strategies = self.model.strategies()
+        c = 1 if tc.mode == "single" else tc.candidates_per_row
+        self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=tc.batch_size,
+                                         candidates_per_row=c, mode=tc.mode, seed=tc.seed)
+        self.eval_loaders = {
+            split: SampleLoader(self.data_dir, split, strategies, batch_size=tc.eval_batch_size,
+                                candidates_per_row=tc.candidates_per_row, mode="multi", seed=tc.seed)
+            for split in ("val", "test")
+        }
+        self.optimizer = make_optimizer(self.model, tc)
+        self.total_steps = tc.epochs * len(self.train_loader)
+
+    # ------------------------------------------------------------------ state
+
+    def _state_meta(self, epoch: int, step: int, best: dict, bad_epochs: int) -> dict:
+        return {
+            "model": self.cfg.model,
+            "model_config": self.model.cfg.to_dict(),
+            "data_info": self.info.to_dict(),
+            "epoch": epoch,
+            "step": step,
+            "best": best,
+            "bad_epochs": bad_epochs,
+            "fingerprint": self.manifest["fingerprint"],
+        }
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = self.cfg.to_dict()
+        resolved["model_config"] = self.model.cfg.to_dict()
+        resolved["data"] = str(self.data_dir.resolve())
+        save_yaml(resolved, self.run_dir / "config.yaml")
+        (self.run_dir / "fingerprint.json").write_text(json.dumps(self.manifest["fingerprint"], indent=2) + "\n")
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+        """Train to the end (or early stop). ``stop_after_epoch`` simulates a kill, for tests."""
+        tc = self.cfg.train
+        last = self.run_dir / "checkpoints" / "last.safetensors"
+        start_epoch, step, best, bad_epochs = 0, 0, {"epoch": -1, "val_auc": -1.0}, 0
+        if resume and last.exists():
+            meta = checkpoint.load(last, self.model, self.optimizer)
+            if meta["fingerprint"]["sha256"] != self.manifest["fingerprint"]["sha256"]:
+                raise ValueError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
+            start_epoch, step, best, bad_epochs = meta["epoch"] + 1, meta["step"], meta["best"], meta["bad_epochs"]
+            self.log(f"resumed from epoch {meta['epoch']} (step {step})")
+        elif resume:
+            self.log(f"no checkpoint at {last}; starting fresh")
+        if start_epoch == 0:
+            self._write_run_files()
+            (self.run_dir / "epochs.jsonl").write_text("")
+        writer = self._tensorboard()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model {self.cfg.model}: {n_params:,} parameters; {len(self.train_loader)} steps/epoch")
+
+        for epoch in range(start_epoch, tc.epochs):
+            if bad_epochs >= tc.patience:
+                break
+            t0 = time.time()
+            loss, samples, step = self._train_epoch(epoch, step)
+            train_s = time.time() - t0
+            val = evaluate_split(self.model, self.eval_loaders["val"])["metrics"]
+            record = {"epoch": epoch, "step": step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                      "train_seconds": round(train_s, 2), "samples_per_s": round(samples / max(train_s, 1e-9), 1),
+                      "epoch_seconds": round(time.time() - t0, 2), "val": val}
+            if val["auc"] > best["val_auc"]:
+                best, bad_epochs = {"epoch": epoch, "val_auc": val["auc"]}, 0
+                checkpoint.save(self.run_dir / "checkpoints" / "best.safetensors", self.model,
+                                self._state_meta(epoch, step, best, bad_epochs))
+            else:
+                bad_epochs += 1
+            with open(self.run_dir / "epochs.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint.save(last, self.model, self._state_meta(epoch, step, best, bad_epochs), self.optimizer)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, epoch)
+                for k in ("auc", "gauc", "logloss"):
+                    writer.add_scalar(f"val/{k}", val[k], epoch)
+            self.log(f"epoch {epoch}: loss {loss:.4f}  val auc {val['auc']:.4f} gauc {val['gauc']:.4f} "
+                     f"logloss {val['logloss']:.4f}  ({record['epoch_seconds']:.1f}s, {record['samples_per_s']:.0f} samples/s)"
+                     + ("  *best" if best["epoch"] == epoch else ""))
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                raise KeyboardInterrupt(f"stopped after epoch {epoch} (simulated kill)")
+        if writer is not None:
+            writer.close()
+        return self.finish()
+
+    def _train_epoch(self, epoch: int, step: int) -> tuple[float, int, int]:
+        tc = self.cfg.train
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        total_loss, total_n, samples = 0.0, 0, 0
+        deadline = time.time() + tc.max_epoch_minutes * 60 if tc.max_epoch_minutes else None
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", unit="batch", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        t0 = time.time()
+        for batch in bar:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr_at(step, self.total_steps, tc)
+            logits = self.model(batch)
+            mask = batch.cand_mask.float()
+            loss = masked_bce(logits, batch.label, mask)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+            step += 1
+            n = batch.num_candidates
+            total_loss += loss.item() * n
+            total_n += n
+            samples += n
+            bar.set_postfix(loss=f"{total_loss / total_n:.4f}", samples_s=f"{samples / (time.time() - t0):.0f}")
+            if deadline is not None and time.time() > deadline:
+                break
+        return total_loss / max(total_n, 1), samples, step
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self) -> dict:
+        """Test figures of the best-val and the last-epoch checkpoints; writes metrics.json + predictions."""
+        records = [json.loads(line) for line in open(self.run_dir / "epochs.jsonl")]
+        last_meta = checkpoint.load(self.run_dir / "checkpoints" / "last.safetensors", self.model)
+        last_test = evaluate_split(self.model, self.eval_loaders["test"])
+        best_meta = checkpoint.load(self.run_dir / "checkpoints" / "best.safetensors", self.model)
+        best_val = evaluate_split(self.model, self.eval_loaders["val"])
+        best_test = evaluate_split(self.model, self.eval_loaders["test"])
+        with_raw_ids(best_test["predictions"], self.data_dir).write_parquet(self.run_dir / "predictions.parquet")
+        metrics = {
+            "model": self.cfg.model,
+            "fingerprint": self.manifest["fingerprint"],
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "epochs_run": len(records),
+            "seconds_per_epoch": float(np.mean([r["epoch_seconds"] for r in records])),
+            "train_seconds_per_epoch": float(np.mean([r["train_seconds"] for r in records])),
+            "best": {"epoch": best_meta["epoch"], "val": best_val["metrics"], "test": best_test["metrics"]},
+            "last": {"epoch": last_meta["epoch"], "val": records[-1]["val"], "test": last_test["metrics"]},
+        }
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        b, la = metrics["best"]["test"], metrics["last"]["test"]
+        self.log(f"test (best val epoch {best_meta['epoch']}): auc {b['auc']:.4f} gauc {b['gauc']:.4f} "
+                 f"logloss {b['logloss']:.4f} | last epoch: auc {la['auc']:.4f} gauc {la['gauc']:.4f}")
+        return metrics
