@@ -112,8 +112,16 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _parse_value(value)
     return out
+
+
+def _parse_value(text: str):
+    """YAML scalar/list, but ``3e-4`` is a float (YAML 1.1 would read it as a string)."""
+    try:
+        return float(text) if any(c in text.lower() for c in ".e") and not text.isalpha() else int(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def resolve(model: str | None, config_file: Path | None, overrides: list[str]) -> RunConfig:

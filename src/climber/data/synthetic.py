@@ -1,0 +1,245 @@
+"""Synthetic multi-behaviour, multi-scenario interaction logs whose true click probability is known.
+
+Generative process (one user at a time in distribution, vectorised over a chunk of users):
+
+- item i: topic ``topic[i]`` uniform over K topics, quality ``q[i] ~ N(0, 0.5)``;
+- user u: exposure preference ``pi_u ~ Dirichlet(0.3)``, event count uniform in [E/2, 3E/2],
+  scenario mix ``~ Dirichlet(1, 1, 1)`` over home / search / radio;
+- event t: scenario from the user's mix, topic k from ``0.8 pi_u + 0.2 uniform`` (restricted to
+  topics that hold items), item uniform within topic k, ts strictly increasing;
+- ``r = (pos[u,k] + 1) / (seen[u,k] + 2)`` over all earlier events of u (long range),
+  ``m = 1`` if one of u's last 3 events was a positive in topic k (short range),
+  ``logit = beta[s] * (4 (r - 0.5) + 1.5 m - 0.5) + q[i]``, ``p_true = sigmoid(logit)``,
+  ``label ~ Bernoulli(p_true)``; action ``skip`` (label 0), else ``like`` (prob 0.3) or ``play``.
+
+``p_true`` depends only on the user's observable past and fixed item / scenario parameters, so it is
+the Bayes-optimal prediction; its AUC / GAUC / LogLoss on val and test go into the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from climber.data import readers
+from climber.data.prepare import prepare
+from climber.data.schema import DataError, LabelRule, RawSource
+from climber.eval import metrics
+
+GENERATOR_VERSION = 1
+DEFAULTS = {"users": 2000, "events_per_user": 100, "items": 1000, "topics": 20, "seed": 0}  # quickstart size
+
+SCENARIOS = ("home", "search", "radio")
+BETA = (1.0, 2.5, 0.4)  # per scenario: how sharply interest decides a click
+ACTIONS = ("skip", "play", "like")
+LIKE_PROB = 0.3  # P(like | label 1); otherwise play
+QUALITY_STD = 0.5
+EXPOSURE_CONCENTRATION = 0.3  # Dirichlet parameter of a user's topic exposure
+EXPLORATION = 0.2  # weight of the uniform part of the topic mixture
+WINDOW = 3  # short-range memory: the last WINDOW events
+TS_START = 1_600_000_000
+TS_OFFSET_MAX = 365 * 86_400  # per-user start offset, seconds
+GAP_MEAN = 3600.0  # mean of the exponential part of the gap between events, seconds
+CHUNK_USERS = 20_000  # users generated and written at once
+
+RAW_SCHEMA = pa.schema(
+    [(c, pa.string()) for c in ("user", "item", "ts", "action", "scenario", "label")] + [("p_true", pa.float64())]
+)
+
+
+def item_params(items: int, topics: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The generator's item table: topic (items,) int64 in [0, topics) and quality (items,) float64."""
+    rng = np.random.default_rng([seed, 0])
+    topic = rng.integers(0, topics, size=items)
+    quality = rng.normal(0.0, QUALITY_STD, size=items)
+    return topic, quality
+
+
+def logit_of(scenario: np.ndarray, r: np.ndarray, m: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """True logit from scenario ids, topic positive rate r, short-range flag m (0/1) and item quality."""
+    return np.asarray(BETA)[scenario] * (4.0 * (r - 0.5) + 1.5 * m - 0.5) + quality
+
+
+def _event_counts(rng: np.random.Generator, users: int, events_per_user: int) -> np.ndarray:
+    lo = max(2, round(events_per_user / 2))
+    hi = max(lo, round(3 * events_per_user / 2))
+    return rng.integers(lo, hi + 1, size=users)
+
+
+def _cumulative(probs: np.ndarray) -> np.ndarray:
+    """Row-wise CDF whose last column is exactly 1, so ``(cdf < u).sum(1)`` is in range for u in [0, 1)."""
+    cdf = np.cumsum(probs, axis=1)
+    return cdf / cdf[:, -1:]
+
+
+def _sample(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One category per row of ``cdf`` (n, C) for uniforms ``u`` (n,)."""
+    return (cdf < u[:, None]).sum(axis=1)
+
+
+def _chunk(rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray, quality: np.ndarray, topics: int):
+    """Events of one chunk of users as (n, T) arrays, T = max events; entries past a user's count unused."""
+    n, T = len(n_events), int(n_events.max())
+    rows = np.arange(n)
+    # topics that hold items, and their items: topic_items[start[k] : start[k] + count[k]]
+    count = np.bincount(topic, minlength=topics)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    topic_items = np.argsort(topic, kind="stable")
+    nonempty = np.flatnonzero(count > 0)
+
+    pi = rng.dirichlet(np.full(topics, EXPOSURE_CONCENTRATION), size=n)  # (n, K)
+    exposure = (1 - EXPLORATION) * pi + EXPLORATION / topics
+    topic_cdf = _cumulative(exposure[:, nonempty])  # (n, K'): resampling away from empty topics
+    scenario_cdf = _cumulative(rng.dirichlet(np.ones(len(SCENARIOS)), size=n))  # (n, 3)
+    ts0 = TS_START + rng.integers(0, TS_OFFSET_MAX, size=n)
+
+    seen = np.zeros((n, topics), dtype=np.int32)
+    pos = np.zeros((n, topics), dtype=np.int32)
+    recent = np.full((n, WINDOW), -1, dtype=np.int64)  # topic of each of the last WINDOW events if positive, else -1
+
+    out_scenario = np.empty((n, T), dtype=np.int8)
+    out_item = np.empty((n, T), dtype=np.int64)
+    out_gap = np.empty((n, T), dtype=np.int64)
+    out_label = np.empty((n, T), dtype=np.int8)
+    out_action = np.empty((n, T), dtype=np.int8)
+    out_p = np.empty((n, T), dtype=np.float64)
+    for t in range(T):
+        s = _sample(scenario_cdf, rng.random(n))  # (n,)
+        k = nonempty[_sample(topic_cdf, rng.random(n))]  # (n,)
+        item = topic_items[start[k] + rng.integers(0, count[k])]  # (n,)
+        gap = 1 + np.floor(rng.exponential(GAP_MEAN, size=n)).astype(np.int64)  # seconds
+
+        r = (pos[rows, k] + 1) / (seen[rows, k] + 2)
+        m = (recent == k[:, None]).any(axis=1).astype(np.float64)
+        p = 1.0 / (1.0 + np.exp(-logit_of(s, r, m, quality[item])))
+        label = rng.random(n) < p
+        like = label & (rng.random(n) < LIKE_PROB)
+
+        seen[rows, k] += 1
+        pos[rows, k] += label
+        recent[:, t % WINDOW] = np.where(label, k, -1)
+
+        out_scenario[:, t], out_item[:, t], out_gap[:, t] = s, item, gap
+        out_label[:, t], out_p[:, t] = label, p
+        out_action[:, t] = np.where(like, 2, label.astype(np.int8))  # index into ACTIONS
+    out_ts = ts0[:, None] + np.cumsum(out_gap, axis=1)
+    return out_scenario, out_item, out_ts, out_label, out_action, out_p
+
+
+def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topics: int, seed: int, log) -> int:
+    """Stream the raw log to ``path`` (Parquet, RAW_SCHEMA), CHUNK_USERS users at a time. Returns the row count."""
+    topic, quality = item_params(items, topics, seed)
+    n_events = _event_counts(np.random.default_rng([seed, 1]), users, events_per_user)
+    item_names = pa.array([f"i{i}" for i in range(items)])
+    scenario_names, action_names, label_names = pa.array(SCENARIOS), pa.array(ACTIONS), pa.array(["0", "1"])
+    total, t0 = 0, time.time()
+    with pq.ParquetWriter(path, RAW_SCHEMA) as writer:
+        for first in range(0, users, CHUNK_USERS):
+            ids = np.arange(first, min(first + CHUNK_USERS, users))
+            rng = np.random.default_rng([seed, 2, first])
+            counts = n_events[ids]
+            scenario, item, ts, label, action, p = _chunk(rng, counts, topic, quality, topics)
+            keep = np.arange(scenario.shape[1])[None, :] < counts[:, None]  # (n, T), row-major = user-contiguous
+            user_names = pa.array([f"u{u}" for u in ids])
+            table = pa.table(
+                {
+                    "user": user_names.take(np.repeat(np.arange(len(ids)), counts)),
+                    "item": item_names.take(item[keep]),
+                    "ts": pc.cast(pa.array(ts[keep]), pa.string()),
+                    "action": action_names.take(action[keep]),
+                    "scenario": scenario_names.take(scenario[keep]),
+                    "label": label_names.take(label[keep]),
+                    "p_true": p[keep],
+                },
+                schema=RAW_SCHEMA,
+            )
+            writer.write_table(table)
+            total += table.num_rows
+            elapsed = time.time() - t0
+            log(f"  synth users {ids[-1] + 1:,}/{users:,}: {total:,} events, {total / max(elapsed, 1e-9):,.0f} events/s")
+    return total
+
+
+def _bayes(prepared: Path) -> dict:
+    """AUC / GAUC / LogLoss of p_true against the label, per evaluation split."""
+    events = (
+        pl.scan_parquet(prepared / "events.parquet")
+        .filter(pl.col("split").is_in(["val", "test"]))
+        .select("user", "split", "label", "p_true")
+        .collect()
+    )
+    out = {}
+    for split in ("val", "test"):
+        part = events.filter(pl.col("split") == split)
+        users, y, p = part["user"].to_numpy(), part["label"].to_numpy(), part["p_true"].to_numpy()
+        out[split] = {
+            "auc": metrics.auc(y, p),
+            "gauc": metrics.gauc(users, y, p),
+            "logloss": metrics.logloss(y, p),
+            "candidates": int(len(y)),
+        }
+    return out
+
+
+def synthesize(
+    out: Path,
+    *,
+    users: int = DEFAULTS["users"],
+    events_per_user: int = DEFAULTS["events_per_user"],
+    items: int = DEFAULTS["items"],
+    topics: int = DEFAULTS["topics"],
+    seed: int = DEFAULTS["seed"],
+    force: bool = False,
+    log=print,
+) -> dict:
+    """Generate a synthetic log and prepare it into ``out``. Returns the manifest (with ``bayes`` figures)."""
+    out = Path(out)
+    for name, value in (("users", users), ("events_per_user", events_per_user), ("items", items), ("topics", topics)):
+        if value < 1:
+            raise DataError(f"synthetic data: {name} must be at least 1, got {value}")
+    if out.exists() and not force:
+        raise DataError(f"{out}: already exists (use --force to replace it)")
+    generator = {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "users": users,
+        "events_per_user": events_per_user,
+        "items": items,
+        "topics": topics,
+        "scenarios": list(SCENARIOS),
+        "beta": dict(zip(SCENARIOS, BETA)),
+        "like_prob": LIKE_PROB,
+        "quality_std": QUALITY_STD,
+        "exposure_concentration": EXPOSURE_CONCENTRATION,
+        "exploration": EXPLORATION,
+        "window": WINDOW,
+        "gap_mean_s": GAP_MEAN,
+        "chunk_users": CHUNK_USERS,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.raw-", dir=out.parent))
+    try:
+        raw = raw_dir / "events.parquet"
+        log(f"synthesizing {users:,} users x ~{events_per_user} events (seed {seed}) -> {out}")
+        _write_raw(raw, users=users, events_per_user=events_per_user, items=items, topics=topics, seed=seed, log=log)
+        columns = {c: c for c in RAW_SCHEMA.names}
+        source = RawSource(
+            name="synthetic",
+            frame=readers.scan_table(raw, columns=columns),
+            label_rule=LabelRule.parse("label"),
+            actions=ACTIONS,
+            numeric_columns=("p_true",),
+            files=(raw,),
+        )
+        return prepare(source, out, force=force, log=log,
+                       extra=lambda tmp: {"bayes": _bayes(tmp), "generator": generator})
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
