@@ -13,13 +13,14 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
 from climber.data.readers import scan_table
-from climber.data.schema import DataError, LabelRule, RawSource
+from climber.data.schema import FILE_COLUMN, ROW_COLUMN, DataError, LabelRule, RawSource
 
 
 @dataclass(frozen=True)
@@ -32,63 +33,240 @@ class Download:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    files: tuple[str, ...]  # file names the loader needs (any one of alternatives separated by '|')
+    files: tuple[str, ...]  # file names or glob patterns the loader reads (alternatives separated by '|')
     load: Callable[[Path], RawSource]
     description: str
     download: Download | None = None
 
 
+def _glob(root: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` in ``root``, else one level below (archives unpack into a folder)."""
+    return sorted(root.glob(pattern)) or sorted(root.glob(f"*/{pattern}"))
+
+
 def _find(root: Path, name: str) -> Path:
-    """Find ``name`` in ``root`` or one level below (archives often unpack into a folder)."""
+    """The first file found for ``name`` (alternatives separated by '|')."""
     for alt in name.split("|"):
-        for cand in (root / alt, *sorted(root.glob(f"*/{alt}"))):
-            if cand.exists():
-                return cand
+        if hits := _glob(root, alt):
+            return hits[0]
     raise DataError(f"{root}: {name} not found (looked in the folder and one level below)")
 
 
+def _find_all(root: Path, pattern: str) -> list[Path]:
+    """Every file matching ``pattern``; at least one."""
+    if hits := _glob(root, pattern):
+        return hits
+    raise DataError(f"{root}: no {pattern} found (looked in the folder and one level below)")
+
+
+def _scan_files(paths: list[Path], **kwargs) -> pl.LazyFrame:
+    """``scan_table`` over files of one layout, concatenated lazily; rows keep their own file and line."""
+    return pl.concat([scan_table(p, **kwargs) for p in paths])
+
+
+def _or_raw(value: pl.Expr, *columns: str) -> pl.Expr:
+    """``value`` as text; where it is null, the source fields as ``name=value`` text instead.
+
+    For derived ts/action columns: validation then rejects the row showing what the file held.
+    """
+    template = " ".join(f"{c}={{}}" for c in columns)
+    raw = pl.format(template, *(pl.col(c).fill_null("") for c in columns))
+    return pl.coalesce(value.cast(pl.Utf8), raw)
+
+
+def _rated(name: str, frame: pl.LazyFrame, files: tuple[Path, ...], actions=None) -> RawSource:
+    """Explicit ratings: the event is positive when the rating is 4 or more (PROTOCOL.md)."""
+    return RawSource(name=name, frame=frame, label_rule=LabelRule.parse("action>=4"),
+                     actions=actions, files=files)
+
+
 # ---------------------------------------------------------------- MovieLens
+
+WHOLE_STARS = ("1", "2", "3", "4", "5")
+HALF_STARS = tuple(f"{0.5 * k:.1f}" for k in range(1, 11))  # "0.5", "1.0", ..., "5.0" as written
 
 
 def _movielens_100k(root: Path) -> RawSource:
     path = _find(root, "u.data")
     frame = scan_table(path, names=["user", "item", "action", "ts"], separator="\t", has_header=False)
-    return RawSource(
-        name="movielens-100k",
-        frame=frame,
-        label_rule=LabelRule.parse("action>=4"),
-        actions=("1", "2", "3", "4", "5"),
-        files=(path,),
-    )
+    return _rated("movielens-100k", frame, (path,), WHOLE_STARS)
+
+
+def _movielens_1m(root: Path) -> RawSource:
+    """``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``.
+
+    polars separators are one byte, so the line is split on ':' and the empty fields between each
+    '::' pair are dropped (every field is an integer, so none holds a ':').
+    """
+    path = _find(root, "ratings.dat")
+    names = ["user", "gap1", "item", "gap2", "action", "gap3", "ts"]
+    frame = scan_table(path, names=names, separator=":", has_header=False)
+    return _rated("movielens-1m", frame, (path,), WHOLE_STARS)
+
+
+def _movielens_csv(root: Path, name: str) -> RawSource:
+    """``ratings.csv``, header ``userId,movieId,rating,timestamp`` (20M, latest): half-star ratings."""
+    path = _find(root, "ratings.csv")
+    columns = {"user": "userId", "item": "movieId", "action": "rating", "ts": "timestamp"}
+    return _rated(name, scan_table(path, columns=columns), (path,), HALF_STARS)
+
+
+# ---------------------------------------------------------------- Amazon
+
+
+def _amazon_ratings(root: Path) -> RawSource:
+    """One Amazon review "ratings only" CSV, no header.
+
+    The 2018 release (``Books.csv``) writes ``item,user,rating,timestamp``; the 2014 release
+    (``ratings_Books.csv``) writes ``user,item,rating,timestamp``: told apart by the ``ratings_``
+    prefix. Ratings appear as "5.0" (or "5"); any number is accepted, the label rule checks it.
+    """
+    paths = _find_all(root, "*.csv")
+    if len(paths) > 1:
+        raise DataError(
+            f"{root}: several .csv files ({', '.join(p.name for p in paths)}); amazon-ratings reads "
+            "one ratings-only file, pass a folder that holds just that one"
+        )
+    path = paths[0]
+    first = ["user", "item"] if path.name.startswith("ratings_") else ["item", "user"]
+    frame = scan_table(path, names=[*first, "action", "ts"], has_header=False)
+    return _rated("amazon-ratings", frame, (path,))
 
 
 # ---------------------------------------------------------------- Taobao
 
 
 TAOBAO_WINDOW = (1511539200, 1512316800)  # 2017-11-25 00:00 .. 2017-12-04 00:00 UTC+8 as published
+TAOBAO_DAYS = "2017-11-25..2017-12-03"
 
 
 def _taobao_userbehavior(root: Path) -> RawSource:
+    """Headerless ``user,item,category,behavior,ts``.
+
+    Events outside the published window are kept and counted in the notes (one streaming pass).
+    """
     path = _find(root, "UserBehavior.csv")
     frame = scan_table(
         path, names=["user", "item", "item_category", "action", "ts"], has_header=False
     )
+    ts = pl.col("ts").cast(pl.Int64, strict=False)
+    lo, hi = TAOBAO_WINDOW
+    outside = frame.select(((ts < lo) | (ts >= hi)).sum()).collect(engine="streaming").item()
     return RawSource(
         name="taobao-userbehavior",
         frame=frame,
         label_rule=LabelRule.parse("action in cart,fav,buy"),
         actions=("pv", "cart", "fav", "buy"),
+        notes=[f"{outside:,} event{'' if outside == 1 else 's'} outside {TAOBAO_DAYS} (UTC+8) kept"],
         files=(path,),
     )
 
+
+# ---------------------------------------------------------------- music
+
+SKIP_FLAGS = ("skip_1", "skip_2", "skip_3")
+
+
+def _spotify_mssd(root: Path) -> RawSource:
+    """Spotify Music Streaming Sessions: every ``log_*.csv`` (e.g. under ``training_set/``).
+
+    A session is a user, ``track_id_clean`` the item, ``context_type`` the scenario. The action is
+    the earliest skip flag that is true (``skip_1`` < ``skip_2`` < ``skip_3``), else ``complete``;
+    positive = not skipped before the skip_2 point (the challenge's target). ts = ``date`` (UTC
+    midnight) + 3600 * ``hour_of_day`` + ``session_position``, so a session keeps its order.
+    """
+    paths = _find_all(root, "log_*.csv")
+    kept = (*SKIP_FLAGS, "date", "hour_of_day", "session_position")
+    columns = {"user": "session_id", "item": "track_id_clean", "scenario": "context_type",
+               **{c: c for c in kept}}
+    frame = _scan_files(paths, columns=columns)
+
+    def flag(c: str) -> pl.Expr:
+        return pl.col(c).str.to_lowercase()
+
+    action = pl.when(pl.all_horizontal(flag(c) == "false" for c in SKIP_FLAGS)).then(pl.lit("complete"))
+    for c in reversed(SKIP_FLAGS):  # the earliest true flag wins: it is applied last
+        action = pl.when(flag(c) == "true").then(pl.lit(c)).otherwise(action)
+    day = pl.col("date").str.to_date("%Y-%m-%d", strict=False).cast(pl.Int64) * 86400
+    ts = (day + pl.col("hour_of_day").cast(pl.Int64, strict=False) * 3600
+          + pl.col("session_position").cast(pl.Int64, strict=False))
+    frame = frame.select(
+        ROW_COLUMN, FILE_COLUMN, "user", "item", "scenario",
+        _or_raw(ts, "date", "hour_of_day", "session_position").alias("ts"),
+        _or_raw(action, *SKIP_FLAGS).alias("action"),
+    )
+    return RawSource(
+        name="spotify-mssd",
+        frame=frame,
+        label_rule=LabelRule.parse("action in skip_3,complete"),
+        actions=(*SKIP_FLAGS, "complete"),
+        files=tuple(paths),
+    )
+
+
+PLAY_SECONDS = 30
+
+
+def _thirty_music(root: Path) -> RawSource:
+    """30Music idomaar events (``events.idomaar``, e.g. under ``relations/``), tab separated:
+
+        event.play  12  1390009661  {"playtime":193}
+            {"subjects":[{"type":"user","id":4}],"objects":[{"type":"track","id":9123}]}
+
+    (type, id, timestamp, properties JSON, linked entities JSON; one event per line.)
+
+    Play lines are kept (type ``event.play`` as published, or ``play``); user = first subject id,
+    item = first object id. The action is ``play`` when playtime >= 30 seconds, else ``skip`` (a
+    listen under 30 s counts as skipped, the scrobbling threshold); positive = ``play``. A line
+    without a numeric playtime is rejected, naming the line.
+    """
+    paths = _find_all(root, "events*.idomaar")
+    names = ["type", "id", "ts", "properties", "entities"]
+    frame = _scan_files(paths, names=names, columns={c: c for c in ("type", "properties", "entities")},
+                        separator="\t", has_header=False, quote_char=None)
+    playtime = pl.col("properties").str.json_path_match("$.playtime").cast(pl.Float64, strict=False)
+    action = (pl.when(playtime >= PLAY_SECONDS).then(pl.lit("play"))
+              .when(playtime < PLAY_SECONDS).then(pl.lit("skip")))
+    entity = pl.col("entities").str.json_path_match
+    frame = frame.filter(pl.col("type").is_in(["event.play", "play"])).select(
+        ROW_COLUMN, FILE_COLUMN,
+        entity("$.subjects[0].id").alias("user"),
+        entity("$.objects[0].id").alias("item"),
+        "ts",
+        _or_raw(action, "properties").alias("action"),
+    )
+    return RawSource(
+        name="30music",
+        frame=frame,
+        label_rule=LabelRule.parse("action in play"),
+        actions=("play", "skip"),
+        files=tuple(paths),
+    )
+
+
+GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in [
         DatasetSpec("movielens-100k", ("u.data",), _movielens_100k, "MovieLens 100K ratings (u.data)",
-                    Download("https://files.grouplens.org/datasets/movielens/ml-100k.zip", None, "ml-100k")),
+                    Download(f"{GROUPLENS}/ml-100k.zip", None, "ml-100k")),
+        DatasetSpec("movielens-1m", ("ratings.dat",), _movielens_1m, "MovieLens 1M ratings (ratings.dat)",
+                    Download(f"{GROUPLENS}/ml-1m.zip", None, "ml-1m")),
+        DatasetSpec("movielens-20m", ("ratings.csv",), partial(_movielens_csv, name="movielens-20m"),
+                    "MovieLens 20M ratings (ratings.csv, half stars)",
+                    Download(f"{GROUPLENS}/ml-20m.zip", None, "ml-20m")),
+        DatasetSpec("movielens-latest", ("ratings.csv",), partial(_movielens_csv, name="movielens-latest"),
+                    "MovieLens latest (full) ratings (ratings.csv, half stars)",
+                    Download(f"{GROUPLENS}/ml-latest.zip", None, "ml-latest")),
+        DatasetSpec("amazon-ratings", ("*.csv",), _amazon_ratings,
+                    "Amazon reviews, one headerless ratings-only CSV (Books.csv or 2014 ratings_Books.csv)"),
         DatasetSpec("taobao-userbehavior", ("UserBehavior.csv",), _taobao_userbehavior,
                     "Taobao UserBehavior (headerless user,item,category,behavior,ts)"),
+        DatasetSpec("spotify-mssd", ("log_*.csv",), _spotify_mssd,
+                    "Spotify Music Streaming Sessions (log_*.csv; sessions as users, skips as actions)"),
+        DatasetSpec("30music", ("events*.idomaar",), _thirty_music,
+                    "30Music play events (idomaar events.idomaar; play >= 30 s)"),
     ]
 }
 

@@ -29,12 +29,14 @@ def scan_table(
     names: list[str] | None = None,
     separator: str = ",",
     has_header: bool = True,
+    quote_char: str | None = '"',
 ) -> pl.LazyFrame:
     """Scan CSV/TSV/Parquet lazily; every data column as Utf8, renamed target <- source.
 
-    ``names`` gives column names for a headerless file. ``columns`` maps our names (user, item, ts,
-    action, scenario, ...) to the file's names; unmapped file columns whose name is already one of
-    ours (or that start with ``item_``, item side features) are kept as they are, others are dropped.
+    ``names`` gives column names for a headerless file; ``quote_char=None`` reads quotes as plain
+    text (fields holding JSON). ``columns`` maps our names (user, item, ts, action, scenario, ...)
+    to the file's names; unmapped file columns whose name is already one of ours (or that start
+    with ``item_``, item side features) are kept as they are, others are dropped.
     """
     path = Path(path)
     if not path.exists():
@@ -47,7 +49,9 @@ def scan_table(
         frame = frame.with_row_index(ROW_COLUMN, offset=1)
     else:
         if has_header:
-            header = pl.read_csv(path, separator=separator, n_rows=0, infer_schema=False).columns
+            header = pl.read_csv(
+                path, separator=separator, n_rows=0, infer_schema=False, quote_char=quote_char
+            ).columns
         else:
             if names is None:
                 raise DataError(f"{path}: a headerless file needs column names")
@@ -58,7 +62,7 @@ def scan_table(
             has_header=has_header,
             new_columns=None if has_header else names,
             infer_schema=False,
-            quote_char='"',
+            quote_char=quote_char,
             row_index_name=ROW_COLUMN,
             row_index_offset=2 if has_header else 1,  # line number in the file
         )
