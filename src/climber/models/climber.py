@@ -1,0 +1,208 @@
+"""Climber: multi-scale sequence extraction (MSE), adaptive transformer layers (ATL) and bit-wise gating
+fusion (BGF), scoring C candidates of one user in one pass ("single user, multiple items").
+
+    history_k (L_k) ; candidates (C) --[n_layers ATL, block k]--> candidate states   (B, C, d), k = 1..Nb
+    stack                                                       -> E                  (B, C, Nb, d)
+    BGF: ATL over the Nb tokens of each candidate, SE gate       -> Y                  (B, C, Nb * d)
+    head MLP on [Y ; candidate item embedding]                   -> logits             (B, C)
+
+Ablations: use_mse=False -> one block over the full recent history; use_atl=False -> no relative bias,
+temperature fixed at 1; use_bgf=False -> mean of the block outputs into the same head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from climber.data.batch import Batch, Subsequence
+from climber.data.sequences import Strategy
+from climber.models import DataInfo, SampleShape
+from climber.models.layers import IMPLS, RelativeBias, Temperature, TransformerLayer, history_candidate_mask
+
+
+def _default_strategies() -> list[dict]:
+    return [
+        {"name": "recent", "kind": "recency", "length": 64},
+        {"name": "positive", "kind": "positive", "length": 256},
+    ]
+
+
+@dataclass
+class ClimberConfig:
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2  # ATLs per block
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    strategies: list[dict] = field(default_factory=_default_strategies)  # Strategy dicts, one block each
+    use_atl: bool = True  # relative bias + per-(strategy, scenario) temperature
+    use_bgf: bool = True  # bit-wise gating fusion of the block outputs (else their mean)
+    use_mse: bool = True  # one block per strategy (else one block over the longest recent history)
+    pos_buckets: int = 32
+    time_buckets: int = 32
+    user_embedding: bool = False  # add a learned user vector to candidate tokens
+    attention: str = "sdpa"  # "reference" | "sdpa"
+
+    def __post_init__(self):
+        if not self.strategies:
+            raise ValueError("ClimberConfig.strategies: need at least one strategy")
+        self.strategies = [(s if isinstance(s, Strategy) else Strategy.from_dict(s)).to_dict() for s in self.strategies]
+        names = [s["name"] for s in self.strategies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ClimberConfig.strategies: names must be unique, got {names}")
+        if self.attention not in IMPLS:
+            raise ValueError(f"ClimberConfig.attention: {self.attention!r} not one of {', '.join(IMPLS)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ClimberConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+        for name in ("n_layers", "ffn_mult", "time_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ClimberConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.pos_buckets < 2:
+            raise ValueError(f"ClimberConfig.pos_buckets: must be >= 2, got {self.pos_buckets}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClimberConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ClimberConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def block_strategies(self) -> list[Strategy]:
+        """The strategies the loader must build, in block order."""
+        given = [Strategy.from_dict(s) for s in self.strategies]
+        if self.use_mse:
+            return given
+        return [Strategy(name="full", kind="recency", length=max(s.length for s in given))]
+
+
+class Block(nn.Module):
+    """One MSE strategy: n_layers ATLs over [history_k ; candidates], then a final LayerNorm. The relative
+    bias and the temperature table (one entry per scenario) are shared by the block's layers."""
+
+    def __init__(self, cfg: ClimberConfig, num_scenarios: int, max_distance: int):
+        super().__init__()
+        d = cfg.d_model
+        self.layers = nn.ModuleList(
+            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention) for _ in range(cfg.n_layers)
+        )
+        if cfg.use_atl:
+            self.rel_bias = RelativeBias(cfg.n_heads, cfg.pos_buckets, cfg.time_buckets, max_distance)
+            self.temperature = Temperature(num_scenarios + 1)
+        self.use_atl = cfg.use_atl
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, x, mask, pos, ts, scenario):
+        """x (B, N, d), mask (B, N, N) bool, pos (1, N), ts (B, N), scenario (B, N) -> (B, N, d)."""
+        bias = self.rel_bias(pos, ts) if self.use_atl else None  # (B, H, N, N)
+        tau = self.temperature(scenario) if self.use_atl else None  # (B, N), by the query's scenario
+        for layer in self.layers:
+            x = layer(x, mask, bias, tau)
+        return self.ln_f(x)
+
+
+class Climber(nn.Module):
+    def __init__(self, cfg: ClimberConfig, info: DataInfo):
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        d = cfg.d_model
+        strategies = cfg.block_strategies()
+        nb = len(strategies)
+        self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
+        self.action_emb = nn.Embedding(info.num_actions + 1, d, padding_idx=0)
+        self.scenario_emb = nn.Embedding(info.num_scenarios + 1, d, padding_idx=0)
+        self.cand_vec = nn.Parameter(0.02 * torch.randn(d))  # marks a candidate token (its action is unknown)
+        if cfg.user_embedding:
+            self.user_emb = nn.Embedding(info.num_users + 1, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        max_distance = max(s.length for s in strategies) + 1  # candidates sit at position L
+        self.blocks = nn.ModuleList(Block(cfg, info.num_scenarios, max_distance) for _ in strategies)
+        if cfg.use_bgf:
+            self.fusion = TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention)
+            if cfg.use_atl:
+                self.fusion_temperature = Temperature(info.num_scenarios + 1)
+            self.fusion_ln = nn.LayerNorm(d)
+            se_hidden = max(1, nb * d // 4)  # reduction ratio 4
+            self.se = nn.Sequential(nn.Linear(nb * d, se_hidden), nn.ReLU(), nn.Linear(se_hidden, nb * d))
+            head_in = nb * d + d
+        else:
+            head_in = 2 * d
+        self.head = nn.Sequential(nn.Linear(head_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 1))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                m.weight.data[m.padding_idx].zero_()
+
+    def strategies(self) -> list[Strategy]:
+        return self.cfg.block_strategies()
+
+    def _block_input(self, seq: Subsequence, batch: Batch, cand: torch.Tensor):
+        """Tokens, mask, positions, timestamps and scenarios of [history ; candidates] (N = L + C)."""
+        L, C = seq.item.shape[1], batch.cand_item.shape[1]
+        hist = self.item_emb(seq.item) + self.action_emb(seq.action) + self.scenario_emb(seq.scenario)  # (B, L, d)
+        x = self.drop(torch.cat([hist, cand], dim=1))  # (B, N, d)
+        mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
+        dev = seq.item.device
+        pos = torch.cat([torch.arange(L, device=dev), torch.full((C,), L, device=dev)])[None]  # (1, N)
+        ts = torch.cat([seq.ts, batch.cand_ts], dim=1)  # (B, N)
+        scenario = torch.cat([seq.scenario, batch.cand_scenario], dim=1)  # (B, N)
+        return x, mask, pos, ts, scenario
+
+    def block_states(self, batch: Batch) -> list[torch.Tensor]:
+        """Final hidden states of every block over [history_k ; candidates]: list of (B, L_k + C, d).
+        History states never depend on the candidates (the KV-cacheable part)."""
+        if len(batch.seqs) != len(self.blocks):
+            names = [s.name for s in self.strategies()]
+            raise ValueError(f"Climber: batch has {len(batch.seqs)} subsequences, model expects {len(names)} ({names})")
+        cand = self.item_emb(batch.cand_item) + self.scenario_emb(batch.cand_scenario) + self.cand_vec  # (B, C, d)
+        if self.cfg.user_embedding:
+            cand = cand + self.user_emb(batch.user)[:, None]
+        return [block(*self._block_input(seq, batch, cand)) for block, seq in zip(self.blocks, batch.seqs)]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """-> logits (B, C); padding candidates get finite logits that callers mask out."""
+        B, C = batch.cand_item.shape
+        E = torch.stack([h[:, h.shape[1] - C :] for h in self.block_states(batch)], dim=2)  # (B, C, Nb, d)
+        nb, d = E.shape[2], E.shape[3]
+        if self.cfg.use_bgf:
+            g = E.reshape(B * C, nb, d)
+            tau = None
+            if self.cfg.use_atl:  # by the candidate's scenario only
+                tau = self.fusion_temperature(batch.cand_scenario).reshape(B * C, 1).expand(B * C, nb)
+            g = self.fusion_ln(self.fusion(g, tau=tau)).reshape(B, C, nb * d)  # (B, C, Nb * d)
+            g = g * torch.sigmoid(self.se(g))  # bit-wise (per element) squeeze-and-excitation gate
+        else:
+            g = E.mean(dim=2)  # (B, C, d)
+        return self.head(torch.cat([g, self.item_emb(batch.cand_item)], dim=-1)).squeeze(-1)
+
+    def flops(self, shape: SampleShape) -> int:
+        """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0).
+        Attention counts Q K^T and A V over the full (masked) N x N matrices, as computed."""
+        cfg, d = self.cfg, self.cfg.d_model
+        if len(shape.lengths) != len(self.blocks):
+            raise ValueError(f"Climber.flops: {len(shape.lengths)} lengths given, model has {len(self.blocks)} blocks")
+
+        def layer(n: int) -> int:  # one transformer layer over n tokens
+            return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * cfg.ffn_mult * d
+
+        C, nb = shape.candidates, len(shape.lengths)
+        total = sum(cfg.n_layers * layer(L + C) for L in shape.lengths)
+        if cfg.use_bgf:
+            total += C * (layer(nb) + 2 * 2 * nb * d * max(1, nb * d // 4))
+            head_in = nb * d + d
+        else:
+            head_in = 2 * d
+        return total + C * (2 * head_in * d + 2 * d)

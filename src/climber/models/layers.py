@@ -1,0 +1,168 @@
+"""Shared building blocks: attention with bias / per-query temperature / mask (two paths that agree),
+feed-forward, pre-norm transformer layer, relative position and time buckets, learned relative bias,
+per-scenario temperature, and the one mask builder of "single user, multiple items" sequences.
+
+Shapes: B batch, H heads, N tokens, d model width, dh = d / H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLS = ("reference", "sdpa")
+
+
+def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """Who may attend to whom over the tokens [history (L) ; candidates (C)]; True = may attend.
+
+    hist_mask (B, L) bool, cand_mask (B, C) bool -> (B, L + C, L + C) bool, rows are queries.
+    History token i sees real history tokens j <= i (so history states never depend on candidates);
+    candidate c sees every real history token and itself, never another candidate; padding keys are
+    hidden; every row keeps its own diagonal, so no row is empty (no NaN from an all -inf softmax).
+    """
+    L, C = hist_mask.shape[1], cand_mask.shape[1]
+    N = L + C
+    dev = hist_mask.device
+    allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
+    allowed[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=dev).tril()  # history: causal
+    allowed[L:, :L] = True  # candidates: the whole history
+    real_key = torch.cat([hist_mask, cand_mask], dim=1)  # (B, N)
+    eye = torch.eye(N, dtype=torch.bool, device=dev)
+    return (allowed[None] & real_key[:, None, :]) | eye  # (B, N, N)
+
+
+def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5-style unidirectional buckets of query minus key position (negatives clamp to 0).
+
+    Distances below num_buckets // 2 get their own bucket; larger ones share log-spaced buckets up to
+    max_distance; everything beyond falls into the last bucket. rel (...) int64 -> (...) int64.
+    """
+    n = rel.clamp(min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(n.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
+    large = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(n < exact, n, large)
+
+
+def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """log2 buckets of a time gap in seconds (negatives clamp to 0): 0 -> 0, dt >= 1 -> 1 + floor(log2 dt),
+    capped at num_buckets - 1. dt (...) int64 -> (...) int64."""
+    dt = dt.clamp(min=0)
+    b = torch.floor(torch.log2(dt.clamp(min=1).double())).long() + 1
+    return b.masked_fill(dt == 0, 0).clamp(max=num_buckets - 1)
+
+
+def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl: str = "sdpa"):
+    """Y = softmax((Q K^T / sqrt(dh) + bias) / tau) V over allowed keys.
+
+    q, k, v (B, H, N, dh); mask (B, N, N) bool, True = may attend (None: all); bias (B, H, N, N) float
+    (None: 0); tau (B, N) positive temperature of each query (None: 1) -> (B, H, N, dh).
+    "reference" is an explicit matmul / masked_fill / softmax; "sdpa" calls scaled_dot_product_attention
+    with Q / tau and a float mask bias / tau (-inf where hidden), which is the same quantity.
+    """
+    if impl == "reference":
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, N, N)
+        if bias is not None:
+            scores = scores + bias
+        if tau is not None:
+            scores = scores / tau[:, None, :, None]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        att = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+        return att @ v
+    if impl != "sdpa":
+        raise ValueError(f"attention impl {impl!r} not one of {', '.join(IMPLS)}")
+    attn_mask = None if mask is None else mask[:, None]  # (B, 1, N, N) bool: True takes part
+    if bias is not None:
+        attn_mask = bias if tau is None else bias / tau[:, None, :, None]
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask[:, None], float("-inf"))
+    if tau is not None:
+        q = q / tau[:, None, :, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; bias, temperature and mask come from the caller (see ``attend``)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, impl: str = "sdpa"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        if impl not in IMPLS:
+            raise ValueError(f"attention impl {impl!r} not one of {', '.join(IMPLS)}")
+        self.n_heads, self.dropout, self.impl = n_heads, dropout, impl
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, bias=None, tau=None):
+        B, N, d = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, dh)
+        p = self.dropout if self.training else 0.0
+        y = attend(q, k, v, mask, bias, tau, p, self.impl)  # (B, H, N, dh)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, mult: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_model, mult * d_model), nn.GELU(), nn.Linear(mult * d_model, d_model), nn.Dropout(dropout)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm residual layer: x = x + Attn(LN(x)); x = x + FFN(LN(x)). With bias and tau from the
+    caller it is Climber's adaptive transformer layer (ATL); without them a standard layer."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, impl: str = "sdpa"):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout, impl)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, ffn_mult, dropout)
+
+    def forward(self, x, mask=None, bias=None, tau=None):  # x (B, N, d) -> (B, N, d)
+        x = x + self.attn(self.ln1(x), mask, bias, tau)
+        return x + self.ffn(self.ln2(x))
+
+
+class RelativeBias(nn.Module):
+    """f_b: per-head learned biases of the bucketed relative position plus the bucketed relative time
+    gap (query minus key), HSTU / T5 style. Zero at initialisation (a plain layer to start with)."""
+
+    def __init__(self, n_heads: int, pos_buckets: int, time_buckets: int, max_distance: int):
+        super().__init__()
+        self.pos_buckets, self.time_buckets = pos_buckets, time_buckets
+        self.max_distance = max(max_distance, pos_buckets)  # > pos_buckets // 2, as the log spacing needs
+        self.pos_bias = nn.Parameter(torch.zeros(pos_buckets, n_heads))
+        self.time_bias = nn.Parameter(torch.zeros(time_buckets, n_heads))
+
+    def forward(self, pos: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """pos (B or 1, N) int64 positions, ts (B, N) int64 seconds -> (B, H, N, N)."""
+        rel_pos = relative_position_bucket(pos[:, :, None] - pos[:, None, :], self.pos_buckets, self.max_distance)
+        rel_time = time_bucket(ts[:, :, None] - ts[:, None, :], self.time_buckets)
+        return (self.pos_bias[rel_pos] + self.time_bias[rel_time]).permute(0, 3, 1, 2)
+
+
+class Temperature(nn.Module):
+    """A learned positive temperature per id (e.g. per scenario; id 0 = padding has its own entry):
+    tau = softplus(raw) + 0.05, initialised to 1."""
+
+    FLOOR = 0.05
+
+    def __init__(self, num_ids: int):
+        super().__init__()
+        init = math.log(math.expm1(1.0 - self.FLOOR))  # softplus^-1(0.95)
+        self.raw = nn.Parameter(torch.full((num_ids,), init))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids (...) int64 -> tau (...) float
+        return F.softplus(self.raw[ids]) + self.FLOOR
