@@ -1,0 +1,91 @@
+"""Training end to end on a tiny synthetic log: run dir contents, exact resume, eval, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
+from climber.cli import main
+from climber.config import resolve
+from climber.data.synthetic import synthesize
+from climber.train.loop import Trainer, lr_at
+
+TINY = ["train.epochs=3", "train.patience=5", "train.batch_size=16", "train.candidates_per_row=8",
+        "train.warmup_steps=5", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+        "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(out, users=120, events_per_user=30, items=60, topics=4, seed=1, log=lambda *_: None)
+    return out
+
+
+def weights(run_dir, name="last"):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / f"{name}.safetensors"))
+
+
+def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
+    cfg = resolve("climber-tiny", None, TINY)
+    metrics = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False).fit()
+    run = tmp_path / "run"
+    for name in ("config.yaml", "fingerprint.json", "epochs.jsonl", "metrics.json", "predictions.parquet",
+                 "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
+        assert (run / name).exists(), name
+    epochs = [json.loads(x) for x in (run / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert metrics["best"]["epoch"] == int(np.argmax([e["val"]["auc"] for e in epochs]))
+    pred = pl.read_parquet(run / "predictions.parquet")
+    assert {"user", "item", "label", "score", "user_raw", "item_raw"} <= set(pred.columns)
+    test_rows = json.loads((data / "manifest.json").read_text())["splits"]["test"]["rows"]
+    assert pred.height == test_rows
+    best = metrics["best"]["test"]
+    assert best["auc"] == pytest.approx(roc_auc_score(pred["label"], pred["score"]), abs=1e-9)
+    assert best["logloss"] == pytest.approx(log_loss(pred["label"], pred["score"].clip(1e-7, 1 - 1e-7)), abs=1e-9)
+    assert json.loads((run / "fingerprint.json").read_text()) == metrics["fingerprint"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path):
+    cfg = resolve("climber-tiny", None, TINY)
+    full = Trainer(tmp_path / "full", data, cfg, log=lambda *_: None, progress=False).fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tmp_path / "cut", data, cfg, log=lambda *_: None, progress=False).fit(stop_after_epoch=0)
+    assert len((tmp_path / "cut" / "epochs.jsonl").read_text().splitlines()) == 1
+    resumed = Trainer(tmp_path / "cut", data, cfg, log=lambda *_: None, progress=False).fit(resume=True)
+    assert resumed["best"]["test"] == full["best"]["test"]
+    assert resumed["last"]["test"] == full["last"]["test"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_train_eval_and_errors(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--model", "climber-tiny", "--out", str(run), "--no-progress"]
+    sets = [x for s in TINY[:1] + TINY[2:] for x in ("--set", s)] + ["--set", "train.epochs=1"]
+    assert main(args + sets) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    best = json.loads((run / "metrics.json").read_text())["best"]["test"]
+    assert out["metrics"]["auc"] == pytest.approx(best["auc"], abs=1e-12)
+    assert main(args + sets) == 2  # run dir exists, no --resume
+    assert "use --resume" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2
+    assert "not a prepared data dir" in capsys.readouterr().err
+    assert main(args[:-3] + ["--out", str(tmp_path / "r3"), "--set", "train.bogus=1"]) == 2
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = resolve("climber-tiny", None, ["train.lr=0.01", "train.warmup_steps=10"]).train
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.001, rel=0.01)
