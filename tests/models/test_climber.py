@@ -49,6 +49,7 @@ def make_batch(B=3, lengths=(5, 8), C=4, seed=0, full=False, hist_scenarios=(1, 
         cand_ts=cts * cmask,
         cand_mask=cmask,
         label=torch.zeros(B, C),
+        cand_action=ri(1, INFO.num_actions, (B, C)) * cmask,
     )
 
 
@@ -80,6 +81,7 @@ def select_cands(batch: Batch, idx) -> Batch:
         cand_ts=take(batch.cand_ts),
         cand_mask=take(batch.cand_mask),
         label=take(batch.label),
+        cand_action=take(batch.cand_action),
     )
 
 
@@ -123,6 +125,20 @@ def test_shape_finite_and_gradients_reach_every_parameter(use_atl, use_bgf, use_
         if name == "fusion_temperature.raw" and not use_mse:
             continue  # BGF over a single block token: a softmax over one key cannot depend on tau
         assert p.grad.abs().sum() > 0, name
+
+
+def test_action_heads_are_trained_but_the_candidate_action_is_never_an_input():
+    from climber.train.loop import training_loss
+
+    model = build(action_heads=True).eval()
+    batch = make_batch(C=4)
+    out = model.forward_tasks(batch)
+    assert out["action"].shape == (3, 4, INFO.num_actions)
+    other = replace(batch, cand_action=(batch.cand_action % INFO.num_actions + 1) * batch.cand_mask)
+    assert torch.equal(model(other), model(batch))  # the target does not leak into the scores
+    assert training_loss(model, other, 0.5) != training_loss(model, batch, 0.5)  # but it is a target
+    assert training_loss(model, other, 0.0) == training_loss(model, batch, 0.0)
+    assert not any("action_out" in n for n, _ in build().named_parameters())
 
 
 def test_candidates_never_see_each_other():

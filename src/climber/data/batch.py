@@ -34,6 +34,7 @@ class Batch:
     cand_ts: torch.Tensor  # (B, C) int64 seconds
     cand_mask: torch.Tensor  # (B, C) bool, True = real candidate
     label: torch.Tensor  # (B, C) float32, 0 at padding
+    cand_action: torch.Tensor  # (B, C) int64 dense action id: a training TARGET (multi-task heads), never an input
 
     def to(self, device) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

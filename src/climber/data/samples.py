@@ -214,6 +214,7 @@ def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]
         cand_ts=_take(events.ts, cand, cand_mask),
         cand_mask=torch.from_numpy(cand_mask),
         label=_take(events.label, cand, cand_mask).float(),
+        cand_action=_take(events.action, cand, cand_mask),
     )
 
 

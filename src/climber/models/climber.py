@@ -44,6 +44,7 @@ class ClimberConfig:
     pos_buckets: int = 32
     time_buckets: int = 32
     user_embedding: bool = False  # add a learned user vector to candidate tokens
+    action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
     attention: str = "sdpa"  # "reference" | "sdpa"
 
     def __post_init__(self):
@@ -133,7 +134,10 @@ class Climber(nn.Module):
             head_in = nb * d + d
         else:
             head_in = 2 * d
-        self.head = nn.Sequential(nn.Linear(head_in, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 1))
+        self.head = nn.Sequential(nn.Linear(head_in, d), nn.GELU(), nn.Dropout(cfg.dropout))  # shared trunk
+        self.click_out = nn.Linear(d, 1)
+        if cfg.action_heads:
+            self.action_out = nn.Linear(d, info.num_actions)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -174,6 +178,10 @@ class Climber(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""
+        return self.forward_tasks(batch)["click"]
+
+    def forward_tasks(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{"click": (B, C)} and, with action_heads, {"action": (B, C, num_actions)} logits."""
         B, C = batch.cand_item.shape
         E = torch.stack([h[:, h.shape[1] - C :] for h in self.block_states(batch)], dim=2)  # (B, C, Nb, d)
         nb, d = E.shape[2], E.shape[3]
@@ -186,7 +194,11 @@ class Climber(nn.Module):
             g = g * torch.sigmoid(self.se(g))  # bit-wise (per element) squeeze-and-excitation gate
         else:
             g = E.mean(dim=2)  # (B, C, d)
-        return self.head(torch.cat([g, self.item_emb(batch.cand_item)], dim=-1)).squeeze(-1)
+        h = self.head(torch.cat([g, self.item_emb(batch.cand_item)], dim=-1))  # (B, C, d)
+        out = {"click": self.click_out(h).squeeze(-1)}
+        if self.cfg.action_heads:
+            out["action"] = self.action_out(h)  # (B, C, A)
+        return out
 
     def flops(self, shape: SampleShape) -> int:
         """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0).
@@ -205,4 +217,5 @@ class Climber(nn.Module):
             head_in = nb * d + d
         else:
             head_in = 2 * d
-        return total + C * (2 * head_in * d + 2 * d)
+        heads = 1 + (self.info.num_actions if cfg.action_heads else 0)
+        return total + C * (2 * head_in * d + 2 * d * heads)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -52,9 +53,22 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def masked_bce(logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy over real candidates. logits/label/mask: (B, C)."""
+    """Mean binary cross-entropy over real candidates. logits/label (B, C[, A]), mask (B, C) float."""
     loss = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+    if loss.dim() == 3:  # one binary task per action: average them
+        loss = loss.mean(dim=-1)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def training_loss(model: torch.nn.Module, batch, aux_weight: float) -> torch.Tensor:
+    """Click BCE, plus ``aux_weight`` x the per-action BCE when the model has multi-task action heads."""
+    out = model.forward_tasks(batch) if hasattr(model, "forward_tasks") else {"click": model(batch)}
+    mask = batch.cand_mask.float()
+    loss = masked_bce(out["click"], batch.label, mask)
+    if "action" in out:
+        target = F.one_hot(batch.cand_action, out["action"].shape[-1] + 1)[..., 1:].float()  # id 0 = padding
+        loss = loss + aux_weight * masked_bce(out["action"], target, mask)
+    return loss
 
 
 class Trainer:
@@ -162,14 +176,12 @@ class Trainer:
         total_loss, total_n, samples = 0.0, 0, 0
         deadline = time.time() + tc.max_epoch_minutes * 60 if tc.max_epoch_minutes else None
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", unit="batch", disable=not self.progress,
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
         t0 = time.time()
         for batch in bar:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
-            logits = self.model(batch)
-            mask = batch.cand_mask.float()
-            loss = masked_bce(logits, batch.label, mask)
+            loss = training_loss(self.model, batch, tc.aux_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
