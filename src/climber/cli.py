@@ -100,6 +100,14 @@ def _eval(args) -> None:
               f"HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({m['candidates']:,} candidates)")
 
 
+def _compare(args) -> None:
+    from climber.compare import Entry, compare
+
+    entries = [Entry.parse(t) for t in args.models.split(",") if t.strip()]
+    command = "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else "climber compare ..."
+    compare(Path(args.data), entries, args.seeds, Path(args.out), args.set or [], command)
+
+
 def _quickstart(args) -> None:
     from climber.quickstart import quickstart
 
@@ -163,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["val", "test"])
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_eval)
+
+    co = sub.add_parser("compare", help="train several models over seeds; table of mean ± std test figures")
+    co.add_argument("--data", required=True, help="prepared dir")
+    co.add_argument("--models", required=True,
+                    help="comma separated: NAME or LABEL=NAME:key=value:... (e.g. noatl=climber:model.use_atl=false)")
+    co.add_argument("--seeds", type=int, default=3)
+    co.add_argument("--out", required=True, help="folder for the run dirs and results.{md,csv,json}")
+    co.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every model (repeatable)")
+    co.set_defaults(func=_compare)
 
     qs = sub.add_parser("quickstart", help="synthesise (or prepare) data, train a small Climber, evaluate, report")
     qs.add_argument("--out", default="runs/quickstart")

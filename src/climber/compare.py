@@ -1,0 +1,120 @@
+"""``climber compare``: train several models (or presets / ablations) over seeds on one prepared dir and
+write a table of test AUC, GAUC and LogLoss as mean ± std (Markdown, CSV, JSON).
+
+Each (entry, seed) is a normal run dir ``OUT/<entry>/seed<k>``; finished runs are skipped and
+interrupted ones resumed, so the command can be re-run after a kill.
+
+An entry is ``NAME`` (a model or preset) or ``LABEL=NAME:key=value:key=value`` (overrides), e.g.
+``climber-noatl=climber:model.use_atl=false``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from climber.config import resolve
+from climber.data.prepare import load_manifest
+
+METRICS = ("auc", "gauc", "logloss")
+
+
+@dataclass(frozen=True)
+class Entry:
+    label: str
+    model: str
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "Entry":
+        label, _, spec = text.partition("=") if "=" in text.split(":")[0] else ("", "", text)
+        model, *overrides = spec.split(":")
+        return cls(label or model, model, tuple(overrides))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def run_all(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list[str], log=print) -> list[dict]:
+    from climber.train.loop import Trainer
+
+    results = []
+    for entry in entries:
+        for seed in range(seeds):
+            run_dir = out / entry.label / f"seed{seed}"
+            if (run_dir / "metrics.json").exists():
+                log(f"[{entry.label} seed {seed}] done already, skipped")
+            else:
+                log(f"[{entry.label} seed {seed}] training -> {run_dir}")
+                cfg = resolve(entry.model, None, [*entry.overrides, *extra, f"train.seed={seed}"])
+                Trainer(run_dir, data, cfg, log=log, progress=False).fit(resume=True)
+            results.append({"label": entry.label, "seed": seed,
+                            **json.loads((run_dir / "metrics.json").read_text())})
+    return results
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in results):
+        rs = [r for r in results if r["label"] == label]
+        row = {"model": label, "seeds": len(rs), "parameters": rs[0]["parameters"],
+               "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in rs])),
+               "epochs": float(np.mean([r["epochs_run"] for r in rs]))}
+        for m in METRICS:
+            best = [r["best"]["test"][m] for r in rs]
+            row[m], row[f"{m}_std"] = float(np.mean(best)), float(np.std(best))
+            row[f"last_{m}"] = float(np.mean([r["last"]["test"][m] for r in rs]))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| model | seeds | test AUC | test GAUC | test LogLoss | AUC (last epoch) | GAUC (last epoch) "
+            "| s/epoch | epochs | params |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['model']} | {r['seeds']} | {r['auc']:.4f} ± {r['auc_std']:.4f} | {r['gauc']:.4f} ± {r['gauc_std']:.4f} "
+        f"| {r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['last_auc']:.4f} | {r['last_gauc']:.4f} "
+        f"| {r['seconds_per_epoch']:.1f} | {r['epochs']:.1f} | {r['parameters']:,} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list[str], command: str,
+            log=print) -> list[dict]:
+    t0 = time.time()
+    manifest = load_manifest(data)
+    rows = summarise(run_all(data, entries, seeds, out, extra, log))
+    out.mkdir(parents=True, exist_ok=True)
+    fp = manifest["fingerprint"]
+    header = (f"Data: `{manifest['source']}` ({fp['rows']:,} events, {fp['users']:,} users, {fp['items']:,} items; "
+              f"fingerprint sha256 `{fp['sha256']}`)  \nMachine: {machine()}  \nCommand: `{command}`  \n"
+              "Checkpoint chosen by best val AUC; test figures are mean ± std over seeds; the last-epoch "
+              "columns are the means of the last epoch's test figures.\n\n")
+    (out / "results.md").write_text(header + markdown(rows))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
+                                                   "rows": rows}, indent=2) + "\n")
+    log(markdown(rows))
+    log(f"wrote {out}/results.{{md,csv,json}} in {time.time() - t0:.0f}s")
+    return rows
