@@ -12,19 +12,13 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from climber.cli import main
 from climber.config import resolve
-from climber.data.synthetic import synthesize
 from climber.train.loop import Trainer, lr_at
-
-TINY = ["train.epochs=3", "train.patience=5", "train.batch_size=16", "train.candidates_per_row=8",
-        "train.warmup_steps=5", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
-        "train.threads=1"]
+from conftest import TINY
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "data"
-    synthesize(out, users=120, events_per_user=30, items=60, topics=4, seed=1, log=lambda *_: None)
-    return out
+@pytest.fixture
+def data(tiny_synth):
+    return tiny_synth
 
 
 def weights(run_dir, name="last"):
