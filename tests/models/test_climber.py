@@ -113,7 +113,8 @@ FLAGS = list(itertools.product([True, False], repeat=3))
 
 @pytest.mark.parametrize("use_atl,use_bgf,use_mse", FLAGS)
 def test_shape_finite_and_gradients_reach_every_parameter(use_atl, use_bgf, use_mse):
-    model = build(use_atl=use_atl, use_bgf=use_bgf, use_mse=use_mse, user_embedding=not use_mse).train()
+    model = build(use_atl=use_atl, use_bgf=use_bgf, use_mse=use_mse, user_embedding=not use_mse,
+                  item_bias=use_bgf).train()
     lengths = [s.length for s in model.strategies()]
     batch = make_batch(lengths=lengths, C=4)
     logits = model(batch)

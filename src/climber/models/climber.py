@@ -44,6 +44,7 @@ class ClimberConfig:
     pos_buckets: int = 32
     time_buckets: int = 32
     user_embedding: bool = False  # add a learned user vector to candidate tokens
+    item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
     attention: str = "sdpa"  # "reference" | "sdpa"
 
@@ -136,6 +137,8 @@ class Climber(nn.Module):
             head_in = 2 * d
         self.head = nn.Sequential(nn.Linear(head_in, d), nn.GELU(), nn.Dropout(cfg.dropout))  # shared trunk
         self.click_out = nn.Linear(d, 1)
+        if cfg.item_bias:
+            self.item_bias_emb = nn.Embedding(info.num_items + 1, 1, padding_idx=0)
         if cfg.action_heads:
             self.action_out = nn.Linear(d, info.num_actions)
         self.apply(self._init_weights)
@@ -196,6 +199,8 @@ class Climber(nn.Module):
             g = E.mean(dim=2)  # (B, C, d)
         h = self.head(torch.cat([g, self.item_emb(batch.cand_item)], dim=-1))  # (B, C, d)
         out = {"click": self.click_out(h).squeeze(-1)}
+        if self.cfg.item_bias:
+            out["click"] = out["click"] + self.item_bias_emb(batch.cand_item).squeeze(-1)
         if self.cfg.action_heads:
             out["action"] = self.action_out(h)  # (B, C, A)
         return out
