@@ -12,7 +12,7 @@ temperature fixed at 1; use_bgf=False -> mean of the block outputs into the same
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
+from climber.models.base import ModelConfig
 from climber.models.layers import IMPLS, RelativeBias, Temperature, TransformerLayer, history_candidate_mask
 
 
@@ -31,7 +32,7 @@ def _default_strategies() -> list[dict]:
 
 
 @dataclass
-class ClimberConfig:
+class ClimberConfig(ModelConfig):
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2  # ATLs per block
@@ -64,17 +65,6 @@ class ClimberConfig:
                 raise ValueError(f"ClimberConfig.{name}: must be >= 1, got {getattr(self, name)}")
         if self.pos_buckets < 2:
             raise ValueError(f"ClimberConfig.pos_buckets: must be >= 2, got {self.pos_buckets}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ClimberConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"ClimberConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def block_strategies(self) -> list[Strategy]:
         """The strategies the loader must build, in block order."""
