@@ -48,14 +48,21 @@ class SampleShape:
     candidates: int
 
 
-def _registry() -> dict[str, tuple[type, type]]:
-    from climber.models.climber import Climber, ClimberConfig
-
-    return {"climber": (ClimberConfig, Climber)}
+# name -> (module, config class, model class); imported on first use
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "climber": ("climber.models.climber", "ClimberConfig", "Climber"),
+    "dlrm": ("climber.models.dlrm", "DLRMConfig", "DLRM"),
+    "din": ("climber.models.din", "DINConfig", "DIN"),
+    "twin": ("climber.models.twin", "TWINConfig", "TWIN"),
+    "transformer": ("climber.models.transformer", "TransformerConfig", "Transformer"),
+    "hstu": ("climber.models.hstu", "HSTUConfig", "HSTU"),
+    "wukong": ("climber.models.wukong", "WukongConfig", "Wukong"),
+    "rankmixer": ("climber.models.rankmixer", "RankMixerConfig", "RankMixer"),
+}
 
 
 def model_names() -> list[str]:
-    return list(_registry())
+    return list(REGISTRY)
 
 
 def config_class(name: str) -> type:
@@ -63,10 +70,13 @@ def config_class(name: str) -> type:
 
 
 def _lookup(name: str):
-    reg = _registry()
-    if name not in reg:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(reg)}")
-    return reg[name]
+    import importlib
+
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+    module, cfg_name, model_name = REGISTRY[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, cfg_name), getattr(mod, model_name)
 
 
 def build_model(name: str, cfg: Any, info: DataInfo) -> torch.nn.Module:

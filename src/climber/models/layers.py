@@ -166,3 +166,75 @@ class Temperature(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids (...) int64 -> tau (...) float
         return F.softplus(self.raw[ids]) + self.FLOOR
+
+
+def init_weights(m: nn.Module) -> None:
+    """GPT-style init for ``model.apply``: Linear and Embedding weights N(0, 0.02), biases 0, padding rows 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.padding_idx is not None:
+            m.weight.data[m.padding_idx].zero_()
+
+
+class EventEmbedding(nn.Module):
+    """The input tokens of the model contract for models without a user vector (IdEmbeddings without its
+    user table): a history event is item + action + scenario embeddings, a candidate item + scenario (its
+    action is a target, never an input). Ids start at 1; 0 embeds to 0."""
+
+    def __init__(self, info, d_model: int):  # info: climber.models.DataInfo
+        super().__init__()
+        self.item = nn.Embedding(info.num_items + 1, d_model, padding_idx=0)
+        self.action = nn.Embedding(info.num_actions + 1, d_model, padding_idx=0)
+        self.scenario = nn.Embedding(info.num_scenarios + 1, d_model, padding_idx=0)
+
+    def history(self, seq) -> torch.Tensor:  # seq: Subsequence -> (B, L, d)
+        return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario)
+
+    def candidate(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
+        return self.item(batch.cand_item) + self.scenario(batch.cand_scenario)
+
+
+class IdEmbeddings(nn.Module):
+    """The id lookup tables of a model: user, item, action, scenario (width d; id 0 = padding -> zero vector).
+    History token = item + action + scenario embedding; candidate token = item + scenario embedding."""
+
+    def __init__(self, info, d_model: int, std: float = 0.02):  # info: climber.models.DataInfo
+        super().__init__()
+        self.user = nn.Embedding(info.num_users + 1, d_model, padding_idx=0)
+        self.item = nn.Embedding(info.num_items + 1, d_model, padding_idx=0)
+        self.action = nn.Embedding(info.num_actions + 1, d_model, padding_idx=0)
+        self.scenario = nn.Embedding(info.num_scenarios + 1, d_model, padding_idx=0)
+        for table in (self.user, self.item, self.action, self.scenario):
+            nn.init.normal_(table.weight, std=std)
+            table.weight.data[0].zero_()
+
+    def history(self, seq) -> torch.Tensor:  # seq: Subsequence -> (B, L, d)
+        return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario)
+
+    def candidate(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
+        return self.item(batch.cand_item) + self.scenario(batch.cand_scenario)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, L, d) over the positions where mask (B, L) is True -> (B, d); zero where none is."""
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def mlp(sizes: list[int], dropout: float = 0.0, act=nn.ReLU) -> nn.Sequential:
+    """Linear layers sizes[0] -> sizes[1] -> ... -> sizes[-1]; act and dropout after every layer but the last."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [act(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+def mlp_flops(sizes: list[int]) -> int:
+    """Forward FLOPs of ``mlp(sizes)`` on one input vector."""
+    return sum(2 * a * b for a, b in zip(sizes, sizes[1:]))
