@@ -85,3 +85,20 @@ def test_checkpoint_rejects_foreign_files(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a climber checkpoint"):
         checkpoint.read_meta(tmp_path / "other.safetensors")
+
+
+def test_weight_average_follows_its_formula_and_restores_live_weights():
+    from climber.train.optim import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    start = model.weight.detach().clone()
+    avg = WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    avg.update(model)  # t = 1: decay min(0.9, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(avg.shadow["weight"], d * start + (1 - d) * (start + 1))
+    live = model.weight.detach().clone()
+    with avg.applied(model):
+        assert torch.equal(model.weight, avg.shadow["weight"])
+    assert torch.equal(model.weight, live)

@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used for eval (0 = off)
     aux_weight: float = 0.5  # weight of multi-task action-head losses (models with action heads)
     seed: int = 0
     patience: int = 3  # epochs without a better val AUC before stopping

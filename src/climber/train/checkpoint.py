@@ -16,10 +16,15 @@ from safetensors.torch import save_file
 FORMAT = "climber-checkpoint-1"
 
 
-def save(path: Path, model: torch.nn.Module, meta: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write ``model`` weights (+ optimizer state and torch RNG when ``optimizer`` is given) atomically."""
+def save(path: Path, model: torch.nn.Module, meta: dict, optimizer: torch.optim.Optimizer | None = None,
+         average=None) -> None:
+    """Write ``model`` weights (+ optimizer state and torch RNG when ``optimizer`` is given, + the weight
+    average when ``average`` is given) atomically."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = dict(meta)
+    if average is not None:
+        tensors.update({f"average.{k}": v.contiguous() for k, v in average.shadow.items()})
+        meta["average_updates"] = average.updates
     if optimizer is not None:
         state = optimizer.state_dict()
         scalars = {}
@@ -46,8 +51,8 @@ def read_meta(path: Path) -> dict:
     return json.loads(md["meta"])
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load weights into ``model`` (and optimizer + RNG state when given); returns the metadata."""
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, average=None) -> dict:
+    """Load weights into ``model`` (and optimizer + RNG state, weight average, when given); returns the metadata."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -56,6 +61,9 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
         keys = list(f.keys())
         weights = {k[6:]: f.get_tensor(k) for k in keys if k.startswith("model.")}
         model.load_state_dict(weights)
+        if average is not None:
+            average.shadow = {k[8:]: f.get_tensor(k) for k in keys if k.startswith("average.")}
+            average.updates = meta["average_updates"]
         if optimizer is not None:
             opt_meta = meta["optimizer"]
             state: dict = {}

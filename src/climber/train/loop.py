@@ -16,8 +16,8 @@ after a kill reaches the same weights and figures as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,23 +33,7 @@ from climber.data.prepare import load_manifest
 from climber.eval.evaluate import evaluate_split, with_raw_ids
 from climber.models import DataInfo, build_model
 from climber.train import checkpoint
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup for ``warmup_steps``, then cosine decay to 10% of the peak at ``total``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and embeddings (they are 1-d or lookup tables)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "emb" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+from climber.train.optim import WeightAverage, lr_at, make_optimizer
 
 
 def masked_bce(logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,6 +52,8 @@ def training_loss(model: torch.nn.Module, batch, aux_weight: float) -> torch.Ten
     if "action" in out:
         target = F.one_hot(batch.cand_action, out["action"].shape[-1] + 1)[..., 1:].float()  # id 0 = padding
         loss = loss + aux_weight * masked_bce(out["action"], target, mask)
+    if hasattr(model, "aux_loss"):  # e.g. RankMixer's L1 penalty on its ReLU router gates
+        loss = loss + model.aux_loss()
     return loss
 
 
@@ -91,6 +77,7 @@ class Trainer:
             for split in ("val", "test")
         }
         self.optimizer = make_optimizer(self.model, tc)
+        self.average = WeightAverage(self.model, tc.ema) if tc.ema else None
         self.total_steps = tc.epochs * len(self.train_loader)
 
     # ------------------------------------------------------------------ state
@@ -123,7 +110,7 @@ class Trainer:
         last = self.run_dir / "checkpoints" / "last.safetensors"
         start_epoch, step, best, bad_epochs = 0, 0, {"epoch": -1, "val_auc": -1.0}, 0
         if resume and last.exists():
-            meta = checkpoint.load(last, self.model, self.optimizer)
+            meta = checkpoint.load(last, self.model, self.optimizer, self.average)
             if meta["fingerprint"]["sha256"] != self.manifest["fingerprint"]["sha256"]:
                 raise ValueError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
             start_epoch, step, best, bad_epochs = meta["epoch"] + 1, meta["step"], meta["best"], meta["bad_epochs"]
@@ -143,19 +130,22 @@ class Trainer:
             t0 = time.time()
             loss, samples, step = self._train_epoch(epoch, step)
             train_s = time.time() - t0
-            val = evaluate_split(self.model, self.eval_loaders["val"])["metrics"]
+            with self._averaged():
+                val = evaluate_split(self.model, self.eval_loaders["val"])["metrics"]
             record = {"epoch": epoch, "step": step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                       "train_seconds": round(train_s, 2), "samples_per_s": round(samples / max(train_s, 1e-9), 1),
                       "epoch_seconds": round(time.time() - t0, 2), "val": val}
             if val["auc"] > best["val_auc"]:
                 best, bad_epochs = {"epoch": epoch, "val_auc": val["auc"]}, 0
-                checkpoint.save(self.run_dir / "checkpoints" / "best.safetensors", self.model,
-                                self._state_meta(epoch, step, best, bad_epochs))
+                with self._averaged():  # the weights that were evaluated
+                    checkpoint.save(self.run_dir / "checkpoints" / "best.safetensors", self.model,
+                                    self._state_meta(epoch, step, best, bad_epochs))
             else:
                 bad_epochs += 1
             with open(self.run_dir / "epochs.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            checkpoint.save(last, self.model, self._state_meta(epoch, step, best, bad_epochs), self.optimizer)
+            checkpoint.save(last, self.model, self._state_meta(epoch, step, best, bad_epochs), self.optimizer,
+                            self.average)
             if writer is not None:
                 writer.add_scalar("train/loss", loss, epoch)
                 for k in ("auc", "gauc", "logloss"):
@@ -187,6 +177,8 @@ class Trainer:
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             self.optimizer.step()
+            if self.average is not None:
+                self.average.update(self.model)
             step += 1
             n = batch.num_candidates
             total_loss += loss.item() * n
@@ -196,6 +188,10 @@ class Trainer:
             if deadline is not None and time.time() > deadline:
                 break
         return total_loss / max(total_n, 1), samples, step
+
+    def _averaged(self):
+        """Context in which the model holds its averaged weights (when train.ema is on)."""
+        return self.average.applied(self.model) if self.average is not None else contextlib.nullcontext()
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -211,8 +207,9 @@ class Trainer:
     def finish(self) -> dict:
         """Test figures of the best-val and the last-epoch checkpoints; writes metrics.json + predictions."""
         records = [json.loads(line) for line in open(self.run_dir / "epochs.jsonl")]
-        last_meta = checkpoint.load(self.run_dir / "checkpoints" / "last.safetensors", self.model)
-        last_test = evaluate_split(self.model, self.eval_loaders["test"])
+        last_meta = checkpoint.load(self.run_dir / "checkpoints" / "last.safetensors", self.model, None, self.average)
+        with self._averaged():
+            last_test = evaluate_split(self.model, self.eval_loaders["test"])
         best_meta = checkpoint.load(self.run_dir / "checkpoints" / "best.safetensors", self.model)
         best_val = evaluate_split(self.model, self.eval_loaders["val"])
         best_test = evaluate_split(self.model, self.eval_loaders["test"])
