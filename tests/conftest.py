@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from climber.data.synthetic import synthesize
+
+# The tests run tiny tensors: one intra-op thread is faster than several, and far faster while other
+# processes keep the cores busy (a training run beside the tests).
+torch.set_num_threads(1)
 
 # Training overrides that make a run take seconds on 2 cores.
 TINY = ["train.epochs=3", "train.patience=5", "train.batch_size=16", "train.candidates_per_row=8",

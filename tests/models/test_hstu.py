@@ -1,26 +1,20 @@
-"""HSTU: the model contract (checks shared with test_transformer.py), causal history states, one layer
-against a direct implementation of the paper's formulas, no softmax, masked keys exactly zero."""
+"""HSTU: causal history states, one layer against a direct implementation of the paper's formulas, no
+softmax, masked keys exactly zero, config validation and preset (the model contract: test_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_climber import INFO, close
-from test_transformer import (
-    L,
-    MAX_LEN,
-    check_candidate_independence,
-    check_config_and_preset,
-    check_flops,
-    check_history_states,
-    check_rejects_other_batches,
-    check_rows_and_left_padding,
-    check_shape_finite_and_gradients,
-)
+from helpers import INFO, check_history_states, close
 
+from climber.config import load_preset
+from climber.data.sequences import Strategy
 from climber.models.hstu import HSTU, HSTUConfig
 from climber.models.layers import history_candidate_mask, relative_position_bucket, time_bucket
+
+MAX_LEN = 8
+L = 6  # history width of the test batches: shorter than max_len, as a loader's batch may be
 
 
 def build(seed=0, **kw) -> HSTU:
@@ -34,41 +28,20 @@ def build(seed=0, **kw) -> HSTU:
     return model
 
 
-# ---------------------------------------------------------------- the contract
-
-
-def test_shape_finite_and_gradients_reach_every_parameter():
-    check_shape_finite_and_gradients(build(dropout=0.1))
-
-
-def test_candidates_never_see_each_other_and_score_alone():
-    check_candidate_independence(build())
-
-
-def test_rows_are_independent_and_left_padding_changes_nothing():
-    check_rows_and_left_padding(build())
-
-
 def test_history_states_are_causal_and_ignore_candidates():
-    check_history_states(build())
+    check_history_states(build(), L)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(d_model=32, n_heads=4, n_layers=1)])
-def test_flops_match_flop_counter(kw):
-    check_flops(build(**kw))
+@pytest.mark.parametrize("key,value", [("n_heads", 3), ("max_len", 0), ("dropout", -0.1), ("pos_buckets", 1),
+                                       ("time_buckets", 0)])
+def test_config_validation(key, value):
+    with pytest.raises(ValueError, match=key):
+        HSTUConfig(**{key: value})
 
 
-def test_config_round_trip_validation_and_preset():
-    check_config_and_preset(
-        "hstu", HSTUConfig, {"n_heads": 3, "max_len": 0, "dropout": -0.1, "pos_buckets": 1, "time_buckets": 0}
-    )
-
-
-def test_wrong_batches_are_rejected():
-    check_rejects_other_batches(build())
-
-
-# ---------------------------------------------------------------- model-specific
+def test_strategies_are_one_recency_history_of_max_len():
+    model = HSTU(HSTUConfig.from_dict(load_preset("hstu-default")["model_config"]), INFO)
+    assert model.strategies() == [Strategy(name="history", kind="recency", length=model.cfg.max_len)]
 
 
 def tiny_layer_input(seed=0):

@@ -1,22 +1,14 @@
-"""RankMixer: the model contract (checks shared with test_wukong.py), token mixing, per-token FFNs,
-ReLU-routed MoE with sparse inference equal to dense computation, FLOPs."""
+"""RankMixer: token mixing, per-token FFNs, ReLU-routed MoE with sparse inference equal to dense
+computation, the L1 penalty on the gates, config validation and preset (the model contract:
+test_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_climber import INFO
-from test_wukong import (
-    batch_for,
-    check_candidate_independence,
-    check_config_round_trip,
-    check_flops,
-    check_preset,
-    check_rows_and_left_padding,
-    check_shape_finite_and_gradients,
-    close,
-)
+from helpers import INFO, close, make_batch
 
+from climber.config import load_preset
 from climber.data.sequences import Strategy
 from climber.models.rankmixer import DenseFFN, RankMixer, RankMixerConfig, ReLUMoE, mix_tokens
 
@@ -29,38 +21,15 @@ def build(seed=0, **kw) -> RankMixer:
     return RankMixer(RankMixerConfig(**{**TINY, **kw}), INFO)
 
 
-VARIANTS = [dict(), MOE, dict(T=5, d_token=10, recent_k=2)]  # the last: 7 x 6 = 42 features zero-padded to 5 x 9
+@pytest.mark.parametrize("kw,match", [({"moe_experts": -1}, "moe_experts"), ({"dropout": -0.1}, "dropout"),
+                                      ({"T": 0}, "T"), ({"T": 3, "d_token": 8}, "divisible")])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RankMixerConfig(**kw)
 
 
-@pytest.mark.parametrize("kw", VARIANTS)
-def test_shape_finite_and_gradients_reach_every_parameter(kw):
-    check_shape_finite_and_gradients(build(**kw))
-
-
-@pytest.mark.parametrize("kw", VARIANTS)
-def test_candidates_are_independent(kw):
-    check_candidate_independence(build(**kw))  # eval mode: the sparse MoE path with MOE
-
-
-@pytest.mark.parametrize("kw", [dict(), MOE])
-def test_rows_are_independent_and_left_padding_changes_nothing(kw):
-    check_rows_and_left_padding(build(**kw))
-
-
-@pytest.mark.parametrize("kw", VARIANTS)
-def test_flops_match_flop_counter(kw):
-    # MoE counted dense (every expert): train mode without dropout runs exactly that
-    check_flops(build(dropout=0.0, **kw).train(bool(kw.get("moe_experts"))))
-
-
-def test_config_round_trip_unknown_keys_and_validation():
-    check_config_round_trip(RankMixerConfig, "tokens", {"moe_experts": -1, "dropout": -0.1, "T": 0})
-    with pytest.raises(ValueError, match="divisible"):
-        RankMixerConfig(T=3, d_token=8)
-
-
-def test_preset_and_strategies():
-    cfg = check_preset("rankmixer", RankMixerConfig)
+def test_strategies_are_one_recency_history_of_max_len():
+    cfg = RankMixerConfig.from_dict(load_preset("rankmixer-default")["model_config"])
     assert RankMixer(cfg, INFO).strategies() == [Strategy(name="history", kind="recency", length=cfg.max_len)]
 
 
@@ -130,7 +99,7 @@ def test_sparse_inference_equals_dense_computation():
     assert close(eval_out, moe(s), tol=1e-6)
     # the whole model: eval (sparse) = train (dense) once dropout is off
     model = build(dropout=0.0, **MOE)
-    batch = batch_for(model, B=3, C=4)
+    batch = make_batch(B=3, lengths=(6,), C=4)
     dense = model.train()(batch)
     sparse = model.eval()(batch)
     assert close(sparse, dense, tol=1e-6)
@@ -138,7 +107,7 @@ def test_sparse_inference_equals_dense_computation():
 
 def test_aux_loss_is_the_l1_penalty_on_the_gates():
     model = build(l1_weight=0.1, **MOE).train()
-    batch = batch_for(model, B=3, C=4)
+    batch = make_batch(B=3, lengths=(6,), C=4)
     model(batch)
     real = batch.cand_mask.flatten()
     gate_sum = sum(layer.ffn.gates.sum(dim=(1, 2)) for layer in model.layers)  # (N,)

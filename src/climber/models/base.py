@@ -1,4 +1,5 @@
-"""What every model config shares: dict round trip that rejects unknown keys."""
+"""What every model config shares: dict round trip that rejects unknown keys, and field checks whose
+errors name the config class and the field."""
 
 from __future__ import annotations
 
@@ -17,3 +18,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _at_least(self, minimum: float, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{type(self).__name__}.{name}: must be >= {minimum}, got {getattr(self, name)}")
+
+    def _dropout_in_range(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout: must be in [0, 1), got {self.dropout}")
+
+    def _layer_sizes(self, *names: str, nonempty: bool = False) -> None:
+        """Lists of hidden sizes: each size >= 1 (and at least one size with ``nonempty``); stored as ints."""
+        for name in names:
+            sizes = list(getattr(self, name))
+            if (nonempty and not sizes) or any(int(s) < 1 for s in sizes):
+                need = "need at least one hidden size, each >= 1" if nonempty else "hidden sizes must be >= 1"
+                raise ValueError(f"{type(self).__name__}.{name}: {need}, got {sizes}")
+            setattr(self, name, [int(s) for s in sizes])

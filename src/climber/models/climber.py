@@ -21,7 +21,17 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.layers import IMPLS, RelativeBias, Temperature, TransformerLayer, history_candidate_mask
+from climber.models.layers import (
+    IMPLS,
+    IdEmbeddings,
+    RelativeBias,
+    Temperature,
+    TransformerLayer,
+    history_candidate_mask,
+    history_candidate_positions,
+    init_weights,
+    transformer_layer_flops,
+)
 
 
 def _default_strategies() -> list[dict]:
@@ -60,11 +70,8 @@ class ClimberConfig(ModelConfig):
             raise ValueError(f"ClimberConfig.attention: {self.attention!r} not one of {', '.join(IMPLS)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"ClimberConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
-        for name in ("n_layers", "ffn_mult", "time_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ClimberConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.pos_buckets < 2:
-            raise ValueError(f"ClimberConfig.pos_buckets: must be >= 2, got {self.pos_buckets}")
+        self._at_least(1, "n_layers", "ffn_mult", "time_buckets")
+        self._at_least(2, "pos_buckets")
 
     def block_strategies(self) -> list[Strategy]:
         """The strategies the loader must build, in block order."""
@@ -106,12 +113,8 @@ class Climber(nn.Module):
         d = cfg.d_model
         strategies = cfg.block_strategies()
         nb = len(strategies)
-        self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
-        self.action_emb = nn.Embedding(info.num_actions + 1, d, padding_idx=0)
-        self.scenario_emb = nn.Embedding(info.num_scenarios + 1, d, padding_idx=0)
+        self.emb = IdEmbeddings(info, d, user=cfg.user_embedding)
         self.cand_vec = nn.Parameter(0.02 * torch.randn(d))  # marks a candidate token (its action is unknown)
-        if cfg.user_embedding:
-            self.user_emb = nn.Embedding(info.num_users + 1, d)
         self.drop = nn.Dropout(cfg.dropout)
         max_distance = max(s.length for s in strategies) + 1  # candidates sit at position L
         self.blocks = nn.ModuleList(Block(cfg, info.num_scenarios, max_distance) for _ in strategies)
@@ -131,30 +134,16 @@ class Climber(nn.Module):
             self.item_bias_emb = nn.Embedding(info.num_items + 1, 1, padding_idx=0)
         if cfg.action_heads:
             self.action_out = nn.Linear(d, info.num_actions)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.padding_idx is not None:
-                m.weight.data[m.padding_idx].zero_()
+        self.apply(init_weights)
 
     def strategies(self) -> list[Strategy]:
         return self.cfg.block_strategies()
 
     def _block_input(self, seq: Subsequence, batch: Batch, cand: torch.Tensor):
         """Tokens, mask, positions, timestamps and scenarios of [history ; candidates] (N = L + C)."""
-        L, C = seq.item.shape[1], batch.cand_item.shape[1]
-        hist = self.item_emb(seq.item) + self.action_emb(seq.action) + self.scenario_emb(seq.scenario)  # (B, L, d)
-        x = self.drop(torch.cat([hist, cand], dim=1))  # (B, N, d)
+        x = self.drop(torch.cat([self.emb.history(seq), cand], dim=1))  # (B, N, d)
         mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
-        dev = seq.item.device
-        pos = torch.cat([torch.arange(L, device=dev), torch.full((C,), L, device=dev)])[None]  # (1, N)
-        ts = torch.cat([seq.ts, batch.cand_ts], dim=1)  # (B, N)
+        pos, ts = history_candidate_positions(seq, batch)  # (1, N), (B, N)
         scenario = torch.cat([seq.scenario, batch.cand_scenario], dim=1)  # (B, N)
         return x, mask, pos, ts, scenario
 
@@ -164,9 +153,9 @@ class Climber(nn.Module):
         if len(batch.seqs) != len(self.blocks):
             names = [s.name for s in self.strategies()]
             raise ValueError(f"Climber: batch has {len(batch.seqs)} subsequences, model expects {len(names)} ({names})")
-        cand = self.item_emb(batch.cand_item) + self.scenario_emb(batch.cand_scenario) + self.cand_vec  # (B, C, d)
+        cand = self.emb.candidate(batch) + self.cand_vec  # (B, C, d)
         if self.cfg.user_embedding:
-            cand = cand + self.user_emb(batch.user)[:, None]
+            cand = cand + self.emb.user(batch.user)[:, None]
         return [block(*self._block_input(seq, batch, cand)) for block, seq in zip(self.blocks, batch.seqs)]
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -187,7 +176,7 @@ class Climber(nn.Module):
             g = g * torch.sigmoid(self.se(g))  # bit-wise (per element) squeeze-and-excitation gate
         else:
             g = E.mean(dim=2)  # (B, C, d)
-        h = self.head(torch.cat([g, self.item_emb(batch.cand_item)], dim=-1))  # (B, C, d)
+        h = self.head(torch.cat([g, self.emb.item(batch.cand_item)], dim=-1))  # (B, C, d)
         out = {"click": self.click_out(h).squeeze(-1)}
         if self.cfg.item_bias:
             out["click"] = out["click"] + self.item_bias_emb(batch.cand_item).squeeze(-1)
@@ -201,14 +190,10 @@ class Climber(nn.Module):
         cfg, d = self.cfg, self.cfg.d_model
         if len(shape.lengths) != len(self.blocks):
             raise ValueError(f"Climber.flops: {len(shape.lengths)} lengths given, model has {len(self.blocks)} blocks")
-
-        def layer(n: int) -> int:  # one transformer layer over n tokens
-            return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * cfg.ffn_mult * d
-
         C, nb = shape.candidates, len(shape.lengths)
-        total = sum(cfg.n_layers * layer(L + C) for L in shape.lengths)
+        total = sum(cfg.n_layers * transformer_layer_flops(L + C, d, cfg.ffn_mult) for L in shape.lengths)
         if cfg.use_bgf:
-            total += C * (layer(nb) + 2 * 2 * nb * d * max(1, nb * d // 4))
+            total += C * (transformer_layer_flops(nb, d, cfg.ffn_mult) + 2 * 2 * nb * d * max(1, nb * d // 4))
             head_in = nb * d + d
         else:
             head_in = 2 * d

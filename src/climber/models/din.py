@@ -20,7 +20,7 @@ from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.layers import IdEmbeddings, masked_mean, mlp_flops
+from climber.models.layers import IdEmbeddings, history_strategy, init_weights, masked_mean, mlp_flops, one_history
 
 ACTIVATIONS = ("dice", "prelu")
 
@@ -37,16 +37,9 @@ class DINConfig(ModelConfig):
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"DINConfig.activation: {self.activation!r} not one of {', '.join(ACTIVATIONS)}")
-        for name in ("d_model", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DINConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("att_hidden", "mlp_hidden"):
-            sizes = list(getattr(self, name))
-            if not sizes or any(int(s) < 1 for s in sizes):
-                raise ValueError(f"DINConfig.{name}: need at least one hidden size, each >= 1, got {sizes}")
-            setattr(self, name, [int(s) for s in sizes])
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DINConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._at_least(1, "d_model", "max_len")
+        self._layer_sizes("att_hidden", "mlp_hidden", nonempty=True)
+        self._dropout_in_range()
 
 
 class Dice(nn.Module):
@@ -105,18 +98,17 @@ class DIN(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         d = cfg.d_model
-        self.emb = IdEmbeddings(info, d)
+        self.emb = IdEmbeddings(info, d, user=True)
+        self.emb.apply(init_weights)  # the other layers keep PyTorch's default init
         self.att = MaskedMLP([4 * d, *cfg.att_hidden, 1], cfg.activation, 0.0)
         self.head = MaskedMLP([4 * d, *cfg.mlp_hidden, 1], cfg.activation, cfg.dropout)
 
     def strategies(self) -> list[Strategy]:
-        return [Strategy(name="history", kind="recency", length=self.cfg.max_len)]
+        return history_strategy(self.cfg.max_len)
 
     def _inputs(self, batch: Batch):
         """h (B, L, d) history tokens, c (B, C, d) candidate tokens, mask (B, L) bool."""
-        if len(batch.seqs) != 1:
-            raise ValueError(f"DIN: batch has {len(batch.seqs)} subsequences, model expects 1 (history)")
-        seq = batch.seqs[0]
+        seq = one_history(batch, "DIN")
         return self.emb.history(seq), self.emb.candidate(batch), seq.mask
 
     def _weights(self, h, c, mask, cand_mask) -> torch.Tensor:

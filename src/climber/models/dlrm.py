@@ -2,7 +2,8 @@
 an explicit feature interaction, then a top MLP. Every candidate is scored on its own features.
 
     sparse: user, candidate item, candidate scenario, mean-pooled history       -> 4 vectors (B, C, d)
-    dense:  [log1p(history length), log1p(seconds since last event) / 10] -> bottom MLP -> z (B, C, d)
+    dense:  features.dense_features: [log1p(history length),
+            log1p(seconds from the last event to the candidate) / 10] -> bottom MLP -> z (B, C, d)
     interaction "dot": <f_i, f_j> for all i < j over the 5 vectors, concatenated with z -> (B, C, d + 10)
     interaction "dcn": DCNv2 cross layers x_{l+1} = x_0 * (W_l x_l + b_l) + x_l over x_0 = [f_1 .. f_5] (B, C, 5d)
     top MLP -> logits (B, C)
@@ -19,7 +20,16 @@ from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.layers import IdEmbeddings, masked_mean, mlp, mlp_flops
+from climber.models.features import dense_features
+from climber.models.layers import (
+    IdEmbeddings,
+    history_strategy,
+    init_weights,
+    masked_mean,
+    mlp,
+    mlp_flops,
+    one_history,
+)
 
 INTERACTIONS = ("dot", "dcn")
 NUM_DENSE = 2  # dense features per candidate
@@ -39,16 +49,9 @@ class DLRMConfig(ModelConfig):
     def __post_init__(self):
         if self.interaction not in INTERACTIONS:
             raise ValueError(f"DLRMConfig.interaction: {self.interaction!r} not one of {', '.join(INTERACTIONS)}")
-        for name in ("d_model", "max_len", "n_cross"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DLRMConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("bottom_mlp", "top_mlp"):
-            sizes = list(getattr(self, name))
-            if any(int(s) < 1 for s in sizes):
-                raise ValueError(f"DLRMConfig.{name}: hidden sizes must be >= 1, got {sizes}")
-            setattr(self, name, [int(s) for s in sizes])
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DLRMConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._at_least(1, "d_model", "max_len", "n_cross")
+        self._layer_sizes("bottom_mlp", "top_mlp")
+        self._dropout_in_range()
 
 
 class CrossLayer(nn.Module):
@@ -67,7 +70,8 @@ class DLRM(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         d = cfg.d_model
-        self.emb = IdEmbeddings(info, d)
+        self.emb = IdEmbeddings(info, d, user=True)
+        self.emb.apply(init_weights)  # the other layers keep PyTorch's default init
         self.bottom = mlp([NUM_DENSE, *cfg.bottom_mlp, d])
         if cfg.interaction == "dcn":
             self.cross = nn.ModuleList(CrossLayer(NUM_VECTORS * d) for _ in range(cfg.n_cross))
@@ -83,29 +87,15 @@ class DLRM(nn.Module):
         return NUM_VECTORS * d
 
     def strategies(self) -> list[Strategy]:
-        return [Strategy(name="history", kind="recency", length=self.cfg.max_len)]
-
-    @staticmethod
-    def dense_features(batch: Batch) -> torch.Tensor:
-        """(B, C, 2): log1p(history length), log1p(seconds from the last history event to the candidate) / 10;
-        both 0 for an empty history."""
-        seq = batch.seqs[0]
-        n = seq.mask.sum(dim=1)  # (B,)
-        last = torch.where(seq.mask, seq.ts, torch.zeros_like(seq.ts)).max(dim=1).values  # (B,) 0 when empty
-        gap = (batch.cand_ts - last[:, None]).clamp(min=0)  # (B, C); padding candidates (ts 0) clamp to 0
-        gap = torch.where(n[:, None] > 0, gap, torch.zeros_like(gap))
-        C = batch.cand_item.shape[1]
-        return torch.stack([torch.log1p(n.float())[:, None].expand(-1, C), torch.log1p(gap.float()) / 10], dim=-1)
+        return history_strategy(self.cfg.max_len)
 
     def feature_vectors(self, batch: Batch) -> torch.Tensor:
         """The 5 feature vectors of each candidate: (B, C, 5, d) = [user, item, scenario, history, z]."""
-        if len(batch.seqs) != 1:
-            raise ValueError(f"DLRM: batch has {len(batch.seqs)} subsequences, model expects 1 (history)")
-        seq = batch.seqs[0]
+        seq = one_history(batch, "DLRM")
         C = batch.cand_item.shape[1]
         user = self.emb.user(batch.user)[:, None].expand(-1, C, -1)  # (B, C, d)
         history = masked_mean(self.emb.history(seq), seq.mask)[:, None].expand(-1, C, -1)  # (B, C, d)
-        z = self.bottom(self.dense_features(batch))  # (B, C, d)
+        z = self.bottom(dense_features(seq, batch))  # (B, C, d)
         item, scenario = self.emb.item(batch.cand_item), self.emb.scenario(batch.cand_scenario)  # (B, C, d)
         return torch.stack([user, item, scenario, history, z], dim=2)
 

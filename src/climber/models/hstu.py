@@ -30,17 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from climber.data.batch import Batch, Subsequence
+from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
 from climber.models.layers import (
-    EventEmbedding,
+    IdEmbeddings,
     RelativeBias,
     history_candidate_mask,
+    history_candidate_positions,
+    history_strategy,
     init_weights,
     mlp,
     mlp_flops,
+    one_history,
 )
 
 
@@ -55,15 +58,11 @@ class HSTUConfig(ModelConfig):
     time_buckets: int = 32
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "n_layers", "max_len", "time_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HSTUConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.pos_buckets < 2:
-            raise ValueError(f"HSTUConfig.pos_buckets: must be >= 2, got {self.pos_buckets}")
+        self._at_least(1, "d_model", "n_heads", "n_layers", "max_len", "time_buckets")
+        self._at_least(2, "pos_buckets")
         if self.d_model % self.n_heads:
             raise ValueError(f"HSTUConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"HSTUConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._dropout_in_range()
 
 
 class HSTULayer(nn.Module):
@@ -106,7 +105,7 @@ class HSTU(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         d = cfg.d_model
-        self.emb = EventEmbedding(info, d)
+        self.emb = IdEmbeddings(info, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
@@ -114,22 +113,15 @@ class HSTU(nn.Module):
         self.apply(init_weights)
 
     def strategies(self) -> list[Strategy]:
-        return [Strategy(name="history", kind="recency", length=self.cfg.max_len)]
-
-    def _history(self, batch: Batch) -> Subsequence:
-        if len(batch.seqs) != 1:
-            raise ValueError(f"HSTU: batch has {len(batch.seqs)} subsequences, model expects 1 (history)")
-        return batch.seqs[0]
+        return history_strategy(self.cfg.max_len)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Final states over [history ; candidates]: (B, L + C, d). History states never depend on the
         candidates nor on later history events (the KV-cacheable part)."""
-        seq = self._history(batch)
-        L, C, dev = seq.item.shape[1], batch.cand_item.shape[1], seq.item.device
+        seq = one_history(batch, "HSTU")
         x = self.drop(torch.cat([self.emb.history(seq), self.emb.candidate(batch)], dim=1))  # (B, N, d)
         mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
-        pos = torch.cat([torch.arange(L, device=dev), torch.full((C,), L, device=dev)])[None]  # (1, N)
-        ts = torch.cat([seq.ts, batch.cand_ts], dim=1)  # (B, N)
+        pos, ts = history_candidate_positions(seq, batch)  # (1, N), (B, N)
         for layer in self.layers:
             x = layer(x, mask, pos, ts)
         return self.ln_f(x)

@@ -1,6 +1,8 @@
-"""Shared building blocks: attention with bias / per-query temperature / mask (two paths that agree),
-feed-forward, pre-norm transformer layer, relative position and time buckets, learned relative bias,
-per-scenario temperature, and the one mask builder of "single user, multiple items" sequences.
+"""Shared building blocks: the one history subsequence of single-history models, the one mask builder
+of "single user, multiple items" sequences and the positions of their tokens, attention with bias /
+per-query temperature / mask (two paths that agree), feed-forward, pre-norm transformer layer (and its
+FLOPs), relative position and time buckets, learned relative bias, per-scenario temperature, id
+embeddings, weight init, masked mean and MLPs.
 
 Shapes: B batch, H heads, N tokens, d model width, dh = d / H.
 """
@@ -13,7 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from climber.data.batch import Batch, Subsequence
+from climber.data.sequences import Strategy
+
 IMPLS = ("reference", "sdpa")
+
+
+def history_strategy(max_len: int) -> list[Strategy]:
+    """The strategies of a single-history model: the max_len most recent events."""
+    return [Strategy(name="history", kind="recency", length=max_len)]
+
+
+def one_history(batch: Batch, model: str) -> Subsequence:
+    """The history subsequence of a single-history model's batch; ValueError naming ``model`` otherwise."""
+    if len(batch.seqs) != 1:
+        raise ValueError(f"{model}: batch has {len(batch.seqs)} subsequences, model expects 1 (history)")
+    return batch.seqs[0]
 
 
 def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
@@ -33,6 +50,14 @@ def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> 
     real_key = torch.cat([hist_mask, cand_mask], dim=1)  # (B, N)
     eye = torch.eye(N, dtype=torch.bool, device=dev)
     return (allowed[None] & real_key[:, None, :]) | eye  # (B, N, N)
+
+
+def history_candidate_positions(seq: Subsequence, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (1, N) int64 and ts (B, N) int64 of the tokens [history (L) ; candidates (C)]: history event i
+    sits at position i, every candidate at L, right after the most recent event."""
+    L, C, dev = seq.item.shape[1], batch.cand_item.shape[1], seq.item.device
+    pos = torch.cat([torch.arange(L, device=dev), torch.full((C,), L, device=dev)])[None]
+    return pos, torch.cat([seq.ts, batch.cand_ts], dim=1)
 
 
 def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -135,6 +160,12 @@ class TransformerLayer(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
+def transformer_layer_flops(n: int, d: int, ffn_mult: int) -> int:
+    """Forward FLOPs of one ``TransformerLayer`` over n tokens: QKV and output projections, Q K^T and A V
+    over the full (masked) n x n matrices, two FFN matmuls."""
+    return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * ffn_mult * d
+
+
 class RelativeBias(nn.Module):
     """f_b: per-head learned biases of the bucketed relative position plus the bucketed relative time
     gap (query minus key), HSTU / T5 style. Zero at initialisation (a plain layer to start with)."""
@@ -180,37 +211,19 @@ def init_weights(m: nn.Module) -> None:
             m.weight.data[m.padding_idx].zero_()
 
 
-class EventEmbedding(nn.Module):
-    """The input tokens of the model contract for models without a user vector (IdEmbeddings without its
-    user table): a history event is item + action + scenario embeddings, a candidate item + scenario (its
-    action is a target, never an input). Ids start at 1; 0 embeds to 0."""
-
-    def __init__(self, info, d_model: int):  # info: climber.models.DataInfo
-        super().__init__()
-        self.item = nn.Embedding(info.num_items + 1, d_model, padding_idx=0)
-        self.action = nn.Embedding(info.num_actions + 1, d_model, padding_idx=0)
-        self.scenario = nn.Embedding(info.num_scenarios + 1, d_model, padding_idx=0)
-
-    def history(self, seq) -> torch.Tensor:  # seq: Subsequence -> (B, L, d)
-        return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario)
-
-    def candidate(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
-        return self.item(batch.cand_item) + self.scenario(batch.cand_scenario)
-
-
 class IdEmbeddings(nn.Module):
-    """The id lookup tables of a model: user, item, action, scenario (width d; id 0 = padding -> zero vector).
-    History token = item + action + scenario embedding; candidate token = item + scenario embedding."""
+    """The id lookup tables of a model, width d: item, action, scenario, and with ``user`` a user table.
+    Ids start at 1; 0 is padding and embeds to the zero vector. A history token is item + action +
+    scenario embedding, a candidate token item + scenario (its action is a target, never an input).
+    The tables keep PyTorch's default init until the owner applies ``init_weights``."""
 
-    def __init__(self, info, d_model: int, std: float = 0.02):  # info: climber.models.DataInfo
+    def __init__(self, info, d_model: int, user: bool = False):  # info: climber.models.DataInfo
         super().__init__()
-        self.user = nn.Embedding(info.num_users + 1, d_model, padding_idx=0)
+        if user:
+            self.user = nn.Embedding(info.num_users + 1, d_model, padding_idx=0)
         self.item = nn.Embedding(info.num_items + 1, d_model, padding_idx=0)
         self.action = nn.Embedding(info.num_actions + 1, d_model, padding_idx=0)
         self.scenario = nn.Embedding(info.num_scenarios + 1, d_model, padding_idx=0)
-        for table in (self.user, self.item, self.action, self.scenario):
-            nn.init.normal_(table.weight, std=std)
-            table.weight.data[0].zero_()
 
     def history(self, seq) -> torch.Tensor:  # seq: Subsequence -> (B, L, d)
         return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario)

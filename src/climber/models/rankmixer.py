@@ -31,7 +31,8 @@ from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.features import FeatureTokens, history_strategy
+from climber.models.features import FeatureTokens
+from climber.models.layers import history_strategy
 
 
 @dataclass
@@ -48,16 +49,11 @@ class RankMixerConfig(ModelConfig):
     recent_k: int = 4  # most recent history events kept as separate features
 
     def __post_init__(self):
-        for name in ("T", "d_token", "d_feature", "n_layers", "ffn_mult", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RankMixerConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("moe_experts", "recent_k", "l1_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"RankMixerConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        self._at_least(1, "T", "d_token", "d_feature", "n_layers", "ffn_mult", "max_len")
+        self._at_least(0, "moe_experts", "recent_k", "l1_weight")
         if self.d_token % self.T:
             raise ValueError(f"RankMixerConfig: d_token {self.d_token} not divisible by T {self.T} (T heads per token)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"RankMixerConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._dropout_in_range()
 
 
 def mix_tokens(x: torch.Tensor) -> torch.Tensor:

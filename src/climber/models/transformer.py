@@ -18,18 +18,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from climber.data.batch import Batch, Subsequence
+from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
 from climber.models.layers import (
     IMPLS,
-    EventEmbedding,
+    IdEmbeddings,
     TransformerLayer,
     history_candidate_mask,
+    history_strategy,
     init_weights,
     mlp,
     mlp_flops,
+    one_history,
+    transformer_layer_flops,
 )
 
 
@@ -44,13 +47,10 @@ class TransformerConfig(ModelConfig):
     attention: str = "sdpa"  # "reference" | "sdpa"
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "n_layers", "ffn_mult", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TransformerConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        self._at_least(1, "d_model", "n_heads", "n_layers", "ffn_mult", "max_len")
         if self.d_model % self.n_heads:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TransformerConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._dropout_in_range()
         if self.attention not in IMPLS:
             raise ValueError(f"TransformerConfig.attention: {self.attention!r} not one of {', '.join(IMPLS)}")
 
@@ -60,7 +60,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         d = cfg.d_model
-        self.emb = EventEmbedding(info, d)
+        self.emb = IdEmbeddings(info, d)
         self.pos_emb = nn.Embedding(cfg.max_len + 1, d)  # 0: candidates; k: the k-th most recent event
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
@@ -71,22 +71,15 @@ class Transformer(nn.Module):
         self.apply(init_weights)
 
     def strategies(self) -> list[Strategy]:
-        return [Strategy(name="history", kind="recency", length=self.cfg.max_len)]
-
-    def _history(self, batch: Batch) -> Subsequence:
-        if len(batch.seqs) != 1:
-            raise ValueError(f"Transformer: batch has {len(batch.seqs)} subsequences, model expects 1 (history)")
-        seq = batch.seqs[0]
-        L = seq.item.shape[1]
-        if L > self.cfg.max_len and seq.mask[:, : L - self.cfg.max_len].any():
-            raise ValueError(f"Transformer: a history has more than max_len={self.cfg.max_len} real events")
-        return seq
+        return history_strategy(self.cfg.max_len)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Final states over [history ; candidates]: (B, L + C, d). History states never depend on the
         candidates nor on later history events (the KV-cacheable part)."""
-        seq = self._history(batch)
+        seq = one_history(batch, "Transformer")
         L, dev = seq.item.shape[1], seq.item.device
+        if L > self.cfg.max_len and seq.mask[:, : L - self.cfg.max_len].any():
+            raise ValueError(f"Transformer: a history has more than max_len={self.cfg.max_len} real events")
         back = (L - torch.arange(L, device=dev)).clamp(max=self.cfg.max_len)  # (L,) L .. 1, most recent = 1
         hist = self.emb.history(seq) + self.pos_emb(back * seq.mask)  # (B, L, d); padding -> slot 0, never seen
         cand = self.emb.candidate(batch) + self.pos_emb.weight[0]  # (B, C, d)
@@ -107,8 +100,6 @@ class Transformer(nn.Module):
         Attention counts Q K^T and A V over the full (masked) N x N matrices, as computed."""
         if len(shape.lengths) != 1:
             raise ValueError(f"Transformer.flops: {len(shape.lengths)} lengths given, model has one history")
-        d, f = self.cfg.d_model, self.cfg.ffn_mult
-        n = shape.lengths[0] + shape.candidates
-        # per layer: QKV and output projections, Q K^T and A V, two FFN matmuls
-        layer = 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * f * d
-        return self.cfg.n_layers * layer + shape.candidates * mlp_flops([2 * d, d, 1])
+        d, n = self.cfg.d_model, shape.lengths[0] + shape.candidates
+        layers = self.cfg.n_layers * transformer_layer_flops(n, d, self.cfg.ffn_mult)
+        return layers + shape.candidates * mlp_flops([2 * d, d, 1])

@@ -27,7 +27,7 @@ from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.layers import IdEmbeddings, mlp, mlp_flops
+from climber.models.layers import IdEmbeddings, history_strategy, init_weights, mlp, mlp_flops, one_history
 
 
 @dataclass
@@ -40,17 +40,11 @@ class TWINConfig(ModelConfig):
     dropout: float = 0.1  # in the head MLP
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "max_len", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TWINConfig.{name}: must be >= 1, got {getattr(self, name)}")
+        self._at_least(1, "d_model", "n_heads", "max_len", "top_k")
         if self.d_model % self.n_heads:
             raise ValueError(f"TWINConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
-        sizes = list(self.mlp_hidden)
-        if any(int(s) < 1 for s in sizes):
-            raise ValueError(f"TWINConfig.mlp_hidden: hidden sizes must be >= 1, got {sizes}")
-        self.mlp_hidden = [int(s) for s in sizes]
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TWINConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._layer_sizes("mlp_hidden")
+        self._dropout_in_range()
 
 
 class TWIN(nn.Module):
@@ -58,24 +52,22 @@ class TWIN(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         d, H = cfg.d_model, cfg.n_heads
-        self.emb = IdEmbeddings(info, d)
+        self.emb = IdEmbeddings(info, d, user=True)
+        self.emb.apply(init_weights)  # the other layers keep PyTorch's default init
         self.query = nn.Linear(d, d)  # candidate -> query
         self.key = nn.Linear(d, d)  # event's inherent features -> key
         self.action_bias = nn.Embedding(info.num_actions + 1, H, padding_idx=0)  # cross feature -> logit bias
-        nn.init.normal_(self.action_bias.weight, std=0.02)
-        self.action_bias.weight.data[0].zero_()
+        init_weights(self.action_bias)
         self.value = nn.Linear(d, d)  # whole event -> value
         self.out = nn.Linear(d, d)
         self.head = mlp([3 * d, *cfg.mlp_hidden, 1], cfg.dropout)
 
     def strategies(self) -> list[Strategy]:
-        return [Strategy(name="history", kind="recency", length=self.cfg.max_len)]
+        return history_strategy(self.cfg.max_len)
 
     def project(self, batch: Batch):
         """Shared projections: q (B, C, H, dh), k (B, L, H, dh), bias (B, L, H), v (B, L, H, dh), mask (B, L)."""
-        if len(batch.seqs) != 1:
-            raise ValueError(f"TWIN: batch has {len(batch.seqs)} subsequences, model expects 1 (history)")
-        seq, H = batch.seqs[0], self.cfg.n_heads
+        seq, H = one_history(batch, "TWIN"), self.cfg.n_heads
         inherent = self.emb.item(seq.item) + self.emb.scenario(seq.scenario)  # (B, L, d)
         q = self.query(self.emb.candidate(batch)).unflatten(-1, (H, -1))
         k = self.key(inherent).unflatten(-1, (H, -1))

@@ -24,7 +24,8 @@ from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.features import FeatureTokens, history_strategy
+from climber.models.features import FeatureTokens
+from climber.models.layers import history_strategy
 
 
 @dataclass
@@ -40,14 +41,9 @@ class WukongConfig(ModelConfig):
     recent_k: int = 4  # most recent history events kept as separate tokens
 
     def __post_init__(self):
-        for name in ("d_model", "n_layers", "n_fmb", "n_lcb", "mlp_hidden", "max_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"WukongConfig.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("fm_rank", "recent_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"WukongConfig.{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"WukongConfig.dropout: must be in [0, 1), got {self.dropout}")
+        self._at_least(1, "d_model", "n_layers", "n_fmb", "n_lcb", "mlp_hidden", "max_len")
+        self._at_least(0, "fm_rank", "recent_k")
+        self._dropout_in_range()
 
 
 class InteractionLayer(nn.Module):

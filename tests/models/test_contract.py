@@ -1,0 +1,225 @@
+"""The model contract (DESIGN.md, "Contracts"), checked for every model of ``climber.models.REGISTRY``:
+output shape and finiteness (an empty history included), gradients to every parameter, candidate and
+row independence, left-padding invariance, targets that are never inputs, analytic FLOPs against
+FlopCounterMode, the config dict round trip, and the default preset.
+
+A new model is tested by its registry line plus its entry in TINY; a registered model without one fails.
+Each entry lists tiny configs: the first is the model's tiny config, the others variants whose code paths
+differ (ablations, interactions, activations, MoE). Model-specific checks stay in test_<model>.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from helpers import INFO, close, make_batch, pad_left, replace, select_cands, select_rows, with_empty_history
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from climber.config import DEFAULT_PRESETS, load_preset
+from climber.models import REGISTRY, SampleShape, build_model, config_class
+
+CLIMBER = dict(
+    d_model=16,
+    n_heads=2,
+    n_layers=2,
+    strategies=[{"name": "recent", "kind": "recency", "length": 5}, {"name": "pos", "kind": "positive", "length": 8}],
+)
+DLRM = dict(d_model=8, max_len=6, bottom_mlp=[4], top_mlp=[16])
+DIN = dict(d_model=8, max_len=6, att_hidden=[12, 6], mlp_hidden=[16, 8])
+TWIN = dict(d_model=8, n_heads=2, max_len=12, top_k=4, mlp_hidden=[16])  # top_k < max_len: the GSU chooses
+WUKONG = dict(d_model=8, n_layers=2, n_fmb=3, n_lcb=4, mlp_hidden=16, max_len=6, recent_k=3)
+RANKMIXER = dict(T=4, d_token=8, d_feature=6, n_layers=2, ffn_mult=2, max_len=6, recent_k=3)  # 8 x 6 -> 4 x 12
+
+TINY: dict[str, list[dict]] = {
+    "climber": [  # every ablation; user vector without MSE, item bias with BGF
+        {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse, "item_bias": bgf}
+        for atl, bgf, mse in itertools.product([True, False], repeat=3)
+    ] + [{**CLIMBER, "use_atl": False, "use_bgf": False, "n_layers": 1, "d_model": 32}],
+    "dlrm": [DLRM, {**DLRM, "interaction": "dcn"}],
+    "din": [DIN, {**DIN, "activation": "prelu"}],
+    "twin": [TWIN, {**TWIN, "top_k": 32}],
+    "transformer": [
+        dict(d_model=16, n_heads=2, n_layers=2, max_len=8),
+        dict(d_model=32, n_heads=4, n_layers=1, ffn_mult=2, max_len=8),
+    ],
+    "hstu": [dict(d_model=16, n_heads=2, n_layers=2, max_len=8), dict(d_model=32, n_heads=4, n_layers=1, max_len=8)],
+    "wukong": [
+        WUKONG,
+        {**WUKONG, "fm_rank": 2},  # optimized FM
+        {**WUKONG, "n_fmb": 5, "n_lcb": 3, "n_layers": 3},  # n = n_F + n_L: identity residuals
+    ],
+    "rankmixer": [
+        RANKMIXER,
+        {**RANKMIXER, "moe_experts": 3},  # sparse in eval mode, dense in train mode
+        {**RANKMIXER, "T": 5, "d_token": 10, "recent_k": 2},  # 7 x 6 features zero-padded to 5 x 9
+    ],
+}
+
+# (model, parameter, the config values where it holds, why): parameters that may get no gradient
+NO_GRADIENT = [
+    ("climber", "fusion_temperature.raw", {"use_mse": False},
+     "BGF over a single block token: a softmax over one key cannot depend on tau"),
+]
+
+CASES = [(name, i) for name in REGISTRY for i in range(len(TINY.get(name, [])))]
+each_case = pytest.mark.parametrize("name,variant", CASES, ids=[f"{name}-{i}" for name, i in CASES])
+
+
+def build(name: str, variant: int, **overrides) -> nn.Module:
+    """The tiny model, every parameter moved by N(0, 0.3) noise so that each one matters in the checks
+    (zero relative biases, unit norm gains and 0.02-scale embeddings would hide mistakes); padding rows
+    of embeddings stay zero, as training keeps them."""
+    torch.manual_seed(variant)
+    model = build_model(name, {**TINY[name][variant], **overrides}, INFO)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+    return model
+
+
+def batch_for(model: nn.Module, **kw):
+    return make_batch(lengths=[s.length for s in model.strategies()], **kw)
+
+
+def may_get_no_gradient(name: str, cfg, parameter: str) -> bool:
+    return any(
+        model == name and param == parameter and all(getattr(cfg, k) == v for k, v in when.items())
+        for model, param, when, _ in NO_GRADIENT
+    )
+
+
+def test_every_registered_model_has_a_tiny_config():
+    assert set(REGISTRY) == set(TINY), "add the model's tiny configs to TINY in tests/models/test_contract.py"
+
+
+@each_case
+def test_shape_finite_and_gradients_reach_every_parameter(name, variant):
+    model = build(name, variant)
+    batch = with_empty_history(batch_for(model, B=3, C=4), row=0)
+    assert batch.cand_mask[0].any()
+    for training in (False, True):
+        logits = model.train(training)(batch)
+        assert logits.shape == (3, 4)
+        assert torch.isfinite(logits).all()  # the empty-history row too
+    logits[batch.cand_mask].sum().backward()  # train mode
+    for param, p in model.named_parameters():
+        assert p.grad is not None, param
+        if not may_get_no_gradient(name, model.cfg, param):
+            assert p.grad.abs().sum() > 0, param
+
+
+@each_case
+def test_candidates_never_see_each_other(name, variant):
+    model = build(name, variant).eval()
+    batch = batch_for(model, B=2, C=4, full=True)
+    base = model(batch)
+    j = 2
+    item, scen, ts = batch.cand_item.clone(), batch.cand_scenario.clone(), batch.cand_ts.clone()
+    item[:, j] = item[:, j] % INFO.num_items + 1
+    scen[:, j] = scen[:, j] % INFO.num_scenarios + 1
+    ts[:, j] += 12345
+    changed = model(replace(batch, cand_item=item, cand_scenario=scen, cand_ts=ts))
+    others = [i for i in range(4) if i != j]
+    assert close(changed[:, others], base[:, others])
+    assert not close(changed[:, j], base[:, j])  # the check can fail: candidate j itself did change
+
+
+@each_case
+def test_padding_candidates_change_nothing_and_one_at_a_time_equals_together(name, variant):
+    model = build(name, variant).eval()
+    batch = batch_for(model, B=3, C=4)
+    base, real = model(batch), batch.cand_mask
+    assert not real.all()
+    more = model(select_cands(batch, [0, 1, 2, 3, -1, -1, -1]))  # three more padding candidates
+    assert close(more[:, :4][real], base[real])
+    for c in range(4):
+        alone = model(select_cands(batch, [c]))[:, 0]  # scored one at a time (C = 1)
+        assert close(alone[real[:, c]], base[:, c][real[:, c]])
+
+
+def with_new_history(batch, row: int):
+    """Row ``row`` gets a full history of new random events (its ts still before its candidates)."""
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for s in batch.seqs:
+        s = dataclasses.replace(s, **{f.name: getattr(s, f.name).clone() for f in dataclasses.fields(s)})
+        L = s.item.shape[1]
+        s.mask[row] = True
+        s.item[row] = torch.randint(1, INFO.num_items + 1, (L,), generator=g)
+        s.action[row] = torch.randint(1, INFO.num_actions + 1, (L,), generator=g)
+        s.scenario[row] = torch.randint(1, INFO.num_scenarios + 1, (L,), generator=g)
+        s.ts[row] = batch.cand_ts[row, 0] - 10 * torch.arange(L, 0, -1)
+        seqs.append(s)
+    return replace(batch, seqs=seqs)
+
+
+@each_case
+def test_rows_are_independent_and_left_padding_changes_nothing(name, variant):
+    model = build(name, variant).eval()
+    batch = batch_for(model, B=3, C=4)
+    base = model(batch)
+    assert close(model(select_rows(batch, [0])), base[[0]])
+    assert close(model(pad_left(batch, 5)), base)
+    out = model(with_new_history(batch, row=1))
+    assert close(out[[0, 2]], base[[0, 2]])
+    real = batch.cand_mask[1]
+    assert not close(out[1][real], base[1][real])  # the check can fail: row 1 itself did change
+
+
+@each_case
+def test_label_and_candidate_action_are_never_inputs(name, variant):
+    model = build(name, variant).eval()
+    batch = batch_for(model, B=3, C=4)
+    base = model(batch)
+    other = replace(batch, label=torch.rand(batch.label.shape),
+                    cand_action=(batch.cand_action % INFO.num_actions + 1) * batch.cand_mask)
+    assert torch.equal(model(other), base)
+
+
+@each_case
+def test_flops_match_flop_counter(name, variant):
+    """On a 1-row unpadded batch, in train mode without dropout (every MoE expert runs, which is what the
+    analytic count counts) and with the reference attention (FlopCounterMode has no formula for SDPA's
+    CPU flash kernel and would miss attention)."""
+    fields = {f.name for f in dataclasses.fields(config_class(name))}
+    overrides = {k: v for k, v in {"attention": "reference", "dropout": 0.0}.items() if k in fields}
+    model = build(name, variant, **overrides).train()
+    lengths = tuple(s.length for s in model.strategies())
+    batch = make_batch(B=1, lengths=lengths, C=5, full=True)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch)
+    measured = counter.get_total_flops()
+    analytic = model.flops(SampleShape(lengths=lengths, candidates=5))
+    assert abs(analytic - measured) / measured < 0.05, (analytic, measured)
+
+
+@each_case
+def test_config_round_trip_and_unknown_keys(name, variant):
+    cfg_cls = config_class(name)
+    cfg = cfg_cls.from_dict(TINY[name][variant])
+    assert cfg_cls.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="no_such_key"):
+        cfg_cls.from_dict({**cfg.to_dict(), "no_such_key": 1})
+
+
+@each_case
+def test_a_batch_of_other_subsequences_is_rejected(name, variant):
+    model = build(name, variant)
+    lengths = [s.length for s in model.strategies()]
+    with pytest.raises(ValueError, match="expects"):
+        model(make_batch(lengths=[*lengths, lengths[-1]]))
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_default_preset_parses_and_builds(name):
+    doc = load_preset(DEFAULT_PRESETS.get(name, f"{name}-default"))
+    assert doc["model"] == name
+    cfg = config_class(name).from_dict(doc["model_config"])
+    assert isinstance(build_model(name, cfg, INFO), nn.Module)
