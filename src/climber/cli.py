@@ -1,12 +1,14 @@
 """The one command line: ``climber data|train|eval|quickstart|models ...``.
 
-Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2.
+Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
+set CLIMBER_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +32,7 @@ def _data_prepare(args) -> None:
     else:
         path = Path(args.source_name)
         if not path.exists():
-            from climber.data.datasets import DATASETS as known
-
-            raise DataError(f"{path}: no such file, and not a named data set ({', '.join(known)})")
+            raise DataError(f"{path}: no such file, and not a named data set ({', '.join(DATASETS)})")
         if not args.label:
             raise DataError("a CSV/Parquet source needs --label, e.g. --label 'action>=4' or --label 'action in cart,fav,buy'")
         names = args.names.split(",") if args.names else None
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as e:
+        if os.environ.get("CLIMBER_DEBUG"):
+            raise
         print(f"climber: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
