@@ -84,3 +84,32 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.001, rel=0.01)
+
+
+def test_kill_minus_nine_then_resume_gives_the_uninterrupted_figures(data, tmp_path):
+    """A real SIGKILL of `climber train` mid-run; --resume continues from the last atomic checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sets = [x for s in TINY + ["train.epochs=8"] for x in ("--set", s)]
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "climber", "train", "--data", str(data), "--model", "climber-tiny",
+                "--out", str(out), "--no-progress", *sets, *extra]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    assert subprocess.run(cmd(tmp_path / "full"), env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "epochs.jsonl"
+    while proc.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert subprocess.run(cmd(tmp_path / "cut", "--resume"), env=env, capture_output=True).returncode == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert cut["best"] == full["best"] and cut["last"] == full["last"]
