@@ -32,6 +32,7 @@ def test_compare_runs_seeds_skips_finished_and_tables_match(tiny_synth, tmp_path
         assert row["auc"] == pytest.approx(np.mean(aucs)) and row["auc_std"] == pytest.approx(np.std(aucs))
     assert res["rows"][0]["parameters"] != res["rows"][1]["parameters"]  # the override took effect
     assert "| climber-tiny | 2 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     assert main(args) == 0  # everything finished: all skipped
     assert capsys.readouterr().out.count("skipped") == 4

@@ -1,5 +1,5 @@
 """``climber compare``: train several models (or presets / ablations) over seeds on one prepared dir and
-write a table of test AUC, GAUC and LogLoss as mean ± std (Markdown, CSV, JSON).
+write a table of test AUC, GAUC and LogLoss as mean ± std (Markdown, CSV, JSON) and a bar chart (PNG).
 
 Each (entry, seed) is a normal run dir ``OUT/<entry>/seed<k>``; finished runs are skipped and
 interrupted ones resumed, so the command can be re-run after a kill.
@@ -97,6 +97,31 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    """Bar chart of test AUC and GAUC (mean, std as error bars) per model; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(rows) + 3), 4))
+    names = [r["model"] for r in rows]
+    for ax, m in zip(axes, ("auc", "gauc")):
+        means, stds = [r[m] for r in rows], [r[f"{m}_std"] for r in rows]
+        ax.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
+        lo = min(a - s for a, s in zip(means, stds))
+        ax.set_ylim(max(0.0, lo - 0.02), min(1.0, max(a + s for a, s in zip(means, stds)) + 0.01))
+        ax.set_title(f"test {m.upper()}")
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(f"{title}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list[str], command: str,
             log=print) -> list[dict]:
     t0 = time.time()
@@ -115,6 +140,8 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
         w.writerows(rows)
     (out / "results.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
                                                    "rows": rows}, indent=2) + "\n")
+    if not plot(rows, out / "results.png", f"{manifest['source']} ({fp['sha256'][:12]})"):
+        log("matplotlib not installed: no results.png (pip install 'climber[plot]')")
     log(markdown(rows))
     log(f"wrote {out}/results.{{md,csv,json}} in {time.time() - t0:.0f}s")
     return rows
