@@ -35,6 +35,7 @@ from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
 from climber.models.layers import (
+    candidate_logits,
     IdEmbeddings,
     RelativeBias,
     history_candidate_mask,
@@ -128,9 +129,7 @@ class HSTU(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""
-        C = batch.cand_item.shape[1]
-        h = self.hidden_states(batch)[:, -C:]  # (B, C, d)
-        return self.head(torch.cat([h, self.emb.item(batch.cand_item)], dim=-1)).squeeze(-1)
+        return candidate_logits(self.head, self.hidden_states(batch), self.emb, batch)
 
     def flops(self, shape: SampleShape) -> int:
         """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0).

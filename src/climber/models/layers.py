@@ -251,3 +251,11 @@ def mlp(sizes: list[int], dropout: float = 0.0, act=nn.ReLU) -> nn.Sequential:
 def mlp_flops(sizes: list[int]) -> int:
     """Forward FLOPs of ``mlp(sizes)`` on one input vector."""
     return sum(2 * a * b for a, b in zip(sizes, sizes[1:]))
+
+
+def candidate_logits(head: nn.Module, states: torch.Tensor, emb, batch) -> torch.Tensor:
+    """Click logits of a sequence model from its final states over [history ; candidates]:
+    head([candidate state ; candidate item embedding]). states (B, L + C, d) -> (B, C)."""
+    C = batch.cand_item.shape[1]
+    h = states[:, -C:]  # (B, C, d)
+    return head(torch.cat([h, emb.item(batch.cand_item)], dim=-1)).squeeze(-1)
