@@ -211,7 +211,6 @@ class Trainer:
         with self._averaged():
             last_test = evaluate_split(self.model, self.eval_loaders["test"])
         best_meta = checkpoint.load(self.run_dir / "checkpoints" / "best.safetensors", self.model)
-        best_val = evaluate_split(self.model, self.eval_loaders["val"])
         best_test = evaluate_split(self.model, self.eval_loaders["test"])
         with_raw_ids(best_test["predictions"], self.data_dir).write_parquet(self.run_dir / "predictions.parquet")
         metrics = {
@@ -221,7 +220,8 @@ class Trainer:
             "epochs_run": len(records),
             "seconds_per_epoch": float(np.mean([r["epoch_seconds"] for r in records])),
             "train_seconds_per_epoch": float(np.mean([r["train_seconds"] for r in records])),
-            "best": {"epoch": best_meta["epoch"], "val": best_val["metrics"], "test": best_test["metrics"]},
+            "best": {"epoch": best_meta["epoch"], "val": next(r["val"] for r in records if r["epoch"] == best_meta["epoch"]),
+                     "test": best_test["metrics"]},
             "last": {"epoch": last_meta["epoch"], "val": records[-1]["val"], "test": last_test["metrics"]},
         }
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
