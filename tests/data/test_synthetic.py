@@ -35,20 +35,23 @@ def test_determinism(data, tmp_path):
     assert same["bayes"] == manifest["bayes"]
 
 
-def test_bayes_figures_match_sklearn(data):
+@pytest.mark.parametrize("key,column", [("bayes", "p_bayes"), ("oracle", "p_true")])
+def test_bayes_figures_match_sklearn(data, key, column):
     manifest, events = data
     for split in ("val", "test"):
         part = events.filter(pl.col("split") == split)
-        y, p = part["label"].to_numpy(), part["p_true"].to_numpy()
-        bayes = manifest["bayes"][split]
+        y, p = part["label"].to_numpy(), part[column].to_numpy()
+        bayes = manifest[key][split]
         assert bayes["candidates"] == len(y)
         assert bayes["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
         assert bayes["logloss"] == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), abs=1e-9)
-        per_user = [(len(g), roc_auc_score(g["label"], g["p_true"]))
+        per_user = [(len(g), roc_auc_score(g["label"], g[column]))
                     for _, g in part.group_by("user") if g["label"].n_unique() == 2]
         w, a = np.array(per_user).T
         assert bayes["gauc"] == pytest.approx(np.sum(w * a) / np.sum(w), abs=1e-9)
     assert 0.7 < manifest["bayes"]["test"]["auc"] < 0.95  # informative but not trivial
+    # knowing the split's earlier labels helps: the oracle is above the attainable optimum
+    assert manifest["oracle"]["test"]["auc"] > manifest["bayes"]["test"]["auc"]
     assert manifest["generator"]["seed"] == 7 and manifest["generator"]["version"] == synthetic.GENERATOR_VERSION
 
 
@@ -80,6 +83,46 @@ def test_p_true_is_the_logit_formula_of_the_observable_past(data):
         pos[k] = pos.get(k, 0) + label
         recent.append((k, label))
     np.testing.assert_allclose(ev["p_true"].to_numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_p_bayes_is_p_true_where_nothing_is_hidden(data):
+    """On train events and on the first event of each split no label of the split is hidden yet."""
+    _, events = data
+    ev = events.sort("user", "ts").with_columns(pl.int_range(pl.len()).over("user", "split").alias("j"))
+    known = ev.filter((pl.col("split") == "train") | (pl.col("j") == 0))
+    np.testing.assert_allclose(known["p_bayes"].to_numpy(), known["p_true"].to_numpy(), rtol=0, atol=1e-12)
+    hidden = ev.filter((pl.col("split") != "train") & (pl.col("j") > 0))
+    # where an earlier split event shares the topic (or leaves the last-3 window) p_true moves
+    assert np.mean(np.abs(hidden["p_bayes"].to_numpy() - hidden["p_true"].to_numpy()) > 1e-3) > 0.2
+
+
+def test_p_bayes_matches_an_independent_simulation(data):
+    """Re-estimate E[p_true | events before the split] for a few users with a plain per-user simulation
+    (its own random stream, more paths) and compare within Monte Carlo error."""
+    _, events = data
+    topic, quality = synthetic.item_params(SIZE["items"], SIZE["topics"], seed=7)
+    beta = dict(zip(synthetic.SCENARIOS, synthetic.BETA))
+    rng = np.random.default_rng(123)
+    ev = events.sort("user", "ts")
+    users = ev.filter(pl.col("split") == "test")["user"].unique().sort()[:6]
+    sims, worst = 2000, 0.0
+    for user in users:
+        rows = ev.filter(pl.col("user") == user).select("item_raw", "scenario_raw", "label", "split", "p_bayes").rows()
+        past = [(int(topic[int(i[1:])]), y) for i, _, y, split, _ in rows if split != "test"]
+        split_events = [(int(i[1:]), sc, pb) for i, sc, _, split, pb in rows if split == "test"]
+        total = np.zeros(len(split_events))
+        for _ in range(sims):
+            hist = list(past)
+            for j, (i, sc, _) in enumerate(split_events):
+                k = int(topic[i])
+                seen = sum(1 for kk, _ in hist if kk == k)
+                pos = sum(y for kk, y in hist if kk == k)
+                m = float(any(kk == k and y == 1 for kk, y in hist[-3:]))
+                p = 1 / (1 + np.exp(-(beta[sc] * (4 * ((pos + 1) / (seen + 2) - 0.5) + 1.5 * m - 0.5) + quality[i])))
+                total[j] += p
+                hist.append((k, int(rng.random() < p)))
+        worst = max(worst, np.max(np.abs(total / sims - np.array([pb for *_, pb in split_events]))))
+    assert worst < 0.04  # standard error of the two estimates together is about 0.01
 
 
 def test_scenarios_differ_in_temperature(data):

@@ -2,7 +2,8 @@
 
 Generative process (one user at a time in distribution, vectorised over a chunk of users):
 
-- item i: topic ``topic[i]`` uniform over K topics, quality ``q[i] ~ N(0, 0.5)``;
+- item i: topic ``topic[i]`` uniform over K topics (written as the item side feature ``item_topic``),
+  quality ``q[i] ~ N(0, 0.5)``;
 - user u: exposure preference ``pi_u ~ Dirichlet(0.3)``, event count uniform in [E/2, 3E/2],
   scenario mix ``~ Dirichlet(1, 1, 1)`` over home / search / radio;
 - event t: scenario from the user's mix, topic k from ``0.8 pi_u + 0.2 uniform`` (restricted to
@@ -12,8 +13,14 @@ Generative process (one user at a time in distribution, vectorised over a chunk 
   ``logit = beta[s] * (4 (r - 0.5) + 1.5 m - 0.5) + q[i]``, ``p_true = sigmoid(logit)``,
   ``label ~ Bernoulli(p_true)``; action ``skip`` (label 0), else ``like`` (prob 0.3) or ``play``.
 
-``p_true`` depends only on the user's observable past and fixed item / scenario parameters, so it is
-the Bayes-optimal prediction; its AUC / GAUC / LogLoss on val and test go into the manifest.
+``p_true`` depends only on the user's past and fixed item / scenario parameters. Under the protocol a
+model scoring val (test) candidates sees only the events before the split, not the labels of the split's
+earlier events, which move ``r`` and ``m``. The attainable optimum is therefore
+``p_bayes = E[p_true | events before the split]``, which the generator estimates by simulating the split's
+labels forward from the state at the split (the items, scenarios and times of the split are given:
+they are the candidates). On train events ``p_bayes = p_true``. The manifest records the AUC / GAUC /
+LogLoss of ``p_bayes`` on val and test under ``bayes`` (the ceiling of any model) and those of ``p_true``
+under ``oracle`` (it knows the split's labels: not attainable).
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import pyarrow.parquet as pq
 from climber.data import readers
 from climber.data.prepare import prepare
 from climber.data.schema import DataError, LabelRule, RawSource
+from climber.data.split import split_sizes
 from climber.eval import metrics
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULTS = {"users": 2000, "events_per_user": 100, "items": 1000, "topics": 20, "seed": 0}  # quickstart size
 
 SCENARIOS = ("home", "search", "radio")
@@ -49,9 +57,12 @@ TS_START = 1_600_000_000
 TS_OFFSET_MAX = 365 * 86_400  # per-user start offset, seconds
 GAP_MEAN = 3600.0  # mean of the exponential part of the gap between events, seconds
 CHUNK_USERS = 20_000  # users generated and written at once
+BAYES_SIMULATIONS = 512  # label paths per user to estimate p_bayes
+BAYES_CHUNK_USERS = 1_000  # users simulated at once (memory: simulations x users x topics)
 
 RAW_SCHEMA = pa.schema(
-    [(c, pa.string()) for c in ("user", "item", "ts", "action", "scenario", "label")] + [("p_true", pa.float64())]
+    [(c, pa.string()) for c in ("user", "item", "ts", "action", "scenario", "label", "item_topic")]
+    + [("p_true", pa.float64()), ("p_bayes", pa.float64())]
 )
 
 
@@ -85,9 +96,17 @@ def _sample(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
     return (cdf < u[:, None]).sum(axis=1)
 
 
-def _chunk(rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray, quality: np.ndarray, topics: int):
-    """Events of one chunk of users as (n, T) arrays, T = max events; entries past a user's count unused."""
+def _chunk(rng: np.random.Generator, sim_rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray,
+           quality: np.ndarray, topics: int):
+    """Events of one chunk of users as (n, T) arrays, T = max events; entries past a user's count unused.
+    ``rng`` draws the events, ``sim_rng`` the simulated label paths behind ``p_bayes``."""
     n, T = len(n_events), int(n_events.max())
+    n_val, n_test = split_sizes(n_events)
+    split_start = {"val": n_events - n_test - n_val, "test": n_events - n_test}  # first event index of each split
+    split_len = {"val": n_val, "test": n_test}
+    # the state (seen, pos, recent) of each user just before its first val / test event
+    snapshot = {name: (np.zeros((n, topics), np.int32), np.zeros((n, topics), np.int32),
+                       np.full((n, WINDOW), -1, np.int64)) for name in split_start}
     rows = np.arange(n)
     # topics that hold items, and their items: topic_items[start[k] : start[k] + count[k]]
     count = np.bincount(topic, minlength=topics)
@@ -112,6 +131,10 @@ def _chunk(rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray, qu
     out_action = np.empty((n, T), dtype=np.int8)
     out_p = np.empty((n, T), dtype=np.float64)
     for t in range(T):
+        for name, first in split_start.items():
+            at = np.flatnonzero((first == t) & (split_len[name] > 0))
+            for saved, state in zip(snapshot[name], (seen, pos, recent)):
+                saved[at] = state[at]
         s = _sample(scenario_cdf, rng.random(n))  # (n,)
         k = nonempty[_sample(topic_cdf, rng.random(n))]  # (n,)
         item = topic_items[start[k] + rng.integers(0, count[k])]  # (n,)
@@ -131,7 +154,42 @@ def _chunk(rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray, qu
         out_label[:, t], out_p[:, t] = label, p
         out_action[:, t] = np.where(like, 2, label.astype(np.int8))  # index into ACTIONS
     out_ts = ts0[:, None] + np.cumsum(out_gap, axis=1)
-    return out_scenario, out_item, out_ts, out_label, out_action, out_p
+    out_bayes = out_p.copy()
+    for name, first in split_start.items():
+        idx = first[:, None] + np.arange(int(split_len[name].max(initial=0)))  # (n, J)
+        valid = idx < (first + split_len[name])[:, None]
+        idx = np.minimum(idx, T - 1)
+        event_topic, event_scenario = topic[np.take_along_axis(out_item, idx, 1)], np.take_along_axis(out_scenario, idx, 1)
+        expected = _expected_p(sim_rng, snapshot[name], first, event_topic, event_scenario,
+                               quality[np.take_along_axis(out_item, idx, 1)])
+        rows_, cols = np.nonzero(valid)
+        out_bayes[rows_, idx[rows_, cols]] = expected[rows_, cols]
+    return out_scenario, out_item, out_ts, out_label, out_action, out_p, out_bayes
+
+
+def _expected_p(rng: np.random.Generator, state, first: np.ndarray, topic: np.ndarray, scenario: np.ndarray,
+                quality: np.ndarray) -> np.ndarray:
+    """E[p_true] of each of a split's events given only the events before the split: the mean over
+    BAYES_SIMULATIONS label paths drawn from the generator's own dynamics. ``state`` = (seen, pos, recent)
+    at the split; ``first`` (n,) the index of the split's first event; topic / scenario / quality (n, J)
+    of the split's events in order. Returns (n, J)."""
+    n, J = topic.shape
+    out = np.empty((n, J))
+    for lo in range(0, n, BAYES_CHUNK_USERS):
+        part = slice(lo, min(lo + BAYES_CHUNK_USERS, n))
+        rows = np.arange(part.stop - part.start)
+        seen, pos, recent = (np.repeat(a[part][None], BAYES_SIMULATIONS, axis=0) for a in state)  # (S, n', .)
+        for j in range(J):
+            k = topic[part, j]  # (n',)
+            r = (pos[:, rows, k] + 1) / (seen[:, rows, k] + 2)  # (S, n')
+            m = (recent == k[None, :, None]).any(axis=2).astype(np.float64)
+            p = 1.0 / (1.0 + np.exp(-logit_of(scenario[part, j][None], r, m, quality[part, j][None])))
+            out[part, j] = p.mean(axis=0)
+            label = rng.random(p.shape) < p
+            seen[:, rows, k] += 1
+            pos[:, rows, k] += label
+            recent[:, rows, (first[part] + j) % WINDOW] = np.where(label, k[None], -1)
+    return out
 
 
 def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topics: int, seed: int, log) -> int:
@@ -139,14 +197,15 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
     topic, quality = item_params(items, topics, seed)
     n_events = _event_counts(np.random.default_rng([seed, 1]), users, events_per_user)
     item_names = pa.array([f"i{i}" for i in range(items)])
+    topic_names = pa.array([f"t{k}" for k in range(topics)])
     scenario_names, action_names, label_names = pa.array(SCENARIOS), pa.array(ACTIONS), pa.array(["0", "1"])
     total, t0 = 0, time.time()
     with pq.ParquetWriter(path, RAW_SCHEMA) as writer:
         for first in range(0, users, CHUNK_USERS):
             ids = np.arange(first, min(first + CHUNK_USERS, users))
-            rng = np.random.default_rng([seed, 2, first])
+            rng, sim_rng = np.random.default_rng([seed, 2, first]), np.random.default_rng([seed, 3, first])
             counts = n_events[ids]
-            scenario, item, ts, label, action, p = _chunk(rng, counts, topic, quality, topics)
+            scenario, item, ts, label, action, p, p_bayes = _chunk(rng, sim_rng, counts, topic, quality, topics)
             keep = np.arange(scenario.shape[1])[None, :] < counts[:, None]  # (n, T), row-major = user-contiguous
             user_names = pa.array([f"u{u}" for u in ids])
             table = pa.table(
@@ -157,7 +216,9 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
                     "action": action_names.take(action[keep]),
                     "scenario": scenario_names.take(scenario[keep]),
                     "label": label_names.take(label[keep]),
+                    "item_topic": topic_names.take(topic[item[keep]]),
                     "p_true": p[keep],
+                    "p_bayes": p_bayes[keep],
                 },
                 schema=RAW_SCHEMA,
             )
@@ -168,18 +229,18 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
     return total
 
 
-def _bayes(prepared: Path) -> dict:
-    """AUC / GAUC / LogLoss of p_true against the label, per evaluation split."""
+def _bayes(prepared: Path, column: str = "p_bayes") -> dict:
+    """AUC / GAUC / LogLoss of ``column`` against the label, per evaluation split."""
     events = (
         pl.scan_parquet(prepared / "events.parquet")
         .filter(pl.col("split").is_in(["val", "test"]))
-        .select("user", "split", "label", "p_true")
+        .select("user", "split", "label", column)
         .collect()
     )
     out = {}
     for split in ("val", "test"):
         part = events.filter(pl.col("split") == split)
-        users, y, p = part["user"].to_numpy(), part["label"].to_numpy(), part["p_true"].to_numpy()
+        users, y, p = part["user"].to_numpy(), part["label"].to_numpy(), part[column].to_numpy()
         out[split] = {
             "auc": metrics.auc(y, p),
             "gauc": metrics.gauc(users, y, p),
@@ -223,6 +284,7 @@ def synthesize(
         "window": WINDOW,
         "gap_mean_s": GAP_MEAN,
         "chunk_users": CHUNK_USERS,
+        "bayes_simulations": BAYES_SIMULATIONS,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     raw_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.raw-", dir=out.parent))
@@ -236,10 +298,11 @@ def synthesize(
             frame=readers.scan_table(raw, columns=columns),
             label_rule=LabelRule.parse("label"),
             actions=ACTIONS,
-            numeric_columns=("p_true",),
+            numeric_columns=("p_true", "p_bayes"),
             files=(raw,),
         )
         return prepare(source, out, force=force, log=log,
-                       extra=lambda tmp: {"bayes": _bayes(tmp), "generator": generator})
+                       extra=lambda tmp: {"bayes": _bayes(tmp), "oracle": _bayes(tmp, "p_true"),
+                                          "generator": generator})
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)

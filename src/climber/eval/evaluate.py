@@ -65,7 +65,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     data_dir = Path(data_dir or cfg["data"])
     meta = checkpoint.read_meta(ckpt)
     manifest = load_manifest(data_dir)
-    info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_info"].items()})
+    info = DataInfo.from_dict(meta["data_info"])
     if DataInfo.from_prepared(data_dir) != info:
         raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
     if manifest["fingerprint"]["sha256"] != meta["fingerprint"]["sha256"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ class DataInfo:
     num_items: int
     actions: tuple[str, ...]  # raw action values; dense id = index + 1
     scenarios: tuple[str, ...]  # raw scenario values; dense id = index + 1
+    item_features: tuple[tuple[str, int], ...] = ()  # categorical item side columns: (name, vocab size)
 
     @property
     def num_actions(self) -> int:
@@ -34,10 +36,37 @@ class DataInfo:
     @classmethod
     def from_prepared(cls, prepared) -> "DataInfo":
         m = load_manifest(prepared)
-        return cls(m["users"], m["items"], tuple(m["actions"]), tuple(m["scenarios"]))
+        features = tuple((c, n) for c, n in sorted(m.get("side_columns", {}).items()) if c.startswith(ITEM_PREFIX))
+        return cls(m["users"], m["items"], tuple(m["actions"]), tuple(m["scenarios"]), features)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataInfo":
+        d = dict(d)
+        d["actions"], d["scenarios"] = tuple(d["actions"]), tuple(d["scenarios"])
+        d["item_features"] = tuple((c, n) for c, n in d.get("item_features", ()))
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+ITEM_PREFIX = "item_"  # categorical side columns named item_* are item features (one value per item)
+
+
+def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
+    """(num_items + 1, F) int64: each item's value id of each item feature column (its first occurrence
+    in the prepared events; 0 for row 0 and for items never seen with a value)."""
+    import polars as pl
+
+    columns = [c for c, _ in info.item_features]
+    table = torch.zeros(info.num_items + 1, len(columns), dtype=torch.long)
+    if columns:
+        first = (pl.scan_parquet(Path(prepared) / "events.parquet").select("item", *columns)
+                 .group_by("item").agg(pl.col(c).first() for c in columns).collect())
+        ids = torch.from_numpy(first["item"].to_numpy().astype("int64"))
+        values = first.select(columns).fill_null(0).to_numpy().astype("int64")
+        table[ids] = torch.from_numpy(values)
+    return table
 
 
 @dataclass(frozen=True)
@@ -79,8 +108,19 @@ def _lookup(name: str):
     return getattr(mod, cfg_name), getattr(mod, model_name)
 
 
-def build_model(name: str, cfg: Any, info: DataInfo) -> torch.nn.Module:
+def build_model(name: str, cfg: Any, info: DataInfo, prepared=None) -> torch.nn.Module:
+    """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
+    dir) the item feature tables are filled from the data; without, they stay 0 until a checkpoint
+    is loaded."""
+    from climber.models.layers import ItemEmbedding
+
     cfg_cls, model_cls = _lookup(name)
     if isinstance(cfg, dict):
         cfg = cfg_cls.from_dict(cfg)
-    return model_cls(cfg, info)
+    model = model_cls(cfg, info)
+    if prepared is not None and info.item_features:
+        table = item_feature_table(prepared, info)
+        for module in model.modules():
+            if isinstance(module, ItemEmbedding):
+                module.feature_ids.copy_(table)
+    return model

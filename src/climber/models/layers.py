@@ -211,17 +211,35 @@ def init_weights(m: nn.Module) -> None:
             m.weight.data[m.padding_idx].zero_()
 
 
+class ItemEmbedding(nn.Embedding):
+    """An item id table plus one table per categorical item side feature (``item_*`` columns of the
+    prepared data, e.g. category or topic): item i embeds to ``weight[i] + sum_f feature_f[ids_f[i]]``.
+    ``feature_ids`` (num_items + 1, F) maps item id -> feature value ids; it is a buffer, saved in
+    checkpoints, filled from the data by ``climber.models.build_model`` (0 = unknown)."""
+
+    def __init__(self, num_items: int, d_model: int, features: tuple = ()):  # features: ((column, vocab size), ...)
+        super().__init__(num_items + 1, d_model, padding_idx=0)
+        self.features = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size in features)
+        self.register_buffer("feature_ids", torch.zeros(num_items + 1, len(features), dtype=torch.long))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
+        out = super().forward(ids)
+        for f, table in enumerate(self.features):
+            out = out + table(self.feature_ids[ids, f])
+        return out
+
+
 class IdEmbeddings(nn.Module):
-    """The id lookup tables of a model, width d: item, action, scenario, and with ``user`` a user table.
-    Ids start at 1; 0 is padding and embeds to the zero vector. A history token is item + action +
-    scenario embedding, a candidate token item + scenario (its action is a target, never an input).
-    The tables keep PyTorch's default init until the owner applies ``init_weights``."""
+    """The id lookup tables of a model, width d: item (with its side features), action, scenario, and
+    with ``user`` a user table. Ids start at 1; 0 is padding and embeds to the zero vector. A history
+    token is item + action + scenario embedding, a candidate token item + scenario (its action is a
+    target, never an input). The tables keep PyTorch's default init until the owner applies ``init_weights``."""
 
     def __init__(self, info, d_model: int, user: bool = False):  # info: climber.models.DataInfo
         super().__init__()
         if user:
             self.user = nn.Embedding(info.num_users + 1, d_model, padding_idx=0)
-        self.item = nn.Embedding(info.num_items + 1, d_model, padding_idx=0)
+        self.item = ItemEmbedding(info.num_items, d_model, info.item_features)
         self.action = nn.Embedding(info.num_actions + 1, d_model, padding_idx=0)
         self.scenario = nn.Embedding(info.num_scenarios + 1, d_model, padding_idx=0)
 

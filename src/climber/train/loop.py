@@ -66,7 +66,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.manifest = load_manifest(self.data_dir)
         self.info = DataInfo.from_prepared(self.data_dir)
-        self.model = build_model(cfg.model, cfg.model_config, self.info)
+        self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir)
         strategies = self.model.strategies()
         c = 1 if tc.mode == "single" else tc.candidates_per_row
         self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=tc.batch_size,
