@@ -36,6 +36,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for eval (0 = off)
     aux_weight: float = 0.5  # weight of multi-task action-head losses (models with action heads)
+    rank_weight: float = 0.0  # weight of a pairwise logistic loss between a row's positives and negatives
     seed: int = 0
     patience: int = 3  # epochs without a better val AUC before stopping
     eval_batch_size: int = 64
@@ -51,6 +52,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("aux_weight", "rank_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -369,3 +369,30 @@ def test_download_unreachable_url_says_use_source(tmp_path):
     with pytest.raises(DataError, match="--source"):
         download(spec, tmp_path / "dest")
     assert not list((tmp_path / "dest").iterdir())  # no partial file left
+
+
+@pytest.mark.parametrize("layout", ["u.item", "items.csv"])
+def test_movielens_100k_item_features(tmp_path, layout):
+    """Genres and decade join onto the ratings from either item file; items missing from it get 'unknown'."""
+    fixture = write_movielens_100k(tmp_path / "src")
+    folder = tmp_path / "src" / "ml-100k"
+    items = sorted({i for _, i, *_ in fixture.rows}, key=int)
+    flags = ["0"] * 19
+    action_comedy = "|".join(["1" if k in (1, 5) else "0" for k in range(19)])
+    if layout == "u.item":  # original layout, latin-1 titles
+        lines = [f"{items[0]}|Café (1994)|01-Jan-1994||http://x|{action_comedy}".encode("latin-1"),
+                 f"{items[1]}|Old|01-Jan-1931||http://y|{'|'.join(flags)}".encode("latin-1")]
+        (folder / "u.item").write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        _write(folder / "items.csv", ["item_id,title,year,genres", f'{items[0]},"Café, The",1994,Action|Comedy',
+                                      f"{items[1]},Old,1931,"])
+    prepare(load_dataset("movielens-100k", tmp_path / "src"), tmp_path / "out", log=_quiet)
+    ev = pl.read_parquet(tmp_path / "out" / "events.parquet")
+    vocab = {c: dict(pl.read_parquet(tmp_path / "out" / "vocab" / f"{c}.parquet").select("id", "raw").iter_rows())
+             for c in ("item_genres", "item_decade")}
+    got = {r["item_raw"]: (vocab["item_genres"][r["item_genres"]], vocab["item_decade"][r["item_decade"]])
+           for r in ev.iter_rows(named=True)}
+    assert got[items[0]] == ("Action|Comedy", "1990s")
+    assert got[items[1]] == ("unknown", "1930s")  # no genre flag set / an empty genres field
+    assert got[items[2]] == ("unknown", "unknown")
+    assert len(ev) == len(fixture.rows)

@@ -113,3 +113,20 @@ def test_kill_minus_nine_then_resume_gives_the_uninterrupted_figures(data, tmp_p
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert cut["best"] == full["best"] and cut["last"] == full["last"]
+
+
+def test_pairwise_loss_matches_brute_force():
+    from climber.train.loop import masked_pairwise
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, generator=g)
+    label = torch.tensor([[1, 0, 0, 1, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.float32)
+    terms = [np.log1p(np.exp(-(logits[b, i] - logits[b, j]).item()))
+             for b in range(3) for i in range(5) for j in range(5)
+             if mask[b, i] and mask[b, j] and label[b, i] == 1 and label[b, j] == 0]
+    assert len(terms) == 2 * 2 + 2 * 1  # row 2 has no positive: no pairs
+    assert masked_pairwise(logits, label, mask).item() == pytest.approx(np.mean(terms), rel=1e-6)
+    assert masked_pairwise(logits, torch.zeros_like(label), mask).item() == 0.0
+    with pytest.raises(Exception, match="rank_weight"):
+        resolve("climber-tiny", None, ["train.rank_weight=-1"])

@@ -86,10 +86,45 @@ WHOLE_STARS = ("1", "2", "3", "4", "5")
 HALF_STARS = tuple(f"{0.5 * k:.1f}" for k in range(1, 11))  # "0.5", "1.0", ..., "5.0" as written
 
 
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western")  # the 19 flag columns of u.item, in order (u.genre)
+
+
 def _movielens_100k(root: Path) -> RawSource:
+    """``u.data`` ratings; item side features ``item_genres`` (the genre set, e.g. "Action|Thriller") and
+    ``item_decade`` from ``u.item`` (original layout) or ``items.csv`` (``item_id,title,year,genres``)
+    when one of them is beside it."""
     path = _find(root, "u.data")
     frame = scan_table(path, names=["user", "item", "action", "ts"], separator="\t", has_header=False)
-    return _rated("movielens-100k", frame, (path,), WHOLE_STARS)
+    items, files = _movielens_100k_items(path.parent), (path,)
+    if items is not None:
+        features = ["item_genres", "item_decade"]
+        known = [pl.when(pl.col(c).is_null() | (pl.col(c) == "")).then(pl.lit("unknown")).otherwise(pl.col(c)).alias(c)
+                 for c in features]
+        frame = frame.join(items[0], on="item", how="left").with_columns(known)
+        files += (items[1],)
+    return _rated("movielens-100k", frame, files, WHOLE_STARS)
+
+
+def _movielens_100k_items(folder: Path) -> tuple[pl.LazyFrame, Path] | None:
+    """(item, item_genres, item_decade) as strings, and the file read; None when no item file is there."""
+    decade = lambda year: (year.cast(pl.Int64, strict=False) // 10 * 10).cast(pl.Utf8) + "s"  # noqa: E731
+    if (folder / "items.csv").exists():
+        path = folder / "items.csv"
+        items = pl.scan_csv(path, infer_schema=False).select(
+            pl.col("item_id").alias("item"), pl.col("genres").alias("item_genres"), decade(pl.col("year")).alias("item_decade"))
+        return items, path
+    if (folder / "u.item").exists():  # id|title|release date|video release date|IMDb URL|19 genre flags
+        path = folder / "u.item"
+        names = ["item", "title", "released", "video", "url", *ML100K_GENRES]
+        raw = pl.scan_csv(path, separator="|", has_header=False, new_columns=names, infer_schema=False,
+                          encoding="utf8-lossy", quote_char=None)
+        genres = pl.concat_list([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in ML100K_GENRES]).list.drop_nulls()
+        items = raw.select("item", genres.list.join("|").alias("item_genres"),
+                           decade(pl.col("released").str.slice(-4)).alias("item_decade"))
+        return items, path
+    return None
 
 
 def _movielens_1m(root: Path) -> RawSource:

@@ -44,11 +44,25 @@ def masked_bce(logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) ->
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
-def training_loss(model: torch.nn.Module, batch, aux_weight: float) -> torch.Tensor:
-    """Click BCE, plus ``aux_weight`` x the per-action BCE when the model has multi-task action heads."""
+def masked_pairwise(logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of log(1 + exp(-(s_i - s_j))) over the pairs (i positive, j negative) of real candidates in
+    the same row (one user, so it targets within-user ranking: GAUC). logits/label/mask (B, C); 0 when
+    the batch holds no such pair."""
+    pos = label * mask  # (B, C)
+    neg = (1 - label) * mask
+    pairs = pos[:, :, None] * neg[:, None, :]  # (B, C, C): [b, i, j] = 1 where i positive, j negative
+    loss = F.softplus(logits[:, None, :] - logits[:, :, None])  # [b, i, j] = log(1 + exp(s_j - s_i))
+    return (loss * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def training_loss(model: torch.nn.Module, batch, aux_weight: float, rank_weight: float = 0.0) -> torch.Tensor:
+    """Click BCE, plus ``aux_weight`` x the per-action BCE when the model has multi-task action heads,
+    plus ``rank_weight`` x the in-row pairwise ranking loss."""
     out = model.forward_tasks(batch) if hasattr(model, "forward_tasks") else {"click": model(batch)}
     mask = batch.cand_mask.float()
     loss = masked_bce(out["click"], batch.label, mask)
+    if rank_weight:
+        loss = loss + rank_weight * masked_pairwise(out["click"], batch.label, mask)
     if "action" in out:
         target = F.one_hot(batch.cand_action, out["action"].shape[-1] + 1)[..., 1:].float()  # id 0 = padding
         loss = loss + aux_weight * masked_bce(out["action"], target, mask)
@@ -171,7 +185,7 @@ class Trainer:
         for batch in bar:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
-            loss = training_loss(self.model, batch, tc.aux_weight)
+            loss = training_loss(self.model, batch, tc.aux_weight, tc.rank_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
