@@ -52,7 +52,8 @@ def _print_manifest(m: dict, where) -> None:
         print(f"  {split:5s} {s['rows']:>10,} events  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}")
     if "bayes" in m:
         b = m["bayes"]["test"]
-        print(f"  Bayes-optimal test: AUC {b['auc']:.4f}  GAUC {b['gauc']:.4f}  LogLoss {b['logloss']:.4f}")
+        print(f"  Bayes-optimal test (attainable under the protocol): AUC {b['auc']:.4f}  GAUC {b['gauc']:.4f}  "
+              f"LogLoss {b['logloss']:.4f}")
     for note in m.get("notes", []):
         print(f"  note: {note}")
     print(f"  fingerprint sha256 {m['fingerprint']['sha256']}")

@@ -89,6 +89,16 @@ def select_rows(batch: Batch, rows) -> Batch:
     return Batch(seqs=seqs, **moved)
 
 
+def to_single_item_rows(batch: Batch) -> Batch:
+    """"Single user, single item": one row per real candidate of ``batch``, holding that candidate's user
+    and history and the candidate alone (C = 1), in row-major order of ``batch.cand_mask``."""
+    rows, cols = batch.cand_mask.nonzero(as_tuple=True)
+    single = select_rows(batch, rows)
+    take = {f: getattr(batch, f)[rows, cols][:, None] for f in ("cand_item", "cand_scenario", "cand_ts", "cand_mask",
+                                                                 "label", "cand_action")}
+    return replace(single, **take)
+
+
 def with_empty_history(batch: Batch, row: int) -> Batch:
     """A copy of ``batch`` whose row ``row`` has no history event at all (in every subsequence)."""
     seqs = []

@@ -15,7 +15,17 @@ import itertools
 
 import pytest
 import torch
-from helpers import INFO, close, make_batch, pad_left, replace, select_cands, select_rows, with_empty_history
+from helpers import (
+    INFO,
+    close,
+    make_batch,
+    pad_left,
+    replace,
+    select_cands,
+    select_rows,
+    to_single_item_rows,
+    with_empty_history,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -142,6 +152,25 @@ def test_padding_candidates_change_nothing_and_one_at_a_time_equals_together(nam
     for c in range(4):
         alone = model(select_cands(batch, [c]))[:, 0]  # scored one at a time (C = 1)
         assert close(alone[real[:, c]], base[:, c][real[:, c]])
+
+
+@each_case
+def test_single_and_multiple_item_rows_give_equal_logits_and_gradients(name, variant):
+    """The two sample forms of the paper on the same parameters and inputs: "single user, multiple items"
+    (one history, C candidates) and "single user, single item" (the history repeated per candidate)."""
+    multi_model = build(name, variant).eval()
+    single_model = build(name, variant).eval()  # same seed: same parameters
+    batch = batch_for(multi_model, B=3, C=5)
+    single = to_single_item_rows(batch)
+    multi_logits = multi_model(batch)[batch.cand_mask]  # (n,) in row-major order
+    single_logits = single_model(single)[:, 0]  # (n,)
+    assert close(multi_logits, single_logits)
+    weight = torch.randn(multi_logits.shape, generator=torch.Generator().manual_seed(5))  # a generic loss
+    (weight * multi_logits).sum().backward()
+    (weight * single_logits).sum().backward()
+    grads = dict(single_model.named_parameters())
+    for param, p in multi_model.named_parameters():
+        assert close(p.grad, grads[param].grad), param
 
 
 def with_new_history(batch, row: int):
