@@ -1,4 +1,4 @@
-"""The one command line: ``climber data|train|eval|quickstart|models ...``.
+"""The one command line: ``climber data|train|eval|compare|bench|quickstart|models ...``.
 
 Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
 set CLIMBER_DEBUG=1 to see the traceback instead.
@@ -115,6 +115,30 @@ def _quickstart(args) -> None:
     quickstart(Path(args.out), dataset=args.dataset, source=Path(args.source) if args.source else None)
 
 
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"expected comma separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench_train(args) -> None:
+    import torch
+
+    from climber.bench import bench_train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda *_: None) if args.json else print
+    out = bench_train(args.model, _csv_ints(args.lengths), _csv_ints(args.candidates), rows=args.rows,
+                      steps=args.steps, overrides=args.set or [], compile=args.compile, log=log)
+    print(json.dumps(out, indent=2) if args.json else f"GEMM peak {out['gemm_peak_flop_per_s'] / 1e9:.0f} GFLOP/s "
+          f"on {out['threads']} threads")
+
+
 def _models(args) -> None:
     from climber.config import preset_names
     from climber.models import model_names
@@ -187,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--dataset", help="a named data set instead of synthetic data, e.g. movielens-100k")
     qs.add_argument("--source", help="local folder with the named data set's files")
     qs.set_defaults(func=_quickstart)
+
+    bench = sub.add_parser("bench", help="throughput benchmarks on random inputs").add_subparsers(
+        dest="bench_command", required=True)
+    bt = bench.add_parser("train", help='forward + backward samples/s: "single user, multiple items" vs single item')
+    bt.add_argument("--model", default="climber", help="model or preset name (default: climber)")
+    bt.add_argument("--lengths", default="64,256,512", help="history lengths (every subsequence), comma separated")
+    bt.add_argument("--candidates", default="8,64", help="candidates per user, comma separated")
+    bt.add_argument("--rows", type=int, default=2, help="users per step")
+    bt.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
+    bt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bt.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    bt.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override, e.g. model.attention=reference")
+    bt.add_argument("--json", action="store_true", help="print the results as JSON")
+    bt.set_defaults(func=_bench_train)
 
     mo = sub.add_parser("models", help="list registered models and presets")
     mo.set_defaults(func=_models)

@@ -1,0 +1,129 @@
+"""Throughput benchmarks on random inputs: training with "single user, single item" against "single user,
+multiple items" rows, and (``climber.serve``) cached against full-recompute scoring.
+
+Every figure is wall time on this machine, after warm-up steps, beside the analytic FLOPs of the work
+(``model.flops``; training = 3 x forward) and the achieved fraction of the measured fp32 GEMM peak (MFU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from climber.config import resolve
+from climber.data.batch import Batch, Subsequence
+from climber.models import DataInfo, SampleShape, build_model
+
+INFO = DataInfo(num_users=1_000, num_items=2_000, actions=("skip", "play", "like"),
+                scenarios=("home", "search", "radio"))  # small tables: the dense embedding gradients stay cheap
+
+
+def gemm_peak(n: int = 1024, seconds: float = 1.0) -> float:
+    """Measured fp32 FLOP/s of an n x n x n matmul on the current torch threads (best of repeated runs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def random_batch(lengths: tuple[int, ...], rows: int, candidates: int, seed: int = 0) -> Batch:
+    """Full histories of ``lengths`` events per subsequence and ``candidates`` real candidates per row."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(high, *shape):
+        return torch.randint(1, high + 1, shape, generator=g)
+
+    seqs = []
+    for L in lengths:
+        ts = 1_600_000_000 + torch.cumsum(ids(3600, rows, L), dim=1)
+        seqs.append(Subsequence(ids(INFO.num_items, rows, L), ids(INFO.num_actions, rows, L),
+                                ids(INFO.num_scenarios, rows, L), ts, torch.ones(rows, L, dtype=torch.bool)))
+    last = torch.stack([s.ts[:, -1] for s in seqs], dim=1).amax(dim=1, keepdim=True)  # (rows, 1)
+    return Batch(
+        user=ids(INFO.num_users, rows),
+        seqs=seqs,
+        cand_item=ids(INFO.num_items, rows, candidates),
+        cand_scenario=ids(INFO.num_scenarios, rows, candidates),
+        cand_ts=last + torch.cumsum(ids(60, rows, candidates), dim=1),
+        cand_mask=torch.ones(rows, candidates, dtype=torch.bool),
+        label=(torch.rand(rows, candidates, generator=g) < 0.5).float(),
+        cand_action=ids(INFO.num_actions, rows, candidates),
+    )
+
+
+def single_item_rows(batch: Batch) -> Batch:
+    """"Single user, single item": one row per candidate, the row's history repeated (C = 1)."""
+    B, C = batch.cand_item.shape
+    rows = torch.arange(B).repeat_interleave(C)  # (B * C,)
+
+    def per_candidate(t):  # (B, C) -> (B * C, 1)
+        return t.reshape(B * C, 1)
+
+    seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in dataclasses.fields(s))) for s in batch.seqs]
+    return Batch(user=batch.user[rows], seqs=seqs, cand_item=per_candidate(batch.cand_item),
+                 cand_scenario=per_candidate(batch.cand_scenario), cand_ts=per_candidate(batch.cand_ts),
+                 cand_mask=per_candidate(batch.cand_mask), label=per_candidate(batch.label),
+                 cand_action=per_candidate(batch.cand_action))
+
+
+def bench_model(model_name: str, overrides: list[str], length: int) -> torch.nn.Module:
+    """The preset of ``model_name`` with every subsequence length set to ``length``."""
+    cfg = resolve(model_name, None, overrides)
+    model_cfg = dict(cfg.model_config)
+    if "strategies" in model_cfg or cfg.model == "climber":
+        model = build_model(cfg.model, model_cfg, INFO)  # the preset's strategies, lengths replaced below
+        model_cfg["strategies"] = [{**s.to_dict(), "length": length} for s in model.strategies()]
+    else:
+        model_cfg["max_len"] = length
+    return build_model(cfg.model, model_cfg, INFO)
+
+
+def _time_steps(step, steps: int, warmup: int) -> float:
+    """Seconds per call of ``step`` (median of ``steps`` timed calls after ``warmup`` untimed ones)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=(8, 64), rows: int = 2,
+                steps: int = 3, warmup: int = 1, overrides: list[str] | None = None, compile: bool = False,
+                peak: float | None = None, log=print) -> dict:
+    """Forward + backward throughput (candidates scored per second) of the two sample forms over
+    history length x candidates per user. A "multi" step is ``rows`` users x C candidates; the "single"
+    step scores the same rows x C candidates as rows x C one-candidate rows."""
+    peak = peak or gemm_peak()
+    results = []
+    for L in lengths:
+        model = bench_model(model_name, list(overrides or []), L).train()
+        run = torch.compile(model) if compile else model
+        for C in candidates:
+            batch = random_batch(tuple(s.length for s in model.strategies()), rows, C)
+            entry = {"history": L, "candidates": C, "rows": rows}
+            for form, b, shape in (("multi", batch, C), ("single", single_item_rows(batch), 1)):
+                def step():
+                    model.zero_grad(set_to_none=True)
+                    run(b)[b.cand_mask].sum().backward()
+
+                seconds = _time_steps(step, steps, warmup)
+                flops = 3 * model.flops(SampleShape(tuple(s.length for s in model.strategies()), shape))
+                flops *= b.cand_item.shape[0]
+                entry[form] = {"samples_per_s": rows * C / seconds, "step_s": seconds,
+                               "flop_per_s": flops / seconds, "mfu": flops / seconds / peak}
+            entry["speedup"] = entry["multi"]["samples_per_s"] / entry["single"]["samples_per_s"]
+            log(f"  history {L:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s "
+                f"(MFU {entry['multi']['mfu']:.1%})  single {entry['single']['samples_per_s']:8.0f}/s "
+                f"(MFU {entry['single']['mfu']:.1%})  x{entry['speedup']:.1f}")
+            results.append(entry)
+    return {"benchmark": "train", "model": model_name, "overrides": list(overrides or []), "compile": compile,
+            "threads": torch.get_num_threads(), "gemm_peak_flop_per_s": peak, "results": results}

@@ -1,0 +1,43 @@
+"""climber.bench: the random inputs, the single-item expansion, and the train benchmark's report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from climber import bench
+from climber.cli import main
+
+TINY_CLIMBER = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1"]
+
+
+def test_single_item_rows_score_like_the_multi_item_batch():
+    model = bench.bench_model("climber", TINY_CLIMBER, 12).eval()
+    batch = bench.random_batch(tuple(s.length for s in model.strategies()), rows=3, candidates=5)
+    single = bench.single_item_rows(batch)
+    assert single.cand_item.shape == (15, 1) and single.seqs[0].item.shape == (15, 12)
+    assert torch.equal(single.seqs[1].ts[5], batch.seqs[1].ts[1])  # row 5 = user 1, candidate 0
+    torch.testing.assert_close(model(single)[:, 0], model(batch).reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_model_sets_every_length():
+    assert [s.length for s in bench.bench_model("climber", TINY_CLIMBER, 40).strategies()] == [40, 40]
+    assert [s.length for s in bench.bench_model("din", [], 40).strategies()] == [40]
+
+
+def test_bench_train_report(capsys):
+    out = bench.bench_train("climber", lengths=(8,), candidates=(2, 4), rows=2, steps=1, warmup=0,
+                            overrides=TINY_CLIMBER, peak=1e9, log=lambda *_: None)
+    assert [(r["history"], r["candidates"]) for r in out["results"]] == [(8, 2), (8, 4)]
+    for r in out["results"]:
+        assert r["speedup"] == pytest.approx(r["multi"]["samples_per_s"] / r["single"]["samples_per_s"])
+        for form in ("multi", "single"):
+            assert r[form]["samples_per_s"] == pytest.approx(2 * r["candidates"] / r[form]["step_s"])
+            assert r[form]["mfu"] == pytest.approx(r[form]["flop_per_s"] / 1e9)
+    assert main(["bench", "train", "--lengths", "8", "--candidates", "2", "--steps", "1", "--json",
+                 *[x for s in TINY_CLIMBER for x in ("--set", s)]]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["history"] == 8
+    assert main(["bench", "train", "--lengths", "8,x"]) == 2
+    assert "comma separated integers" in capsys.readouterr().err
