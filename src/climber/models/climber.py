@@ -27,6 +27,7 @@ from climber.models.layers import (
     RelativeBias,
     Temperature,
     TransformerLayer,
+    cached_layers,
     history_candidate_mask,
     history_candidate_positions,
     init_weights,
@@ -99,11 +100,18 @@ class Block(nn.Module):
 
     def forward(self, x, mask, pos, ts, scenario):
         """x (B, N, d), mask (B, N, N) bool, pos (1, N), ts (B, N), scenario (B, N) -> (B, N, d)."""
-        bias = self.rel_bias(pos, ts) if self.use_atl else None  # (B, H, N, N)
+        return self.forward_cached(x, None, mask, pos, ts, scenario)[0]
+
+    def forward_cached(self, x, past, mask, pos, ts, scenario):
+        """The block over the query tokens x (B, N, d) that follow P cached tokens; past: per layer (k, v)
+        of those, each (B, H, P, dh), or None (P = 0); mask (B, N, P + N) bool; pos (1, P + N) and
+        ts (B, P + N) of all tokens; scenario (B, N) of the queries
+        -> (B, N, d), per layer (k, v) of all P + N tokens."""
+        first = pos.shape[1] - x.shape[1]
+        bias = self.rel_bias(pos, ts, first) if self.use_atl else None  # (B, H, N, P + N)
         tau = self.temperature(scenario) if self.use_atl else None  # (B, N), by the query's scenario
-        for layer in self.layers:
-            x = layer(x, mask, bias, tau)
-        return self.ln_f(x)
+        x, kvs = cached_layers(self.layers, x, past, mask, bias, tau)
+        return self.ln_f(x), kvs
 
 
 class Climber(nn.Module):
@@ -147,15 +155,20 @@ class Climber(nn.Module):
         scenario = torch.cat([seq.scenario, batch.cand_scenario], dim=1)  # (B, N)
         return x, mask, pos, ts, scenario
 
+    def candidate_tokens(self, batch: Batch) -> torch.Tensor:
+        """Candidate tokens, the same in every block: item + scenario + cand_vec (+ user): (B, C, d)."""
+        cand = self.emb.candidate(batch) + self.cand_vec  # (B, C, d)
+        if self.cfg.user_embedding:
+            cand = cand + self.emb.user(batch.user)[:, None]
+        return cand
+
     def block_states(self, batch: Batch) -> list[torch.Tensor]:
         """Final hidden states of every block over [history_k ; candidates]: list of (B, L_k + C, d).
         History states never depend on the candidates (the KV-cacheable part)."""
         if len(batch.seqs) != len(self.blocks):
             names = [s.name for s in self.strategies()]
             raise ValueError(f"Climber: batch has {len(batch.seqs)} subsequences, model expects {len(names)} ({names})")
-        cand = self.emb.candidate(batch) + self.cand_vec  # (B, C, d)
-        if self.cfg.user_embedding:
-            cand = cand + self.emb.user(batch.user)[:, None]
+        cand = self.candidate_tokens(batch)  # (B, C, d)
         return [block(*self._block_input(seq, batch, cand)) for block, seq in zip(self.blocks, batch.seqs)]
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -164,9 +177,14 @@ class Climber(nn.Module):
 
     def forward_tasks(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{"click": (B, C)} and, with action_heads, {"action": (B, C, num_actions)} logits."""
-        B, C = batch.cand_item.shape
+        C = batch.cand_item.shape[1]
         E = torch.stack([h[:, h.shape[1] - C :] for h in self.block_states(batch)], dim=2)  # (B, C, Nb, d)
-        nb, d = E.shape[2], E.shape[3]
+        return self.fuse(E, batch)
+
+    def fuse(self, E: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """BGF (or mean) fusion of the candidates' block outputs E (B, C, Nb, d) and the heads: the logits
+        of ``forward_tasks``; reads the candidate fields of ``batch`` only."""
+        B, C, nb, d = E.shape
         if self.cfg.use_bgf:
             g = E.reshape(B * C, nb, d)
             tau = None

@@ -38,6 +38,7 @@ from climber.models.layers import (
     candidate_logits,
     IdEmbeddings,
     RelativeBias,
+    cached_layers,
     history_candidate_mask,
     history_candidate_positions,
     history_strategy,
@@ -89,16 +90,26 @@ class HSTULayer(nn.Module):
         return t.view(B, N, self.n_heads, d // self.n_heads).transpose(1, 2)
 
     def attention_weights(self, q, k, mask, pos, ts) -> torch.Tensor:
-        """A = M * SiLU(Q K^T + rab) / n: q, k (B, N, d) -> (B, H, N, N); exactly 0 where mask is False."""
-        scores = self.heads(q) @ self.heads(k).transpose(-2, -1) + self.rab(pos, ts)  # (B, H, N, N)
+        """A = M * SiLU(Q K^T + rab) / n: q (B, N, d) of the last N of the M keys k (B, M, d), mask (B, N, M),
+        pos (1, M), ts (B, M) -> (B, H, N, M); exactly 0 where mask is False."""
+        rab = self.rab(pos, ts, k.shape[1] - q.shape[1])  # (B, H, N, M)
+        scores = self.heads(q) @ self.heads(k).transpose(-2, -1) + rab
         return (F.silu(scores) / self.n).masked_fill(~mask[:, None], 0.0)
 
     def forward(self, x, mask, pos, ts):
+        return self.forward_cached(x, None, mask, pos, ts)[0]
+
+    def forward_cached(self, x, past, mask, pos, ts):
+        """The layer over the query tokens x (B, N, d) that follow P cached tokens; past (k, v) each
+        (B, P, d) of those, or None (P = 0); mask (B, N, P + N); pos (1, P + N), ts (B, P + N) of all
+        tokens -> (B, N, d), (k, v) of all P + N tokens, each (B, P + N, d)."""
         B, N, d = x.shape
         u, v, q, k = self.project(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)  # (B, P + N, d)
         av = self.attention_weights(q, k, mask, pos, ts) @ self.heads(v)  # (B, H, N, dh)
         av = av.transpose(1, 2).reshape(B, N, d)  # heads concatenated
-        return x + self.drop(self.f2(self.ln_av(av) * u))
+        return x + self.drop(self.f2(self.ln_av(av) * u)), (k, v)
 
 
 class HSTU(nn.Module):
@@ -116,6 +127,13 @@ class HSTU(nn.Module):
     def strategies(self) -> list[Strategy]:
         return history_strategy(self.cfg.max_len)
 
+    def layer_stack(self, x, past, mask, pos, ts):
+        """The layers and the final LayerNorm over tokens x (B, N, d) that follow P cached tokens; past:
+        per layer (k, v) of those, or None (P = 0); mask (B, N, P + N); pos (1, P + N), ts (B, P + N) of
+        all tokens -> (B, N, d), per layer (k, v) of all P + N tokens."""
+        x, kvs = cached_layers(self.layers, x, past, mask, pos, ts)
+        return self.ln_f(x), kvs
+
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Final states over [history ; candidates]: (B, L + C, d). History states never depend on the
         candidates nor on later history events (the KV-cacheable part)."""
@@ -123,9 +141,7 @@ class HSTU(nn.Module):
         x = self.drop(torch.cat([self.emb.history(seq), self.emb.candidate(batch)], dim=1))  # (B, N, d)
         mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
         pos, ts = history_candidate_positions(seq, batch)  # (1, N), (B, N)
-        for layer in self.layers:
-            x = layer(x, mask, pos, ts)
-        return self.ln_f(x)
+        return self.layer_stack(x, None, mask, pos, ts)[0]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""

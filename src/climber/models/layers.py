@@ -4,7 +4,12 @@ per-query temperature / mask (two paths that agree), feed-forward, pre-norm tran
 FLOPs), relative position and time buckets, learned relative bias, per-scenario temperature, id
 embeddings, weight init, masked mean and MLPs.
 
-Shapes: B batch, H heads, N tokens, d model width, dh = d / H.
+Layers also run "cached" (``forward_cached``): the queries are the last N tokens only, the keys and
+values of the P tokens before them come from a cache (``past``), and the layer returns the keys and
+values of all P + N tokens. ``forward`` is the same code with P = 0; ``climber.serve.engine`` uses the
+cached form to score candidates against a user's cached history.
+
+Shapes: B batch, H heads, N tokens (queries), P cached tokens before them, d model width, dh = d / H.
 """
 
 from __future__ import annotations
@@ -33,23 +38,22 @@ def one_history(batch: Batch, model: str) -> Subsequence:
     return batch.seqs[0]
 
 
-def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor, first: int = 0) -> torch.Tensor:
     """Who may attend to whom over the tokens [history (L) ; candidates (C)]; True = may attend.
 
-    hist_mask (B, L) bool, cand_mask (B, C) bool -> (B, L + C, L + C) bool, rows are queries.
+    hist_mask (B, L) bool, cand_mask (B, C) bool -> (B, N - first, N) bool, N = L + C, rows are the
+    queries first .. N - 1 (all with first = 0; the uncached ones of a cached forward otherwise).
     History token i sees real history tokens j <= i (so history states never depend on candidates);
     candidate c sees every real history token and itself, never another candidate; padding keys are
     hidden; every row keeps its own diagonal, so no row is empty (no NaN from an all -inf softmax).
     """
-    L, C = hist_mask.shape[1], cand_mask.shape[1]
-    N = L + C
-    dev = hist_mask.device
-    allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
-    allowed[:L, :L] = torch.ones(L, L, dtype=torch.bool, device=dev).tril()  # history: causal
-    allowed[L:, :L] = True  # candidates: the whole history
+    L, dev = hist_mask.shape[1], hist_mask.device
+    N = L + cand_mask.shape[1]
+    q = torch.arange(first, N, device=dev)[:, None]  # (N - first, 1) query positions
+    k = torch.arange(N, device=dev)[None]  # (1, N) key positions
+    allowed = torch.where(q < L, k <= q, k < L)  # history: causal; candidates: the whole history
     real_key = torch.cat([hist_mask, cand_mask], dim=1)  # (B, N)
-    eye = torch.eye(N, dtype=torch.bool, device=dev)
-    return (allowed[None] & real_key[:, None, :]) | eye  # (B, N, N)
+    return (allowed[None] & real_key[:, None, :]) | (k == q)[None]  # (B, N - first, N)
 
 
 def history_candidate_positions(seq: Subsequence, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +88,13 @@ def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
 def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl: str = "sdpa"):
     """Y = softmax((Q K^T / sqrt(dh) + bias) / tau) V over allowed keys.
 
-    q, k, v (B, H, N, dh); mask (B, N, N) bool, True = may attend (None: all); bias (B, H, N, N) float
-    (None: 0); tau (B, N) positive temperature of each query (None: 1) -> (B, H, N, dh).
+    q (B, H, N, dh), k, v (B, H, M, dh); mask (B, N, M) bool, True = may attend (None: all); bias
+    (B, H, N, M) float (None: 0); tau (B, N) positive temperature of each query (None: 1) -> (B, H, N, dh).
     "reference" is an explicit matmul / masked_fill / softmax; "sdpa" calls scaled_dot_product_attention
     with Q / tau and a float mask bias / tau (-inf where hidden), which is the same quantity.
     """
     if impl == "reference":
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, N, N)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, N, M)
         if bias is not None:
             scores = scores + bias
         if tau is not None:
@@ -101,7 +105,7 @@ def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl
         return att @ v
     if impl != "sdpa":
         raise ValueError(f"attention impl {impl!r} not one of {', '.join(IMPLS)}")
-    attn_mask = None if mask is None else mask[:, None]  # (B, 1, N, N) bool: True takes part
+    attn_mask = None if mask is None else mask[:, None]  # (B, 1, N, M) bool: True takes part
     if bias is not None:
         attn_mask = bias if tau is None else bias / tau[:, None, :, None]
         if mask is not None:
@@ -109,6 +113,16 @@ def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl
     if tau is not None:
         q = q / tau[:, None, :, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
+def cached_layers(layers, x: torch.Tensor, past, *args) -> tuple[torch.Tensor, list]:
+    """x (B, N, d) through ``layer.forward_cached(x, past_i, *args)`` of each layer in turn; past: one
+    entry per layer (None: no cached tokens) -> (x (B, N, d), the (k, v) each layer returned)."""
+    kvs = []
+    for i, layer in enumerate(layers):
+        x, kv = layer.forward_cached(x, None if past is None else past[i], *args)
+        kvs.append(kv)
+    return x, kvs
 
 
 class Attention(nn.Module):
@@ -125,12 +139,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, bias=None, tau=None):
+    def forward(self, x, mask=None, bias=None, tau=None):  # x (B, N, d) -> (B, N, d)
+        return self.forward_cached(x, None, mask, bias, tau)[0]
+
+    def forward_cached(self, x, past, mask=None, bias=None, tau=None):
+        """x (B, N, d) the query tokens; past (k, v) each (B, H, P, dh) of the P tokens before them, or
+        None (P = 0); mask (B, N, P + N), bias (B, H, N, P + N), tau (B, N)
+        -> (B, N, d), (k, v) of all P + N tokens, each (B, H, P + N, dh)."""
         B, N, d = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, dh)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, dh)
         p = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, bias, tau, p, self.impl)  # (B, H, N, dh)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d)))
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d))), (k, v)
 
 
 class FeedForward(nn.Module):
@@ -156,8 +178,14 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
 
     def forward(self, x, mask=None, bias=None, tau=None):  # x (B, N, d) -> (B, N, d)
-        x = x + self.attn(self.ln1(x), mask, bias, tau)
-        return x + self.ffn(self.ln2(x))
+        return self.forward_cached(x, None, mask, bias, tau)[0]
+
+    def forward_cached(self, x, past, mask=None, bias=None, tau=None):
+        """The layer over the query tokens x (B, N, d) that follow P cached tokens: past, mask, bias and
+        tau as in ``Attention.forward_cached`` -> (B, N, d), (k, v) of all P + N tokens (after LN + qkv)."""
+        a, kv = self.attn.forward_cached(self.ln1(x), past, mask, bias, tau)
+        x = x + a
+        return x + self.ffn(self.ln2(x)), kv
 
 
 def transformer_layer_flops(n: int, d: int, ffn_mult: int) -> int:
@@ -177,10 +205,11 @@ class RelativeBias(nn.Module):
         self.pos_bias = nn.Parameter(torch.zeros(pos_buckets, n_heads))
         self.time_bias = nn.Parameter(torch.zeros(time_buckets, n_heads))
 
-    def forward(self, pos: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        """pos (B or 1, N) int64 positions, ts (B, N) int64 seconds -> (B, H, N, N)."""
-        rel_pos = relative_position_bucket(pos[:, :, None] - pos[:, None, :], self.pos_buckets, self.max_distance)
-        rel_time = time_bucket(ts[:, :, None] - ts[:, None, :], self.time_buckets)
+    def forward(self, pos: torch.Tensor, ts: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """pos (B or 1, N) int64 positions, ts (B, N) int64 seconds of the keys; the queries are the keys
+        first .. N - 1 -> (B, H, N - first, N)."""
+        rel_pos = relative_position_bucket(pos[:, first:, None] - pos[:, None, :], self.pos_buckets, self.max_distance)
+        rel_time = time_bucket(ts[:, first:, None] - ts[:, None, :], self.time_buckets)
         return (self.pos_bias[rel_pos] + self.time_bias[rel_time]).permute(0, 3, 1, 2)
 
 
@@ -272,8 +301,8 @@ def mlp_flops(sizes: list[int]) -> int:
 
 
 def candidate_logits(head: nn.Module, states: torch.Tensor, emb, batch) -> torch.Tensor:
-    """Click logits of a sequence model from its final states over [history ; candidates]:
-    head([candidate state ; candidate item embedding]). states (B, L + C, d) -> (B, C)."""
+    """Click logits of a sequence model from its final states over [history ; candidates] (or over the
+    candidates alone): head([candidate state ; candidate item embedding]). states (B, L + C, d) -> (B, C)."""
     C = batch.cand_item.shape[1]
     h = states[:, -C:]  # (B, C, d)
     return head(torch.cat([h, emb.item(batch.cand_item)], dim=-1)).squeeze(-1)

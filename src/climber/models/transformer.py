@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from climber.data.batch import Batch
+from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
@@ -27,6 +27,7 @@ from climber.models.layers import (
     IMPLS,
     IdEmbeddings,
     TransformerLayer,
+    cached_layers,
     history_candidate_mask,
     history_strategy,
     init_weights,
@@ -74,21 +75,33 @@ class Transformer(nn.Module):
     def strategies(self) -> list[Strategy]:
         return history_strategy(self.cfg.max_len)
 
+    def history_tokens(self, seq: Subsequence) -> torch.Tensor:
+        """History tokens (B, L, d): item + action + scenario + pos[k], k = 1 for the most recent event (so
+        every token changes when an event is appended)."""
+        L, dev = seq.item.shape[1], seq.item.device
+        back = (L - torch.arange(L, device=dev)).clamp(max=self.cfg.max_len)  # (L,) L .. 1, most recent = 1
+        return self.emb.history(seq) + self.pos_emb(back * seq.mask)  # padding -> slot 0, never seen
+
+    def candidate_tokens(self, batch: Batch) -> torch.Tensor:  # -> (B, C, d)
+        return self.emb.candidate(batch) + self.pos_emb.weight[0]
+
+    def layer_stack(self, x, past, mask):
+        """The layers and the final LayerNorm over tokens x (B, N, d) that follow P cached tokens; past:
+        per layer (k, v) of those, or None (P = 0); mask (B, N, P + N)
+        -> (B, N, d), per layer (k, v) of all P + N tokens."""
+        x, kvs = cached_layers(self.layers, x, past, mask)
+        return self.ln_f(x), kvs
+
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Final states over [history ; candidates]: (B, L + C, d). History states never depend on the
         candidates nor on later history events (the KV-cacheable part)."""
         seq = one_history(batch, "Transformer")
-        L, dev = seq.item.shape[1], seq.item.device
+        L = seq.item.shape[1]
         if L > self.cfg.max_len and seq.mask[:, : L - self.cfg.max_len].any():
             raise ValueError(f"Transformer: a history has more than max_len={self.cfg.max_len} real events")
-        back = (L - torch.arange(L, device=dev)).clamp(max=self.cfg.max_len)  # (L,) L .. 1, most recent = 1
-        hist = self.emb.history(seq) + self.pos_emb(back * seq.mask)  # (B, L, d); padding -> slot 0, never seen
-        cand = self.emb.candidate(batch) + self.pos_emb.weight[0]  # (B, C, d)
-        x = self.drop(torch.cat([hist, cand], dim=1))  # (B, N, d), N = L + C
+        x = self.drop(torch.cat([self.history_tokens(seq), self.candidate_tokens(batch)], dim=1))  # (B, N, d)
         mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return self.ln_f(x)
+        return self.layer_stack(x, None, mask)[0]
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""

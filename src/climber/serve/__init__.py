@@ -1,0 +1,1 @@
+"""Serving: an inference engine with a KV cache of each user's history (engine.py)."""

@@ -1,0 +1,435 @@
+"""Inference engine with a multi-layer KV cache of each user's history (M-FALCON style serving).
+
+    encode_user(history)       per strategy: select its events (as the data pipeline does for candidates
+                               after the last event), run the block's layers over the HISTORY tokens only,
+                               keep per layer their K and V (after LayerNorm + projection)   -> UserCache
+    score(cache, candidates)   candidates are queries against [cached K/V ; their own K/V], never each
+                               other; same bias, temperature, fusion and head as the forward -> logits (C,)
+    append(cache, events)      the cache with newer events                                   -> UserCache
+
+Why this is exact: under the "single user, multiple items" mask a history state depends neither on the
+candidates nor on later events, and the relative position / time biases depend on differences only (a
+history event at position i of its subsequence, every candidate at position n right after the last of
+the n events), so neither left padding nor the number of candidates reaches a cached K or V.
+
+What is cached (``Engine.caches_kv``):
+
+- Climber (every ablation): per MSE block and per layer the K and V of the block's history tokens, plus
+  their timestamps (keys of the relative time bias; positions are 0 .. n - 1). Candidates run every layer
+  of every block as queries, then BGF (or mean) fusion and the heads, as ``Climber.forward_tasks``.
+- Transformer, HSTU: the same for their one history (HSTU caches the K and V that its pointwise SiLU
+  attention reads; U and Q belong to the queries).
+- Any other model (dlrm, din, twin, wukong, rankmixer): no K/V. The cache holds the events; ``score``
+  builds the pipeline's batch and calls ``model(batch)`` (full recompute).
+
+What recomputes when:
+
+- A strategy of kind ``window`` selects events within ``window_s`` of the first candidate's ts, so its
+  block runs over its history at every ``score`` call (the other blocks stay cached).
+- ``append``: while a strategy keeps every event it had (its window of ``length`` events is not full, or
+  no new event matches it), only the new tokens run (queries = new tokens, keys = cached + new) or nothing
+  does; once the oldest event drops out, every remaining state changes and that block is recomputed over
+  its new selection. The Transformer recomputes on every append that reaches its history: its absolute
+  positions count back from the most recent event, so every token moves.
+- The cache keeps only the events some strategy can still select (a strategy's future selections come
+  from its current one plus newer events), which bounds its size.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from climber.data.batch import Batch, Subsequence
+from climber.data.sequences import ResolvedStrategy, resolve, select
+from climber.models.climber import Climber
+from climber.models.hstu import HSTU
+from climber.models.layers import candidate_logits, history_candidate_mask
+from climber.models.transformer import Transformer
+
+EVENT_FIELDS = ("item", "action", "scenario", "ts", "label")
+
+
+def _ids(values, name: str) -> np.ndarray:
+    """A 1-d int64 array from a tensor, array or list of integers; ValueError naming ``name`` otherwise."""
+    a = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-d sequence, got shape {a.shape}")
+    if a.size and not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+        raise ValueError(f"{name}: expected integers, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+@dataclass
+class UserHistory:
+    """One user's events in time order, dense ids as in the prepared data; each field (n,) int64
+    (given as tensors, arrays or lists)."""
+
+    user: int  # dense user id (0: unknown user)
+    item: np.ndarray
+    action: np.ndarray
+    scenario: np.ndarray
+    ts: np.ndarray  # seconds, non-decreasing
+    label: np.ndarray  # 0 / 1 (the ``positive`` strategy selects the 1s)
+
+    def __post_init__(self):
+        self.user = int(self.user)
+        for f in EVENT_FIELDS:
+            setattr(self, f, _ids(getattr(self, f), f"history of user {self.user}: {f}"))
+        lengths = {f: len(getattr(self, f)) for f in EVENT_FIELDS}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"history of user {self.user}: fields have different lengths {lengths}")
+        back = np.flatnonzero(np.diff(self.ts) < 0)
+        if back.size:
+            i = back[0] + 1
+            raise ValueError(f"history of user {self.user}: ts decreases at event {i} ({self.ts[i - 1]} -> "
+                             f"{self.ts[i]}); events must be in time order")
+        if not np.isin(self.label, (0, 1)).all():
+            raise ValueError(f"history of user {self.user}: label must be 0 or 1, got {sorted(set(self.label))}")
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).nbytes for f in EVENT_FIELDS)
+
+    def take(self, index: np.ndarray) -> "UserHistory":
+        """The events at ``index`` (ascending positions)."""
+        return UserHistory(self.user, *(getattr(self, f)[index] for f in EVENT_FIELDS))
+
+    def concat(self, later: "UserHistory") -> "UserHistory":
+        """These events followed by ``later``'s (ValueError where the ts would go back)."""
+        return UserHistory(self.user, *(np.concatenate([getattr(self, f), getattr(later, f)]) for f in EVENT_FIELDS))
+
+
+@dataclass(frozen=True)
+class BlockCache:
+    """One strategy's selected events and the per-layer K/V of their tokens (n of them)."""
+
+    index: np.ndarray  # (n,) int64 ascending positions of the events in UserCache.history
+    ts: torch.Tensor  # (1, n) int64 their ts: the keys of the relative time bias
+    kv: list  # per layer (k, v) of the n tokens, e.g. (1, H, n, dh) each
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes + self.ts.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kv)
+
+
+@dataclass(frozen=True)
+class UserCache:
+    """What the engine keeps of one user."""
+
+    history: UserHistory  # the events some strategy can still select (older ones are dropped)
+    last_ts: int  # ts of the user's latest event: appended events must not be earlier
+    blocks: tuple  # per strategy a BlockCache, or None (kind window, or a model without K/V caching)
+
+    @property
+    def user(self) -> int:
+        return self.history.user
+
+    @property
+    def nbytes(self) -> int:
+        return self.history.nbytes + sum(b.nbytes for b in self.blocks if b is not None)
+
+
+class _ClimberPath:
+    """Climber: one cached layer stack per MSE block; candidate tokens shared by the blocks."""
+
+    extends = True  # relative biases only: appended tokens leave earlier states unchanged
+
+    def __init__(self, model: Climber):
+        self.model = model
+
+    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:  # -> (1, n, d)
+        return self.model.emb.history(seq)
+
+    def candidate_tokens(self, batch: Batch) -> torch.Tensor:  # -> (1, C, d)
+        return self.model.candidate_tokens(batch)
+
+    def run(self, b, x, past, mask, pos, ts, scenario):
+        return self.model.blocks[b].forward_cached(x, past, mask, pos, ts, scenario)
+
+    def logits(self, states: list, batch: Batch) -> torch.Tensor:  # states: per block (1, C, d) -> (1, C)
+        return self.model.fuse(torch.stack(states, dim=2), batch)["click"]
+
+
+class _TransformerPath:
+    """Transformer: one cached layer stack; no bias or temperature."""
+
+    extends = False  # absolute positions count back from the most recent event: an append moves every token
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:
+        return self.model.history_tokens(seq)
+
+    def candidate_tokens(self, batch: Batch) -> torch.Tensor:
+        return self.model.candidate_tokens(batch)
+
+    def run(self, b, x, past, mask, pos, ts, scenario):
+        return self.model.layer_stack(x, past, mask)
+
+    def logits(self, states: list, batch: Batch) -> torch.Tensor:
+        return candidate_logits(self.model.head, states[0], self.model.emb, batch)
+
+
+class _HSTUPath:
+    """HSTU: one cached stack of HSTU layers (their K and V after SiLU(f1(LN(x))))."""
+
+    extends = True
+
+    def __init__(self, model: HSTU):
+        self.model = model
+
+    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:
+        return self.model.emb.history(seq)
+
+    def candidate_tokens(self, batch: Batch) -> torch.Tensor:
+        return self.model.emb.candidate(batch)
+
+    def run(self, b, x, past, mask, pos, ts, scenario):
+        return self.model.layer_stack(x, past, mask, pos, ts)
+
+    def logits(self, states: list, batch: Batch) -> torch.Tensor:
+        return candidate_logits(self.model.head, states[0], self.model.emb, batch)
+
+
+CACHED_PATHS = {Climber: _ClimberPath, Transformer: _TransformerPath, HSTU: _HSTUPath}
+
+
+class LRUStore:
+    """User caches by user id, bounded in bytes (``UserCache.nbytes``): putting one evicts the least
+    recently used (got or put) until the total fits; a cache larger than the bound is not kept."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_cache_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._caches: OrderedDict[int, tuple[UserCache, int]] = OrderedDict()  # user -> (cache, its nbytes)
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def __contains__(self, user: int) -> bool:
+        return user in self._caches
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+    def get(self, user: int) -> UserCache | None:
+        """The user's cache (now the most recently used), or None; counts a hit or a miss."""
+        if user not in self._caches:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._caches.move_to_end(user)
+        return self._caches[user][0]
+
+    def put(self, cache: UserCache) -> None:
+        """Keep ``cache`` (replacing the user's previous one), then evict down to the bound."""
+        self.pop(cache.user)
+        size = cache.nbytes
+        if size > self.max_bytes:
+            return
+        self._caches[cache.user] = (cache, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, (_, evicted) = self._caches.popitem(last=False)
+            self.nbytes -= evicted
+            self.evictions += 1
+
+    def pop(self, user: int) -> UserCache | None:
+        """Remove and return the user's cache (None when there is none); not a hit or a miss."""
+        if user not in self._caches:
+            return None
+        cache, size = self._caches.pop(user)
+        self.nbytes -= size
+        return cache
+
+
+class Engine:
+    """Scores candidates of one user at a time from a cache of the user's history (see the module
+    docstring); the model is put in eval mode and run under ``torch.inference_mode``."""
+
+    def __init__(self, model: nn.Module, max_cache_bytes: int = 256 * 2**20, fallback: bool = True):
+        """fallback: serve a model without a cached path by full recompute (False: ValueError)."""
+        path = CACHED_PATHS.get(type(model))
+        name = type(model).__name__
+        if path is None and not fallback:
+            known = ", ".join(c.__name__ for c in CACHED_PATHS)
+            raise ValueError(f"{name} has no KV-cached path (models with one: {known}) and fallback=False")
+        if not (hasattr(model, "strategies") and hasattr(model, "info")):
+            raise ValueError(f"{name} is not a climber model: the engine needs model.strategies() and model.info")
+        self.model = model.eval()
+        self.info = model.info
+        self._path = None if path is None else path(model)
+        self.strategies: list[ResolvedStrategy] = resolve(model.strategies(), self.info.actions, self.info.scenarios)
+        self.device = next(model.parameters()).device
+        self.store = LRUStore(max_cache_bytes)
+        self.encoded_blocks = 0  # block caches computed over their whole selection
+        self.extended_blocks = 0  # block caches extended by the new tokens only
+
+    @property
+    def caches_kv(self) -> bool:
+        """True when the history's K/V are cached; False: full recompute at every score."""
+        return self._path is not None
+
+    def get(self, user: int) -> UserCache | None:
+        return self.store.get(user)
+
+    def put(self, cache: UserCache) -> None:
+        self.store.put(cache)
+
+    @torch.inference_mode()
+    def encode_user(self, history: UserHistory) -> UserCache:
+        """The cache of ``history`` (K/V of every cached block, see the module docstring)."""
+        self._check_history(history)
+        last_ts = int(history.ts[-1]) if len(history) else 0
+        return self._update(history, last_ts, None)
+
+    @torch.inference_mode()
+    def append(self, cache: UserCache, events: UserHistory) -> UserCache:
+        """``cache`` with the newer ``events`` of the same user (ts not before the cache's last event);
+        ``cache`` itself is left as it was."""
+        if events.user != cache.user:
+            raise ValueError(f"append: events of user {events.user} given to the cache of user {cache.user}")
+        self._check_history(events)
+        if not len(events):
+            return cache
+        if events.ts[0] < cache.last_ts:
+            raise ValueError(f"append: the first new event (ts {events.ts[0]}) is before the user's last event "
+                             f"(ts {cache.last_ts}); events must be in time order")
+        return self._update(cache.history.concat(events), int(events.ts[-1]), cache)
+
+    @torch.inference_mode()
+    def score(self, cache: UserCache, cand_item, cand_scenario, cand_ts) -> torch.Tensor:
+        """Click logits (C,) float32, on the model's device, of C candidates of the cache's user (1-d
+        integer tensors or arrays of equal length); equal to ``model(batch)`` for the batch the data
+        pipeline builds for these candidates after the cached history."""
+        batch = self._candidates(cache.user, cand_item, cand_scenario, cand_ts)
+        C = batch.cand_item.shape[1]
+        if C == 0:
+            return torch.zeros(0, device=self.device)
+        first_ts = int(batch.cand_ts[0, 0])
+        if self._path is None:
+            batch.seqs = [self._subsequence(cache.history, self._select(r, cache.history, first_ts), min_len=1)
+                          for r in self.strategies]
+            return self.model(batch)[0].float()
+        cand = self._path.candidate_tokens(batch)  # (1, C, d)
+        states = []
+        for b, (r, block) in enumerate(zip(self.strategies, cache.blocks)):
+            if block is None:  # kind window: its selection depends on the first candidate's ts
+                block = self._run_history(b, None, cache.history, self._select(r, cache.history, first_ts))
+            n = block.ts.shape[1]
+            mask = history_candidate_mask(torch.ones(1, n, dtype=torch.bool, device=self.device), batch.cand_mask,
+                                          first=n)  # (1, C, n + C): the history and itself
+            pos = torch.cat([torch.arange(n, device=self.device), torch.full((C,), n, device=self.device)])[None]
+            ts = torch.cat([block.ts, batch.cand_ts], dim=1)  # (1, n + C)
+            states.append(self._path.run(b, cand, block.kv, mask, pos, ts, batch.cand_scenario)[0])  # (1, C, d)
+        return self._path.logits(states, batch)[0].float()
+
+    def _update(self, history: UserHistory, last_ts: int, prev: UserCache | None) -> UserCache:
+        """The cache of ``history`` (whose first events are ``prev.history``'s, when given): each block
+        reused, extended by its new tokens, or encoded; then the events no strategy can select dropped."""
+        n = len(history)
+        keep, blocks = [], []
+        for b, r in enumerate(self.strategies):
+            if r.strategy.kind == "window":  # any of the last `length` events may fall into a window
+                keep.append(np.arange(max(0, n - r.strategy.length), n))
+                blocks.append(None)
+                continue
+            index = select(r, history, n)
+            keep.append(index)
+            old = None if prev is None else prev.blocks[b]
+            if self._path is None:
+                blocks.append(None)
+            elif old is not None and len(old.index) == len(index) and np.array_equal(old.index, index):
+                blocks.append(old)
+            elif (old is not None and self._path.extends and len(old.index) < len(index)
+                  and np.array_equal(old.index, index[: len(old.index)])):
+                blocks.append(self._run_history(b, old, history, index))
+                self.extended_blocks += 1
+            else:
+                blocks.append(self._run_history(b, None, history, index))
+                self.encoded_blocks += 1
+        kept = np.unique(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+        blocks = [None if blk is None else replace(blk, index=np.searchsorted(kept, blk.index)) for blk in blocks]
+        return UserCache(history.take(kept), last_ts, tuple(blocks))
+
+    def _run_history(self, b: int, old: BlockCache | None, history: UserHistory, index: np.ndarray) -> BlockCache:
+        """Block b's cache over the events ``index`` of ``history``: the tokens after ``old``'s (all of
+        them when old is None) run as queries against old's K/V and their own."""
+        P = 0 if old is None else len(old.index)
+        new = self._subsequence(history, index[P:])  # (1, N)
+        N = new.item.shape[1]
+        ts = new.ts if old is None else torch.cat([old.ts, new.ts], dim=1)  # (1, P + N)
+        all_real = torch.ones(1, P + N, dtype=torch.bool, device=self.device)
+        mask = history_candidate_mask(all_real, all_real[:, :0], first=P)  # (1, N, P + N): causal
+        pos = torch.arange(P + N, device=self.device)[None]
+        x = self._path.history_tokens(b, new)  # (1, N, d)
+        _, kv = self._path.run(b, x, None if old is None else old.kv, mask, pos, ts, new.scenario)
+        return BlockCache(index, ts, kv)
+
+    def _select(self, r: ResolvedStrategy, history: UserHistory, first_ts: int) -> np.ndarray:
+        """Positions in ``history`` that ``r`` selects for candidates from ``first_ts`` on."""
+        if r.strategy.kind != "window":
+            return select(r, history, len(history))
+        # the window's bound is measured from the first candidate: the event at the cut
+        with_cut = SimpleNamespace(**{f: np.append(getattr(history, f), 0) for f in ("action", "scenario", "label")},
+                                   ts=np.append(history.ts, first_ts))
+        return select(r, with_cut, len(history))
+
+    def _subsequence(self, history: UserHistory, index: np.ndarray, min_len: int = 0) -> Subsequence:
+        """The events ``index`` of ``history`` as a (1, L) Subsequence, L = max(len(index), min_len),
+        left-padded."""
+        pad = max(0, min_len - len(index))
+
+        def column(f: str) -> torch.Tensor:
+            values = np.concatenate([np.zeros(pad, dtype=np.int64), getattr(history, f)[index]])
+            return torch.from_numpy(values).to(self.device)[None]
+
+        mask = torch.arange(pad + len(index), device=self.device)[None] >= pad
+        return Subsequence(column("item"), column("action"), column("scenario"), column("ts"), mask)
+
+    def _candidates(self, user: int, cand_item, cand_scenario, cand_ts) -> Batch:
+        """A one-row Batch of the candidates (no subsequences yet)."""
+        given = {"cand_item": cand_item, "cand_scenario": cand_scenario, "cand_ts": cand_ts}
+        arrays = {k: _ids(v, k) for k, v in given.items()}
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"candidates: cand_item, cand_scenario and cand_ts have different lengths {lengths}")
+        self._check_range("cand_item", arrays["cand_item"], self.info.num_items)
+        self._check_range("cand_scenario", arrays["cand_scenario"], self.info.num_scenarios)
+        t = {k: torch.from_numpy(v).to(self.device)[None] for k, v in arrays.items()}  # (1, C) each
+        C = lengths["cand_item"]
+        return Batch(
+            user=torch.tensor([user], device=self.device),
+            seqs=[],
+            cand_mask=torch.ones(1, C, dtype=torch.bool, device=self.device),
+            label=torch.zeros(1, C, device=self.device),
+            cand_action=torch.zeros(1, C, dtype=torch.long, device=self.device),
+            **t,
+        )
+
+    def _check_history(self, history: UserHistory) -> None:
+        if not 0 <= history.user <= self.info.num_users:
+            raise ValueError(f"user id {history.user} outside [0, {self.info.num_users}]")
+        for f, size in (("item", self.info.num_items), ("action", self.info.num_actions),
+                        ("scenario", self.info.num_scenarios)):
+            self._check_range(f"history of user {history.user}: {f}", getattr(history, f), size)
+
+    @staticmethod
+    def _check_range(name: str, ids: np.ndarray, size: int) -> None:
+        bad = ids[(ids < 1) | (ids > size)]
+        if bad.size:
+            raise ValueError(f"{name}: id {bad[0]} outside [1, {size}] (dense ids of the model's data)")
