@@ -41,3 +41,19 @@ def test_bench_train_report(capsys):
     assert json.loads(capsys.readouterr().out)["results"][0]["history"] == 8
     assert main(["bench", "train", "--lengths", "8,x"]) == 2
     assert "comma separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["climber", "hstu", "din"])
+def test_bench_serve_report(model, capsys):
+    overrides = TINY_CLIMBER if model == "climber" else ["model.d_model=16"]
+    out = bench.bench_serve(model, lengths=(12,), candidates=(3,), requests=2, overrides=overrides, peak=1e9,
+                            log=lambda *_: None)  # it checks cached == full scores itself
+    (r,) = out["results"]
+    assert r["speedup_p50"] == pytest.approx(r["full"]["p50_ms"] / r["cached"]["p50_ms"])
+    assert r["cached"]["p99_ms"] >= r["cached"]["p50_ms"] > 0
+    assert 0 < r["full"]["flops"] and r["full"]["mfu"] == pytest.approx(r["full"]["flop_per_s"] / 1e9)
+    if model == "climber":  # candidates only, against cached keys: fewer FLOPs than the full forward
+        assert r["cached"]["flops"] < r["full"]["flops"]
+        assert main(["bench", "serve", "--lengths", "12", "--candidates", "3", "--requests", "1", "--json",
+                     *[x for s in TINY_CLIMBER for x in ("--set", s)]]) == 0
+        assert json.loads(capsys.readouterr().out)["benchmark"] == "serve"

@@ -127,3 +127,85 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
             results.append(entry)
     return {"benchmark": "train", "model": model_name, "overrides": list(overrides or []), "compile": compile,
             "threads": torch.get_num_threads(), "gemm_peak_flop_per_s": peak, "results": results}
+
+
+def counted_flops(model: torch.nn.Module, fn) -> int:
+    """FLOPs of ``fn()`` by FlopCounterMode, with the model's attention on the reference path for the
+    count (the counter has no formula for SDPA's CPU kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from climber.models.layers import Attention
+
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    impls = [m.impl for m in attentions]
+    for m in attentions:
+        m.impl = "reference"
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            fn()
+    finally:
+        for m, impl in zip(attentions, impls):
+            m.impl = impl
+    return counter.get_total_flops()
+
+
+def _latencies(fn, requests: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidates=(16, 128, 512),
+                requests: int = 20, overrides: list[str] | None = None, peak: float | None = None, log=print) -> dict:
+    """Latency per scoring request of one user with C candidates after L history events: from the
+    engine's KV cache (``climber.serve.engine``) against a full forward of the same batch, in the same
+    run. Every strategy's length is set to L; the L events have random labels (a ``positive`` strategy
+    selects about L / 2 of them). Encoding the cache is timed on its own (once per L)."""
+    from climber.serve.engine import Engine, UserHistory
+
+    peak = peak or gemm_peak()
+    results = []
+    for L in lengths:
+        model = bench_model(model_name, list(overrides or []), L).eval()
+        engine = Engine(model)
+        g = torch.Generator().manual_seed(L)
+        history = UserHistory(user=1, item=torch.randint(1, INFO.num_items + 1, (L,), generator=g),
+                              action=torch.randint(1, INFO.num_actions + 1, (L,), generator=g),
+                              scenario=torch.randint(1, INFO.num_scenarios + 1, (L,), generator=g),
+                              ts=1_600_000_000 + torch.cumsum(torch.randint(1, 3600, (L,), generator=g), 0),
+                              label=torch.randint(0, 2, (L,), generator=g))
+        encode_s = _latencies(lambda: engine.encode_user(history), 3)
+        cache = engine.encode_user(history)
+        for C in candidates:
+            item = torch.randint(1, INFO.num_items + 1, (C,), generator=g)
+            scenario = torch.randint(1, INFO.num_scenarios + 1, (C,), generator=g)
+            ts = int(history.ts[-1]) + torch.arange(1, C + 1)
+            batch = engine.batch(history, item, scenario, ts)
+            cached, full = (lambda: engine.score(cache, item, scenario, ts)), (lambda: model(batch))
+            with torch.inference_mode():
+                torch.testing.assert_close(cached(), full()[0], rtol=1e-4, atol=1e-4)  # the same scores
+                entry = {"history": L, "candidates": C, "encode_ms": 1e3 * _percentile(encode_s, 0.5)}
+                for name, fn in (("cached", cached), ("full", full)):
+                    times = _latencies(fn, requests)
+                    flops = counted_flops(model, fn)
+                    p50 = _percentile(times, 0.5)
+                    entry[name] = {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * _percentile(times, 0.99),
+                                   "flops": flops, "flop_per_s": flops / p50, "mfu": flops / p50 / peak}
+            entry["speedup_p50"] = entry["full"]["p50_ms"] / entry["cached"]["p50_ms"]
+            log(f"  history {L:5d}  candidates {C:4d}: cached p50 {entry['cached']['p50_ms']:8.2f} ms "
+                f"p99 {entry['cached']['p99_ms']:8.2f}  full p50 {entry['full']['p50_ms']:8.2f} ms "
+                f"p99 {entry['full']['p99_ms']:8.2f}  x{entry['speedup_p50']:.1f}  (encode {entry['encode_ms']:.1f} ms)")
+            results.append(entry)
+    return {"benchmark": "serve", "model": model_name, "overrides": list(overrides or []), "requests": requests,
+            "threads": torch.get_num_threads(), "gemm_peak_flop_per_s": peak, "results": results}
+

@@ -125,16 +125,19 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _bench_train(args) -> None:
+def _bench(args) -> None:
     import torch
 
-    from climber.bench import bench_train
+    from climber import bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *_: None) if args.json else print
-    out = bench_train(args.model, _csv_ints(args.lengths), _csv_ints(args.candidates), rows=args.rows,
-                      steps=args.steps, overrides=args.set or [], compile=args.compile, log=log)
+    grid = dict(lengths=_csv_ints(args.lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log)
+    if args.bench_command == "train":
+        out = bench.bench_train(args.model, rows=args.rows, steps=args.steps, compile=args.compile, **grid)
+    else:
+        out = bench.bench_serve(args.model, requests=args.requests, **grid)
     print(json.dumps(out, indent=2) if args.json else f"GEMM peak {out['gemm_peak_flop_per_s'] / 1e9:.0f} GFLOP/s "
           f"on {out['threads']} threads")
 
@@ -215,16 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput benchmarks on random inputs").add_subparsers(
         dest="bench_command", required=True)
     bt = bench.add_parser("train", help='forward + backward samples/s: "single user, multiple items" vs single item')
-    bt.add_argument("--model", default="climber", help="model or preset name (default: climber)")
-    bt.add_argument("--lengths", default="64,256,512", help="history lengths (every subsequence), comma separated")
-    bt.add_argument("--candidates", default="8,64", help="candidates per user, comma separated")
+    bs = bench.add_parser("serve", help="scoring latency p50/p99: KV-cached history vs full recompute")
+    for b, lengths, cands in ((bt, "64,256,512", "8,64"), (bs, "256,1024,4096", "16,128,512")):
+        b.add_argument("--model", default="climber", help="model or preset name (default: climber)")
+        b.add_argument("--lengths", default=lengths, help=f"history lengths, comma separated (default {lengths})")
+        b.add_argument("--candidates", default=cands, help=f"candidates per user, comma separated (default {cands})")
+        b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        b.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override, e.g. model.attention=reference")
+        b.add_argument("--json", action="store_true", help="print the results as JSON")
+        b.set_defaults(func=_bench)
     bt.add_argument("--rows", type=int, default=2, help="users per step")
     bt.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
-    bt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bt.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    bt.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override, e.g. model.attention=reference")
-    bt.add_argument("--json", action="store_true", help="print the results as JSON")
-    bt.set_defaults(func=_bench_train)
+    bs.add_argument("--requests", type=int, default=20, help="timed requests per point")
 
     mo = sub.add_parser("models", help="list registered models and presets")
     mo.set_defaults(func=_models)

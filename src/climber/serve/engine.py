@@ -316,15 +316,14 @@ class Engine:
         """Click logits (C,) float32, on the model's device, of C candidates of the cache's user (1-d
         integer tensors or arrays of equal length); equal to ``model(batch)`` for the batch the data
         pipeline builds for these candidates after the cached history."""
+        if self._path is None:
+            batch = self.batch(cache.history, cand_item, cand_scenario, cand_ts)
+            return self.model(batch)[0].float() if batch.cand_item.shape[1] else torch.zeros(0, device=self.device)
         batch = self._candidates(cache.user, cand_item, cand_scenario, cand_ts)
         C = batch.cand_item.shape[1]
         if C == 0:
             return torch.zeros(0, device=self.device)
         first_ts = int(batch.cand_ts[0, 0])
-        if self._path is None:
-            batch.seqs = [self._subsequence(cache.history, self._select(r, cache.history, first_ts), min_len=1)
-                          for r in self.strategies]
-            return self.model(batch)[0].float()
         cand = self._path.candidate_tokens(batch)  # (1, C, d)
         states = []
         for b, (r, block) in enumerate(zip(self.strategies, cache.blocks)):
@@ -337,6 +336,15 @@ class Engine:
             ts = torch.cat([block.ts, batch.cand_ts], dim=1)  # (1, n + C)
             states.append(self._path.run(b, cand, block.kv, mask, pos, ts, batch.cand_scenario)[0])  # (1, C, d)
         return self._path.logits(states, batch)[0].float()
+
+    def batch(self, history: UserHistory, cand_item, cand_scenario, cand_ts) -> Batch:
+        """The one-row batch the data pipeline builds for these candidates after ``history``: what a full
+        recompute scores (``model(batch)``)."""
+        batch = self._candidates(history.user, cand_item, cand_scenario, cand_ts)
+        first_ts = int(batch.cand_ts[0, 0]) if batch.cand_ts.shape[1] else int(history.ts[-1]) if len(history) else 0
+        batch.seqs = [self._subsequence(history, self._select(r, history, first_ts), min_len=1)
+                      for r in self.strategies]
+        return batch
 
     def _update(self, history: UserHistory, last_ts: int, prev: UserCache | None) -> UserCache:
         """The cache of ``history`` (whose first events are ``prev.history``'s, when given): each block
