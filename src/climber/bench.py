@@ -209,3 +209,24 @@ def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidat
     return {"benchmark": "serve", "model": model_name, "overrides": list(overrides or []), "requests": requests,
             "threads": torch.get_num_threads(), "gemm_peak_flop_per_s": peak, "results": results}
 
+
+
+def markdown(out: dict) -> str:
+    """The results of ``bench_train`` / ``bench_serve`` as a Markdown table, with the machine and the peak."""
+    from climber.compare import machine
+
+    head = (f"Model `{out['model']}` {' '.join(out['overrides'])}; machine: {machine()}; "
+            f"measured fp32 GEMM peak {out['gemm_peak_flop_per_s'] / 1e9:.0f} GFLOP/s.\n\n")
+    if out["benchmark"] == "train":
+        lines = ["| history | candidates/user | multi samples/s | multi MFU | single samples/s | single MFU | speed-up |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['history']} | {r['candidates']} | {r['multi']['samples_per_s']:,.0f} | {r['multi']['mfu']:.1%} | "
+                  f"{r['single']['samples_per_s']:,.0f} | {r['single']['mfu']:.1%} | {r['speedup']:.1f}x |"
+                  for r in out["results"]]
+    else:
+        lines = ["| history | candidates | cached p50 ms | cached p99 ms | full p50 ms | full p99 ms | speed-up (p50) "
+                 "| cached MFU | full MFU | encode ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['history']} | {r['candidates']} | {r['cached']['p50_ms']:.2f} | {r['cached']['p99_ms']:.2f} | "
+                  f"{r['full']['p50_ms']:.2f} | {r['full']['p99_ms']:.2f} | {r['speedup_p50']:.1f}x | "
+                  f"{r['cached']['mfu']:.1%} | {r['full']['mfu']:.1%} | {r['encode_ms']:.1f} |" for r in out["results"]]
+    return head + "\n".join(lines) + "\n"

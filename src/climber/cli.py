@@ -138,8 +138,7 @@ def _bench(args) -> None:
         out = bench.bench_train(args.model, rows=args.rows, steps=args.steps, compile=args.compile, **grid)
     else:
         out = bench.bench_serve(args.model, requests=args.requests, **grid)
-    print(json.dumps(out, indent=2) if args.json else f"GEMM peak {out['gemm_peak_flop_per_s'] / 1e9:.0f} GFLOP/s "
-          f"on {out['threads']} threads")
+    print(json.dumps(out, indent=2) if args.json else "\n" + bench.markdown(out))
 
 
 def _models(args) -> None:
