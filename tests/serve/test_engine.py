@@ -299,3 +299,33 @@ def test_bad_input_is_a_value_error_saying_what_is_wrong():
         engine.append(cache, random_events(2, seed=1, user=4, t0=int(h.ts[-1])))
     with pytest.raises(ValueError, match="not a climber model"):
         Engine(nn.Linear(2, 2))
+
+
+def test_a_trained_run_serves_its_offline_test_scores(tiny_synth, tmp_path):
+    """Train a tiny Climber, load the run with load_run_model, and score each test user's candidates
+    from the engine's cache of the events before the test split: the logits of predictions.parquet."""
+    import polars as pl
+
+    from climber.config import resolve as resolve_config
+    from climber.eval.evaluate import load_run_model
+    from climber.train.loop import Trainer
+    from conftest import TINY
+
+    cfg = resolve_config("climber-tiny", None, TINY + ["train.epochs=1"])
+    Trainer(tmp_path / "run", tiny_synth, cfg, log=lambda *_: None, progress=False).fit()
+    model, meta = load_run_model(tmp_path / "run")
+    assert meta["model"] == "climber" and model.emb.item.feature_ids.any()  # item_topic came with the checkpoint
+    engine = Engine(model)
+    events = pl.read_parquet(tiny_synth / "events.parquet")
+    offline = pl.read_parquet(tmp_path / "run" / "predictions.parquet")
+    users = events.filter(pl.col("split") == "test")["user"].unique().sort()[:5]
+    for user in users:
+        mine = events.filter(pl.col("user") == user).sort("ts", "item")
+        past, test = mine.filter(pl.col("split") != "test"), mine.filter(pl.col("split") == "test")
+        cache = engine.encode_user(UserHistory(int(user), *(past[c].to_numpy() for c in
+                                                             ("item", "action", "scenario", "ts", "label"))))
+        scores = engine.score(cache, test["item"].to_numpy(), test["scenario"].to_numpy(), test["ts"].to_numpy())
+        expected = offline.filter(pl.col("user") == user).sort("item")
+        got = pl.DataFrame({"item": test["item"], "logit": scores.numpy()}).sort("item")
+        assert got["item"].to_list() == expected["item"].to_list()
+        np.testing.assert_allclose(got["logit"].to_numpy(), expected["logit"].to_numpy(), rtol=1e-5, atol=1e-5)

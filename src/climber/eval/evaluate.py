@@ -49,29 +49,38 @@ def with_raw_ids(pred: pl.DataFrame, data_dir: Path) -> pl.DataFrame:
     return pred
 
 
+def load_run_model(run_dir: Path, which: str = "best") -> tuple[torch.nn.Module, dict]:
+    """The model of a run dir with the weights of its ``which`` ("best" | "last") checkpoint, in eval
+    mode, and the checkpoint's metadata (model, model_config, data_info, fingerprint, epoch)."""
+    from climber.models import DataInfo, build_model
+    from climber.train import checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoints" / f"{which}.safetensors"
+    if not ckpt.exists():
+        raise ValueError(f"{run_dir}: no checkpoints/{which}.safetensors; is this a finished `climber train` run dir?")
+    meta = checkpoint.read_meta(ckpt)
+    model = build_model(meta["model"], meta["model_config"], DataInfo.from_dict(meta["data_info"]))
+    checkpoint.load(ckpt, model)
+    return model.eval(), meta
+
+
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", log=print) -> dict:
     """Load a run's best checkpoint and evaluate it on ``split`` of ``data_dir`` (default: the run's data)."""
     from climber.config import load_yaml
     from climber.data.loader import SampleLoader
     from climber.data.prepare import load_manifest
-    from climber.models import DataInfo, build_model
-    from climber.train import checkpoint
+    from climber.models import DataInfo
 
     run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoints" / "best.safetensors"
-    if not ckpt.exists():
-        raise ValueError(f"{run_dir}: no checkpoints/best.safetensors; is this a finished `climber train` run dir?")
+    model, meta = load_run_model(run_dir)
     cfg = load_yaml(run_dir / "config.yaml")
     data_dir = Path(data_dir or cfg["data"])
-    meta = checkpoint.read_meta(ckpt)
     manifest = load_manifest(data_dir)
-    info = DataInfo.from_dict(meta["data_info"])
-    if DataInfo.from_prepared(data_dir) != info:
+    if DataInfo.from_prepared(data_dir) != model.info:
         raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
     if manifest["fingerprint"]["sha256"] != meta["fingerprint"]["sha256"]:
         log(f"note: {data_dir} is not the data the run was trained on (fingerprint differs)")
-    model = build_model(meta["model"], meta["model_config"], info)
-    checkpoint.load(ckpt, model)
     train = cfg.get("train", {})
     loader = SampleLoader(data_dir, split, model.strategies(), batch_size=train.get("eval_batch_size", 64),
                           candidates_per_row=train.get("candidates_per_row", 32), mode="multi")
