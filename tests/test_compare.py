@@ -36,3 +36,35 @@ def test_compare_runs_seeds_skips_finished_and_tables_match(tiny_synth, tmp_path
     capsys.readouterr()
     assert main(args) == 0  # everything finished: all skipped
     assert capsys.readouterr().out.count("skipped") == 4
+
+
+def test_tune_same_draws_for_every_model_winner_on_val_and_config_saved(tiny_synth, tmp_path, capsys):
+    from climber.config import load_yaml, resolve
+    from climber.tune import SPACE, draws
+
+    d = draws(4, seed=3)
+    assert d[0] == [] and d == draws(4, seed=3) and d != draws(4, seed=4)
+    for overrides in d[1:]:
+        values = dict(o.split("=") for o in overrides)
+        assert SPACE["train.lr"][0] <= float(values["train.lr"]) <= SPACE["train.lr"][1]
+        assert float(values["model.dropout"]) in SPACE["model.dropout"]
+    sets = [x for s in TINY + ["train.epochs=1"] for x in ("--set", s)]
+    args = ["tune", "--data", str(tiny_synth), "--models", "climber-tiny,nobgf=climber-tiny:model.use_bgf=false", "--trials", "3",
+            "--out", str(tmp_path / "tune"), "--configs", str(tmp_path / "configs")] + sets
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "tune" / "tuning.json").read_text())["rows"]
+    for model in ("climber-tiny", "nobgf"):
+        mine = [r for r in rows if r["model"] == model]
+        assert [r["overrides"] for r in mine] == draws(3)  # the same draws for every model
+        vals = [json.loads((tmp_path / "tune" / model / f"trial{k}" / "metrics.json").read_text())["best"]["val"]["auc"]
+                for k in range(3)]
+        winner = [r for r in mine if r["winner"]]
+        assert len(winner) == 1 and winner[0]["trial"] == int(np.argmax(vals))
+        saved = resolve(None, tmp_path / "configs" / f"{model}.yaml", [])
+        trained = load_yaml(tmp_path / "tune" / model / f"trial{winner[0]['trial']}" / "config.yaml")
+        assert saved.to_dict() == {k: trained[k] for k in ("model", "model_config", "train")}
+    capsys.readouterr()
+    assert main(["compare", "--data", str(tiny_synth), "--models", str(tmp_path / "configs" / "nobgf.yaml"),
+                 "--seeds", "1", "--out", str(tmp_path / "cmp")]) == 0  # a saved config is a compare entry
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["rows"][0]["model"] == "nobgf"
+    assert main(["tune", "--data", str(tiny_synth), "--models", "dlrm", "--trials", "0", "--out", str(tmp_path)]) == 2

@@ -1,4 +1,4 @@
-"""The one command line: ``climber data|train|eval|compare|bench|quickstart|models ...``.
+"""The one command line: ``climber data|train|eval|compare|tune|bench|quickstart|models ...``.
 
 Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
 set CLIMBER_DEBUG=1 to see the traceback instead.
@@ -109,6 +109,16 @@ def _compare(args) -> None:
     compare(Path(args.data), entries, args.seeds, Path(args.out), args.set or [], command)
 
 
+def _tune(args) -> None:
+    from climber.compare import Entry
+    from climber.tune import tune
+
+    entries = [Entry.parse(t) for t in args.models.split(",") if t.strip()]
+    command = "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else "climber tune ..."
+    tune(Path(args.data), entries, args.trials, Path(args.out), Path(args.configs), args.set or [], command,
+         seed=args.seed)
+
+
 def _quickstart(args) -> None:
     from climber.quickstart import quickstart
 
@@ -207,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, help="folder for the run dirs and results.{md,csv,json}")
     co.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every model (repeatable)")
     co.set_defaults(func=_compare)
+
+    tu = sub.add_parser("tune", help="the same budget of trials per model (lr, dropout, weight decay), chosen on val AUC")
+    tu.add_argument("--data", required=True, help="prepared dir")
+    tu.add_argument("--models", required=True, help="comma separated entries, as for compare")
+    tu.add_argument("--trials", type=int, default=4, help="trials per model; trial 0 is the preset as it is")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the trial draws (the same draws for every model)")
+    tu.add_argument("--out", required=True, help="folder for the trial run dirs and tuning.{md,json}")
+    tu.add_argument("--configs", default="configs/tuned", help="where the winners' configs go (<label>.yaml)")
+    tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every trial (repeatable)")
+    tu.set_defaults(func=_tune)
 
     qs = sub.add_parser("quickstart", help="synthesise (or prepare) data, train a small Climber, evaluate, report")
     qs.add_argument("--out", default="runs/quickstart")

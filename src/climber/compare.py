@@ -4,8 +4,8 @@ write a table of test AUC, GAUC and LogLoss as mean ± std (Markdown, CSV, JSON)
 Each (entry, seed) is a normal run dir ``OUT/<entry>/seed<k>``; finished runs are skipped and
 interrupted ones resumed, so the command can be re-run after a kill.
 
-An entry is ``NAME`` (a model or preset) or ``LABEL=NAME:key=value:key=value`` (overrides), e.g.
-``climber-noatl=climber:model.use_atl=false``.
+An entry is ``NAME`` (a model or preset, or a YAML config file such as ``configs/tuned/din.yaml``) or
+``LABEL=NAME:key=value:key=value`` (overrides), e.g. ``climber-noatl=climber:model.use_atl=false``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ class Entry:
     def parse(cls, text: str) -> "Entry":
         label, _, spec = text.partition("=") if "=" in text.split(":")[0] else ("", "", text)
         model, *overrides = spec.split(":")
-        return cls(label or model, model, tuple(overrides))
+        return cls(label or (Path(model).stem if model.endswith(".yaml") else model), model, tuple(overrides))
+
+    def config(self, extra: list[str] = ()):
+        """The resolved RunConfig: the model / preset or the YAML file, then the overrides, then ``extra``."""
+        if self.model.endswith(".yaml"):
+            return resolve(None, Path(self.model), [*self.overrides, *extra])
+        return resolve(self.model, None, [*self.overrides, *extra])
 
 
 def machine() -> str:
@@ -53,21 +59,26 @@ def machine() -> str:
 
 
 def run_all(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list[str], log=print) -> list[dict]:
-    from climber.train.loop import Trainer
-
     results = []
     for entry in entries:
         for seed in range(seeds):
             run_dir = out / entry.label / f"seed{seed}"
-            if (run_dir / "metrics.json").exists():
-                log(f"[{entry.label} seed {seed}] done already, skipped")
-            else:
-                log(f"[{entry.label} seed {seed}] training -> {run_dir}")
-                cfg = resolve(entry.model, None, [*entry.overrides, *extra, f"train.seed={seed}"])
-                Trainer(run_dir, data, cfg, log=log, progress=False).fit(resume=True)
-            results.append({"label": entry.label, "seed": seed,
-                            **json.loads((run_dir / "metrics.json").read_text())})
+            metrics = train_or_skip(run_dir, data, entry.config([*extra, f"train.seed={seed}"]),
+                                    f"{entry.label} seed {seed}", log)
+            results.append({"label": entry.label, "seed": seed, **metrics})
     return results
+
+
+def train_or_skip(run_dir: Path, data: Path, cfg, name: str, log=print) -> dict:
+    """metrics.json of ``run_dir``, training it first (or resuming an interrupted run) when it is missing."""
+    from climber.train.loop import Trainer
+
+    if (run_dir / "metrics.json").exists():
+        log(f"[{name}] done already, skipped")
+    else:
+        log(f"[{name}] training -> {run_dir}")
+        Trainer(run_dir, data, cfg, log=log, progress=False).fit(resume=True)
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def summarise(results: list[dict]) -> list[dict]:
