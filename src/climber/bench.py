@@ -72,14 +72,14 @@ def single_item_rows(batch: Batch) -> Batch:
                  cand_action=per_candidate(batch.cand_action))
 
 
-def bench_model(model_name: str, overrides: list[str], length: int) -> torch.nn.Module:
-    """The preset of ``model_name`` with every subsequence length set to ``length``."""
+def bench_model(model_name: str, overrides: list[str], length: int | None) -> torch.nn.Module:
+    """The preset of ``model_name`` with every subsequence length set to ``length`` (None: as it is)."""
     cfg = resolve(model_name, None, overrides)
     model_cfg = dict(cfg.model_config)
-    if "strategies" in model_cfg or cfg.model == "climber":
+    if length is not None and ("strategies" in model_cfg or cfg.model == "climber"):
         model = build_model(cfg.model, model_cfg, INFO)  # the preset's strategies, lengths replaced below
         model_cfg["strategies"] = [{**s.to_dict(), "length": length} for s in model.strategies()]
-    else:
+    elif length is not None:
         model_cfg["max_len"] = length
     return build_model(cfg.model, model_cfg, INFO)
 
@@ -130,8 +130,14 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
 
 
 def counted_flops(model: torch.nn.Module, fn) -> int:
-    """FLOPs of ``fn()`` by FlopCounterMode, with the model's attention on the reference path for the
-    count (the counter has no formula for SDPA's CPU kernels)."""
+    """FLOPs of ``fn()`` by FlopCounterMode (see ``count_flops``)."""
+    return count_flops(model, fn)[0]
+
+
+def count_flops(model: torch.nn.Module, fn) -> tuple[int, dict[str, int]]:
+    """(total, per module) FLOPs of ``fn()`` by FlopCounterMode, with the model's attention on the
+    reference path for the count (the counter has no formula for SDPA's CPU kernels). Per-module counts
+    are inclusive (a module counts its children), keyed "<ModelClass>.<path>"."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from climber.models.layers import Attention
@@ -146,7 +152,7 @@ def counted_flops(model: torch.nn.Module, fn) -> int:
     finally:
         for m, impl in zip(attentions, impls):
             m.impl = impl
-    return counter.get_total_flops()
+    return counter.get_total_flops(), {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
 
 
 def _latencies(fn, requests: int, warmup: int = 1) -> list[float]:

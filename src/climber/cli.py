@@ -1,4 +1,4 @@
-"""The one command line: ``climber data|train|eval|compare|tune|bench|quickstart|models ...``.
+"""The one command line: ``climber data|train|eval|compare|tune|bench|flops|quickstart|models ...``.
 
 Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
 set CLIMBER_DEBUG=1 to see the traceback instead.
@@ -109,6 +109,23 @@ def _compare(args) -> None:
     compare(Path(args.data), entries, args.seeds, Path(args.out), args.set or [], command)
 
 
+def _flops(args) -> None:
+    from climber.scaling.flops import flops_report
+
+    r = flops_report(args.model, args.set or [], candidates=args.candidates, length=args.length)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    f = r["forward_flops"]
+    print(f"{args.model} {' '.join(r['overrides'])}: subsequence lengths {r['lengths']}, {r['candidates']} candidates per row")
+    print(f"  forward FLOPs per row: analytic {f['analytic']:,}  measured {f['measured']:,} "
+          f"({f['relative_difference']:+.2%}); training (3x) {r['train_flops_analytic']:,}; "
+          f"per candidate {r['per_candidate_forward_flops']:,.0f}")
+    print("  measured split: " + ", ".join(f"{k} {v / f['measured']:.1%}" for k, v in r["measured_split"].items()))
+    p = r["parameters"]
+    print(f"  parameters: {p['total']:,} ({p['embeddings']:,} in embedding tables, {p['dense']:,} dense)")
+
+
 def _tune(args) -> None:
     from climber.compare import Entry
     from climber.tune import tune
@@ -217,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, help="folder for the run dirs and results.{md,csv,json}")
     co.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every model (repeatable)")
     co.set_defaults(func=_compare)
+
+    fl = sub.add_parser("flops", help="analytic and measured FLOPs per row, split by module kind, parameters")
+    fl.add_argument("--model", default="climber", help="model or preset name (default: climber)")
+    fl.add_argument("--candidates", type=int, default=32, help="candidates per row (default 32)")
+    fl.add_argument("--length", type=int, help="set every subsequence length (default: the preset's)")
+    fl.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override (repeatable)")
+    fl.add_argument("--json", action="store_true", help="print the report as JSON")
+    fl.set_defaults(func=_flops)
 
     tu = sub.add_parser("tune", help="the same budget of trials per model (lr, dropout, weight decay), chosen on val AUC")
     tu.add_argument("--data", required=True, help="prepared dir")

@@ -98,20 +98,16 @@ class Block(nn.Module):
         self.use_atl = cfg.use_atl
         self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, x, mask, pos, ts, scenario):
-        """x (B, N, d), mask (B, N, N) bool, pos (1, N), ts (B, N), scenario (B, N) -> (B, N, d)."""
-        return self.forward_cached(x, None, mask, pos, ts, scenario)[0]
-
-    def forward_cached(self, x, past, mask, pos, ts, scenario):
+    def forward(self, x, mask, pos, ts, scenario, past=None, return_kv: bool = False):
         """The block over the query tokens x (B, N, d) that follow P cached tokens; past: per layer (k, v)
         of those, each (B, H, P, dh), or None (P = 0); mask (B, N, P + N) bool; pos (1, P + N) and
         ts (B, P + N) of all tokens; scenario (B, N) of the queries
-        -> (B, N, d), per layer (k, v) of all P + N tokens."""
+        -> (B, N, d), and with return_kv per layer the (k, v) of all P + N tokens."""
         first = pos.shape[1] - x.shape[1]
         bias = self.rel_bias(pos, ts, first) if self.use_atl else None  # (B, H, N, P + N)
         tau = self.temperature(scenario) if self.use_atl else None  # (B, N), by the query's scenario
         x, kvs = cached_layers(self.layers, x, past, mask, bias, tau)
-        return self.ln_f(x), kvs
+        return (self.ln_f(x), kvs) if return_kv else self.ln_f(x)
 
 
 class Climber(nn.Module):

@@ -96,20 +96,18 @@ class HSTULayer(nn.Module):
         scores = self.heads(q) @ self.heads(k).transpose(-2, -1) + rab
         return (F.silu(scores) / self.n).masked_fill(~mask[:, None], 0.0)
 
-    def forward(self, x, mask, pos, ts):
-        return self.forward_cached(x, None, mask, pos, ts)[0]
-
-    def forward_cached(self, x, past, mask, pos, ts):
+    def forward(self, x, mask, pos, ts, past=None, return_kv: bool = False):
         """The layer over the query tokens x (B, N, d) that follow P cached tokens; past (k, v) each
         (B, P, d) of those, or None (P = 0); mask (B, N, P + N); pos (1, P + N), ts (B, P + N) of all
-        tokens -> (B, N, d), (k, v) of all P + N tokens, each (B, P + N, d)."""
+        tokens -> (B, N, d), and with return_kv the (k, v) of all P + N tokens, each (B, P + N, d)."""
         B, N, d = x.shape
         u, v, q, k = self.project(x)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)  # (B, P + N, d)
         av = self.attention_weights(q, k, mask, pos, ts) @ self.heads(v)  # (B, H, N, dh)
         av = av.transpose(1, 2).reshape(B, N, d)  # heads concatenated
-        return x + self.drop(self.f2(self.ln_av(av) * u)), (k, v)
+        x = x + self.drop(self.f2(self.ln_av(av) * u))
+        return (x, (k, v)) if return_kv else x
 
 
 class HSTU(nn.Module):

@@ -4,10 +4,10 @@ per-query temperature / mask (two paths that agree), feed-forward, pre-norm tran
 FLOPs), relative position and time buckets, learned relative bias, per-scenario temperature, id
 embeddings, weight init, masked mean and MLPs.
 
-Layers also run "cached" (``forward_cached``): the queries are the last N tokens only, the keys and
-values of the P tokens before them come from a cache (``past``), and the layer returns the keys and
-values of all P + N tokens. ``forward`` is the same code with P = 0; ``climber.serve.engine`` uses the
-cached form to score candidates against a user's cached history.
+Layers also run "cached": with ``past`` the queries are the last N tokens only and the keys and values
+of the P tokens before them come from a cache; with ``return_kv=True`` the layer also returns the keys
+and values of all P + N tokens. Without either it is the plain forward (P = 0), the same code;
+``climber.serve.engine`` uses the cached form to score candidates against a user's cached history.
 
 Shapes: B batch, H heads, N tokens (queries), P cached tokens before them, d model width, dh = d / H.
 """
@@ -116,11 +116,11 @@ def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl
 
 
 def cached_layers(layers, x: torch.Tensor, past, *args) -> tuple[torch.Tensor, list]:
-    """x (B, N, d) through ``layer.forward_cached(x, past_i, *args)`` of each layer in turn; past: one
-    entry per layer (None: no cached tokens) -> (x (B, N, d), the (k, v) each layer returned)."""
+    """x (B, N, d) through ``layer(x, *args, past=past_i, return_kv=True)`` of each layer in turn; past:
+    one entry per layer (None: no cached tokens) -> (x (B, N, d), the (k, v) each layer returned)."""
     kvs = []
     for i, layer in enumerate(layers):
-        x, kv = layer.forward_cached(x, None if past is None else past[i], *args)
+        x, kv = layer(x, *args, past=None if past is None else past[i], return_kv=True)
         kvs.append(kv)
     return x, kvs
 
@@ -139,20 +139,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, bias=None, tau=None):  # x (B, N, d) -> (B, N, d)
-        return self.forward_cached(x, None, mask, bias, tau)[0]
-
-    def forward_cached(self, x, past, mask=None, bias=None, tau=None):
+    def forward(self, x, mask=None, bias=None, tau=None, past=None, return_kv: bool = False):
         """x (B, N, d) the query tokens; past (k, v) each (B, H, P, dh) of the P tokens before them, or
         None (P = 0); mask (B, N, P + N), bias (B, H, N, P + N), tau (B, N)
-        -> (B, N, d), (k, v) of all P + N tokens, each (B, H, P + N, dh)."""
+        -> (B, N, d), and with return_kv the (k, v) of all P + N tokens, each (B, H, P + N, dh)."""
         B, N, d = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, dh)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, dh)
         p = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, bias, tau, p, self.impl)  # (B, H, N, dh)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d))), (k, v)
+        y = self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d)))
+        return (y, (k, v)) if return_kv else y
 
 
 class FeedForward(nn.Module):
@@ -177,15 +175,14 @@ class TransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
 
-    def forward(self, x, mask=None, bias=None, tau=None):  # x (B, N, d) -> (B, N, d)
-        return self.forward_cached(x, None, mask, bias, tau)[0]
-
-    def forward_cached(self, x, past, mask=None, bias=None, tau=None):
+    def forward(self, x, mask=None, bias=None, tau=None, past=None, return_kv: bool = False):
         """The layer over the query tokens x (B, N, d) that follow P cached tokens: past, mask, bias and
-        tau as in ``Attention.forward_cached`` -> (B, N, d), (k, v) of all P + N tokens (after LN + qkv)."""
-        a, kv = self.attn.forward_cached(self.ln1(x), past, mask, bias, tau)
+        tau as in ``Attention.forward`` -> (B, N, d), and with return_kv the (k, v) of all P + N tokens
+        (after LN + qkv)."""
+        a, kv = self.attn(self.ln1(x), mask, bias, tau, past=past, return_kv=True)
         x = x + a
-        return x + self.ffn(self.ln2(x)), kv
+        x = x + self.ffn(self.ln2(x))
+        return (x, kv) if return_kv else x
 
 
 def transformer_layer_flops(n: int, d: int, ffn_mult: int) -> int:

@@ -153,7 +153,7 @@ class _ClimberPath:
         return self.model.candidate_tokens(batch)
 
     def run(self, b, x, past, mask, pos, ts, scenario):
-        return self.model.blocks[b].forward_cached(x, past, mask, pos, ts, scenario)
+        return self.model.blocks[b](x, mask, pos, ts, scenario, past=past, return_kv=True)
 
     def logits(self, states: list, batch: Batch) -> torch.Tensor:  # states: per block (1, C, d) -> (1, C)
         return self.model.fuse(torch.stack(states, dim=2), batch)["click"]

@@ -1,0 +1,1 @@
+"""Scaling toolkit: FLOPs accounting (``flops``)."""
