@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from climber.data.synthetic import synthesize
 
@@ -26,3 +27,17 @@ def tiny_synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     synthesize(out, users=120, events_per_user=30, items=60, topics=4, seed=1, log=lambda *_: None)
     return out
+
+
+def perturb_parameters(model: nn.Module, seed: int) -> nn.Module:
+    """Move every parameter by N(0, 0.3) noise so that each one matters in a check (zero relative biases,
+    unit norm gains and 0.02-scale embeddings would hide mistakes); padding rows of embeddings stay
+    zero, as training keeps them."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+    return model

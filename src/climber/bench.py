@@ -86,14 +86,7 @@ def bench_model(model_name: str, overrides: list[str], length: int | None) -> to
 
 def _time_steps(step, steps: int, warmup: int) -> float:
     """Seconds per call of ``step`` (median of ``steps`` timed calls after ``warmup`` untimed ones)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return _percentile(_latencies(step, steps, warmup), 0.5)
 
 
 def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=(8, 64), rows: int = 2,
@@ -156,6 +149,7 @@ def count_flops(model: torch.nn.Module, fn) -> tuple[int, dict[str, int]]:
 
 
 def _latencies(fn, requests: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``requests`` timed calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     out = []

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from climber.config import DEFAULT_PRESETS, load_preset
+from conftest import perturb_parameters
 from climber.models import REGISTRY, SampleShape, build_model, config_class
 
 CLIMBER = dict(
@@ -80,18 +81,9 @@ each_case = pytest.mark.parametrize("name,variant", CASES, ids=[f"{name}-{i}" fo
 
 
 def build(name: str, variant: int, **overrides) -> nn.Module:
-    """The tiny model, every parameter moved by N(0, 0.3) noise so that each one matters in the checks
-    (zero relative biases, unit norm gains and 0.02-scale embeddings would hide mistakes); padding rows
-    of embeddings stay zero, as training keeps them."""
+    """The tiny model with every parameter perturbed (conftest.perturb_parameters)."""
     torch.manual_seed(variant)
-    model = build_model(name, {**TINY[name][variant], **overrides}, INFO)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        for m in model.modules():
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-    return model
+    return perturb_parameters(build_model(name, {**TINY[name][variant], **overrides}, INFO), seed=variant)
 
 
 def batch_for(model: nn.Module, **kw):

@@ -17,6 +17,7 @@ from climber.data.samples import Rows, UserEvents, collate
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
 from climber.serve.engine import Engine, UserHistory
+from conftest import perturb_parameters
 
 INFO = DataInfo(num_users=20, num_items=50, actions=("click", "like", "skip"), scenarios=("home", "search", "radio"))
 
@@ -48,17 +49,9 @@ def close(a, b, tol=1e-5):
 
 
 def build(name: str, cfg: dict, seed: int = 0) -> nn.Module:
-    """The tiny model with every parameter moved by N(0, 0.3) noise (non-trivial biases and temperatures),
-    padding rows of embeddings kept zero, as in tests/models/test_contract.py."""
+    """The tiny model with every parameter perturbed (non-trivial biases and temperatures), in eval mode."""
     torch.manual_seed(seed)
-    model = build_model(name, cfg, INFO)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        for m in model.modules():
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-    return model.eval()
+    return perturb_parameters(build_model(name, cfg, INFO), seed).eval()
 
 
 def random_events(n: int, seed: int, user: int = 3, t0: int = 10**6, label=None) -> UserHistory:
