@@ -84,6 +84,8 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.001, rel=0.01)
+    short = [lr_at(s, 20, cfg) for s in range(20)]  # 20 steps in all: the warmup is cut to 2
+    assert short[1] == pytest.approx(0.01) and max(short) == pytest.approx(0.01)
 
 
 def test_kill_minus_nine_then_resume_gives_the_uninterrupted_figures(data, tmp_path):

@@ -11,10 +11,13 @@ from climber.config import TrainConfig
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup for ``warmup_steps``, then cosine decay to 10% of the peak at ``total``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    """Linear warmup, then cosine decay to 10% of the peak at ``total``. The warmup lasts
+    ``warmup_steps`` but at most a tenth of the run, so a small data set (a few steps per epoch) still
+    trains at the peak rate."""
+    warmup = max(1, min(cfg.warmup_steps, total // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
