@@ -22,6 +22,13 @@ def test_single_item_rows_score_like_the_multi_item_batch():
     torch.testing.assert_close(model(single)[:, 0], model(batch).reshape(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_per_candidate_scorer_in_chunks_scores_like_the_batch():
+    model = bench.bench_model("climber", TINY_CLIMBER, 10).eval()
+    batch = bench.random_batch(tuple(s.length for s in model.strategies()), rows=1, candidates=7)
+    score = bench.per_candidate_scorer(model, batch, max_elements=3 * 11**2)  # chunks of 3 rows: 3 + 3 + 1
+    torch.testing.assert_close(score(), model(batch)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_bench_model_sets_every_length():
     assert [s.length for s in bench.bench_model("climber", TINY_CLIMBER, 40).strategies()] == [40, 40]
     assert [s.length for s in bench.bench_model("din", [], 40).strategies()] == [40]
@@ -52,6 +59,8 @@ def test_bench_serve_report(model, capsys):
     assert r["speedup_p50"] == pytest.approx(r["full"]["p50_ms"] / r["cached"]["p50_ms"])
     assert r["cached"]["p99_ms"] >= r["cached"]["p50_ms"] > 0
     assert 0 < r["full"]["flops"] and r["full"]["mfu"] == pytest.approx(r["full"]["flop_per_s"] / 1e9)
+    assert r["speedup_vs_per_candidate_p50"] == pytest.approx(r["per_candidate"]["p50_ms"] / r["cached"]["p50_ms"])
+    assert "| 12 | 3 |" in bench.markdown(out)
     if model == "climber":  # candidates only, against cached keys: fewer FLOPs than the full forward
         assert r["cached"]["flops"] < r["full"]["flops"]
         assert main(["bench", "serve", "--lengths", "12", "--candidates", "3", "--requests", "1", "--json",

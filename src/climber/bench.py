@@ -99,7 +99,7 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
     results = []
     for L in lengths:
         model = bench_model(model_name, list(overrides or []), L).train()
-        run = torch.compile(model) if compile else model
+        run = torch.compile(model, dynamic=False) if compile else model  # static: one graph per batch shape
         for C in candidates:
             batch = random_batch(tuple(s.length for s in model.strategies()), rows, C)
             entry = {"history": L, "candidates": C, "rows": rows}
@@ -165,11 +165,37 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+PER_CANDIDATE_MAX_FLOPS = 5e11  # per request; above it the per-candidate baseline is not run (minutes each)
+
+
+def per_candidate_scorer(model, batch: Batch, max_elements: int = 2**26):
+    """A function scoring every candidate of ``batch`` as its own "single user, single item" row, in
+    chunks of rows whose (tokens x tokens) attention matrices hold at most ``max_elements`` entries per
+    head (2**26: 256 MB): the serving cost without the paper's mask (a request = C forwards)."""
+    single = single_item_rows(batch)
+    n = max(s.item.shape[1] for s in single.seqs) + 1
+    chunk = max(1, max_elements // n**2)
+    rows = single.cand_item.shape[0]
+
+    def run():
+        return torch.cat([model(_rows(single, slice(i, i + chunk))) for i in range(0, rows, chunk)])[:, 0]
+
+    return run
+
+
+def _rows(batch: Batch, rows) -> Batch:
+    seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in dataclasses.fields(s))) for s in batch.seqs]
+    fields = {f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch) if f.name != "seqs"}
+    return Batch(seqs=seqs, **fields)
+
+
 def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidates=(16, 128, 512),
                 requests: int = 20, overrides: list[str] | None = None, peak: float | None = None, log=print) -> dict:
-    """Latency per scoring request of one user with C candidates after L history events: from the
-    engine's KV cache (``climber.serve.engine``) against a full forward of the same batch, in the same
-    run. Every strategy's length is set to L; the L events have random labels (a ``positive`` strategy
+    """Latency per scoring request of one user with C candidates after L history events, three ways in
+    the same run: from the engine's KV cache (``climber.serve.engine``); a full forward of the same
+    "single user, multiple items" batch (history encoded again, candidates as extra tokens); and, where it
+    takes at most PER_CANDIDATE_MAX_FLOPS, one "single user, single item" row per candidate (3 requests).
+    Every strategy's length is set to L; the L events have random labels (a ``positive`` strategy
     selects about L / 2 of them). Encoding the cache is timed on its own (once per L)."""
     from climber.serve.engine import Engine, UserHistory
 
@@ -201,7 +227,18 @@ def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidat
                     p50 = _percentile(times, 0.5)
                     entry[name] = {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * _percentile(times, 0.99),
                                    "flops": flops, "flop_per_s": flops / p50, "mfu": flops / p50 / peak}
+                lengths_now = tuple(sq.item.shape[1] for sq in batch.seqs)
+                flops = C * model.flops(SampleShape(lengths_now, 1))  # analytic: the counter would run it again
+                if flops <= PER_CANDIDATE_MAX_FLOPS:
+                    per_candidate = per_candidate_scorer(model, batch)
+                    torch.testing.assert_close(per_candidate(), full()[0], rtol=1e-4, atol=1e-4)
+                    times = _latencies(per_candidate, min(3, requests), warmup=0)
+                    p50 = _percentile(times, 0.5)
+                    entry["per_candidate"] = {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * max(times), "flops": flops,
+                                              "flop_per_s": flops / p50, "mfu": flops / p50 / peak}
             entry["speedup_p50"] = entry["full"]["p50_ms"] / entry["cached"]["p50_ms"]
+            if "per_candidate" in entry:
+                entry["speedup_vs_per_candidate_p50"] = entry["per_candidate"]["p50_ms"] / entry["cached"]["p50_ms"]
             log(f"  history {L:5d}  candidates {C:4d}: cached p50 {entry['cached']['p50_ms']:8.2f} ms "
                 f"p99 {entry['cached']['p99_ms']:8.2f}  full p50 {entry['full']['p50_ms']:8.2f} ms "
                 f"p99 {entry['full']['p99_ms']:8.2f}  x{entry['speedup_p50']:.1f}  (encode {entry['encode_ms']:.1f} ms)")
@@ -224,9 +261,17 @@ def markdown(out: dict) -> str:
                   f"{r['single']['samples_per_s']:,.0f} | {r['single']['mfu']:.1%} | {r['speedup']:.1f}x |"
                   for r in out["results"]]
     else:
-        lines = ["| history | candidates | cached p50 ms | cached p99 ms | full p50 ms | full p99 ms | speed-up (p50) "
-                 "| cached MFU | full MFU | encode ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['history']} | {r['candidates']} | {r['cached']['p50_ms']:.2f} | {r['cached']['p99_ms']:.2f} | "
-                  f"{r['full']['p50_ms']:.2f} | {r['full']['p99_ms']:.2f} | {r['speedup_p50']:.1f}x | "
-                  f"{r['cached']['mfu']:.1%} | {r['full']['mfu']:.1%} | {r['encode_ms']:.1f} |" for r in out["results"]]
+        lines = ["| history | candidates | cached p50 / p99 ms | full p50 / p99 ms | full / cached (p50) | FLOPs full / cached "
+                 "| per-candidate p50 ms | per-candidate / cached | MFU cached / full | encode ms |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in out["results"]:
+            cached, full = r["cached"], r["full"]
+            per_candidate = ("not run", "-")
+            if "per_candidate" in r:
+                per_candidate = (f"{r['per_candidate']['p50_ms']:.0f}", f"{r['speedup_vs_per_candidate_p50']:.0f}x")
+            lines.append(
+                f"| {r['history']} | {r['candidates']} | {cached['p50_ms']:.2f} / {cached['p99_ms']:.2f} | "
+                f"{full['p50_ms']:.2f} / {full['p99_ms']:.2f} | {r['speedup_p50']:.1f}x | "
+                f"{full['flops'] / cached['flops']:.1f}x | {per_candidate[0]} | {per_candidate[1]} | "
+                f"{cached['mfu']:.1%} / {full['mfu']:.1%} | {r['encode_ms']:.1f} |")
     return head + "\n".join(lines) + "\n"
