@@ -57,19 +57,15 @@ def random_batch(lengths: tuple[int, ...], rows: int, candidates: int, seed: int
     )
 
 
+CANDIDATE_FIELDS = ("cand_item", "cand_scenario", "cand_ts", "cand_mask", "label", "cand_action")
+
+
 def single_item_rows(batch: Batch) -> Batch:
     """"Single user, single item": one row per candidate, the row's history repeated (C = 1)."""
     B, C = batch.cand_item.shape
-    rows = torch.arange(B).repeat_interleave(C)  # (B * C,)
-
-    def per_candidate(t):  # (B, C) -> (B * C, 1)
-        return t.reshape(B * C, 1)
-
-    seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in dataclasses.fields(s))) for s in batch.seqs]
-    return Batch(user=batch.user[rows], seqs=seqs, cand_item=per_candidate(batch.cand_item),
-                 cand_scenario=per_candidate(batch.cand_scenario), cand_ts=per_candidate(batch.cand_ts),
-                 cand_mask=per_candidate(batch.cand_mask), label=per_candidate(batch.label),
-                 cand_action=per_candidate(batch.cand_action))
+    single = batch.take(torch.arange(B).repeat_interleave(C))  # (B * C) rows, each with all C candidates
+    per_candidate = {f: getattr(batch, f).reshape(B * C, 1) for f in CANDIDATE_FIELDS}  # (B, C) -> (B * C, 1)
+    return dataclasses.replace(single, **per_candidate)
 
 
 def bench_model(model_name: str, overrides: list[str], length: int | None) -> torch.nn.Module:
@@ -178,15 +174,9 @@ def per_candidate_scorer(model, batch: Batch, max_elements: int = 2**26):
     rows = single.cand_item.shape[0]
 
     def run():
-        return torch.cat([model(_rows(single, slice(i, i + chunk))) for i in range(0, rows, chunk)])[:, 0]
+        return torch.cat([model(single.take(slice(i, i + chunk))) for i in range(0, rows, chunk)])[:, 0]
 
     return run
-
-
-def _rows(batch: Batch, rows) -> Batch:
-    seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in dataclasses.fields(s))) for s in batch.seqs]
-    fields = {f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch) if f.name != "seqs"}
-    return Batch(seqs=seqs, **fields)
 
 
 def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidates=(16, 128, 512),

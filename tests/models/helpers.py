@@ -82,18 +82,11 @@ def select_cands(batch: Batch, idx) -> Batch:
     )
 
 
-def select_rows(batch: Batch, rows) -> Batch:
-    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    moved = {k: v[rows] for k, v in moved.items() if torch.is_tensor(v)}
-    seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in dataclasses.fields(s))) for s in batch.seqs]
-    return Batch(seqs=seqs, **moved)
-
-
 def to_single_item_rows(batch: Batch) -> Batch:
     """"Single user, single item": one row per real candidate of ``batch``, holding that candidate's user
     and history and the candidate alone (C = 1), in row-major order of ``batch.cand_mask``."""
     rows, cols = batch.cand_mask.nonzero(as_tuple=True)
-    single = select_rows(batch, rows)
+    single = batch.take(rows)
     take = {f: getattr(batch, f)[rows, cols][:, None] for f in ("cand_item", "cand_scenario", "cand_ts", "cand_mask",
                                                                  "label", "cand_action")}
     return replace(single, **take)

@@ -22,7 +22,6 @@ from helpers import (
     pad_left,
     replace,
     select_cands,
-    select_rows,
     to_single_item_rows,
     with_empty_history,
 )
@@ -186,7 +185,7 @@ def test_rows_are_independent_and_left_padding_changes_nothing(name, variant):
     model = build(name, variant).eval()
     batch = batch_for(model, B=3, C=4)
     base = model(batch)
-    assert close(model(select_rows(batch, [0])), base[[0]])
+    assert close(model(batch.take([0])), base[[0]])
     assert close(model(pad_left(batch, 5)), base)
     out = model(with_new_history(batch, row=1))
     assert close(out[[0, 2]], base[[0, 2]])

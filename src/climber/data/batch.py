@@ -42,6 +42,12 @@ class Batch:
         moved["seqs"] = [s.to(device) for s in self.seqs]
         return Batch(**moved)
 
+    def take(self, rows) -> "Batch":
+        """The rows ``rows`` (an index tensor, list or slice) of every field, subsequences included."""
+        taken = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "seqs"}
+        seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in fields(s))) for s in self.seqs]
+        return Batch(seqs=seqs, **taken)
+
     @property
     def num_candidates(self) -> int:
         return int(self.cand_mask.sum())
