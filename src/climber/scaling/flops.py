@@ -5,7 +5,6 @@ module, and the parameters. Training costs 3 x forward (forward + backward of ac
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from climber.bench import bench_model, count_flops, random_batch

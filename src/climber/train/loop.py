@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from climber.config import RunConfig, TrainConfig, save_yaml
+from climber.config import RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
 from climber.eval.evaluate import evaluate_split, with_raw_ids
