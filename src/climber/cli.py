@@ -1,4 +1,4 @@
-"""The one command line: ``climber data|train|eval|compare|tune|bench|flops|quickstart|models ...``.
+"""The one command line: ``climber data|train|eval|compare|tune|bench|flops|scale|quickstart|models ...``.
 
 Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
 set CLIMBER_DEBUG=1 to see the traceback instead.
@@ -126,6 +126,14 @@ def _flops(args) -> None:
     print(f"  parameters: {p['total']:,} ({p['embeddings']:,} in embedding tables, {p['dense']:,} dense)")
 
 
+def _scale_sweep(args) -> None:
+    from climber.scaling.sweep import parse_grid, sweep
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    command = "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else "climber scale sweep ..."
+    sweep(Path(args.data), models, parse_grid(args.grid), Path(args.out), args.set or [], command)
+
+
 def _tune(args) -> None:
     from climber.compare import Entry
     from climber.tune import tune
@@ -242,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override (repeatable)")
     fl.add_argument("--json", action="store_true", help="print the report as JSON")
     fl.set_defaults(func=_flops)
+
+    scale = sub.add_parser("scale", help="scaling studies").add_subparsers(dest="scale_command", required=True)
+    sw = scale.add_parser("sweep", help="train a grid of length s x depth l x width d per model; one table")
+    sw.add_argument("--data", required=True, help="prepared dir")
+    sw.add_argument("--grid", required=True, help='e.g. "s=64,128,256;l=1,2,4;d=64" (a missing axis keeps the preset)')
+    sw.add_argument("--models", default="climber", help="comma separated model or preset names")
+    sw.add_argument("--out", required=True, help="folder for the run dirs and sweep.{md,json}")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every point (repeatable)")
+    sw.set_defaults(func=_scale_sweep)
 
     tu = sub.add_parser("tune", help="the same budget of trials per model (lr, dropout, weight decay), chosen on val AUC")
     tu.add_argument("--data", required=True, help="prepared dir")

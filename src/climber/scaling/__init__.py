@@ -1,1 +1,1 @@
-"""Scaling toolkit: FLOPs accounting (``flops``)."""
+"""Scaling toolkit: FLOPs accounting (``flops``) and grid sweeps over length x depth x width (``sweep``)."""

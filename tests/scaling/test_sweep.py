@@ -1,0 +1,49 @@
+"""climber scale sweep: the grid, the overrides per model, resumable points, the table against the run dirs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from climber.cli import main
+from climber.config import ConfigError, resolve
+from climber.scaling.sweep import parse_grid, point_overrides
+from conftest import TINY
+
+
+def test_parse_grid():
+    assert parse_grid("s=64,128; l=1,2 ;d=32") == {"s": [64, 128], "l": [1, 2], "d": [32]}
+    assert parse_grid("l=3") == {"l": [3]}
+    for bad in ("x=1", "s=", "s=a", "s=0"):
+        with pytest.raises(ConfigError):
+            parse_grid(bad)
+
+
+def test_point_overrides_reach_each_model():
+    climber = resolve("climber", None, point_overrides("climber", {"s": 48, "l": 3, "d": 32}))
+    assert [s["length"] for s in climber.model_config["strategies"]] == [48, 48]
+    assert climber.model_config["n_layers"] == 3 and climber.model_config["d_model"] == 32
+    dlrm = resolve("dlrm", None, point_overrides("dlrm", {"s": 20, "l": 4}))
+    assert dlrm.model_config["max_len"] == 20 and dlrm.model_config["n_cross"] == 4
+    assert resolve("rankmixer", None, point_overrides("rankmixer", {"d": 16})).model_config["d_token"] == 16
+    with pytest.raises(ConfigError, match="no depth"):
+        point_overrides("din", {"l": 2})
+
+
+def test_sweep_runs_the_grid_skips_finished_points_and_tables_match(tiny_synth, tmp_path, capsys):
+    sets = [x for s in TINY + ["train.epochs=1"] if not s.startswith(("model.d_model", "model.n_layers"))
+            for x in ("--set", s)]
+    args = ["scale", "sweep", "--data", str(tiny_synth), "--grid", "s=4,8;l=1;d=16", "--models", "climber-tiny",
+            "--out", str(tmp_path)] + sets
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [(r["s"], r["l"], r["d"]) for r in rows] == [(4, 1, 16), (8, 1, 16)]
+    for r in rows:
+        run = tmp_path / "climber-tiny" / f"s{r['s']}-l1-d16"
+        m = json.loads((run / "metrics.json").read_text())
+        assert r["test_auc"] == m["best"]["test"]["auc"] and r["parameters"] == m["parameters"]
+    assert rows[1]["forward_flops_per_candidate"] > rows[0]["forward_flops_per_candidate"]  # longer history
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
