@@ -134,6 +134,16 @@ def _scale_sweep(args) -> None:
     sweep(Path(args.data), models, parse_grid(args.grid), Path(args.out), args.set or [], command)
 
 
+def _scale_fit(args) -> None:
+    from climber.scaling.fit import fit_sweep
+
+    out = fit_sweep(Path(args.sweep), args.metric)
+    print(f"{out['metric']} = {out['law']}")
+    for model, f in out["fits"].items():
+        print(f"  {model:14s} E {f['E']:.4f}  A {f['A']:.4g}  alpha {f['alpha']:.3f}  R2 {f['r2']:.3f}  ({f['points']} points)")
+    print(f"wrote {Path(args.sweep) / 'fit.json'} (with 90% bootstrap bands)")
+
+
 def _tune(args) -> None:
     from climber.compare import Entry
     from climber.tune import tune
@@ -259,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="folder for the run dirs and sweep.{md,json}")
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every point (repeatable)")
     sw.set_defaults(func=_scale_sweep)
+    sf = scale.add_parser("fit", help="saturating power law of LogLoss (or 1 - AUC) against training FLOPs per model")
+    sf.add_argument("--sweep", required=True, help="a `climber scale sweep` output folder (holds sweep.json)")
+    sf.add_argument("--metric", default="logloss", help="logloss (default) or auc (fits 1 - AUC)")
+    sf.set_defaults(func=_scale_fit)
 
     tu = sub.add_parser("tune", help="the same budget of trials per model (lr, dropout, weight decay), chosen on val AUC")
     tu.add_argument("--data", required=True, help="prepared dir")

@@ -1,1 +1,2 @@
-"""Scaling toolkit: FLOPs accounting (``flops``) and grid sweeps over length x depth x width (``sweep``)."""
+"""Scaling toolkit: FLOPs accounting (``flops``), grid sweeps over length x depth x width (``sweep``),
+saturating power-law fits (``fit``)."""

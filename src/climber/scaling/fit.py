@@ -1,0 +1,87 @@
+"""``climber scale fit``: a saturating power law per model family through a sweep's points,
+
+    y(C) = E + A * C ** (-alpha),   y = test LogLoss (or 1 - test AUC), C = training FLOPs,
+
+with R² and a bootstrap confidence band. The fit is dependency-free: for a fixed floor E the law is a
+straight line in log-log space (least squares), and E is searched on grids below the smallest y,
+each finer around the best floor so far; the floor with the smallest squared error in y wins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from climber.config import ConfigError
+
+METRICS = {"logloss": lambda r: r["test_logloss"], "auc": lambda r: 1.0 - r["test_auc"]}  # lower is better
+
+
+def fit_power_law(flops, y, floors: int = 50) -> dict:
+    """Least-squares E, A, alpha (alpha > 0: y falls with FLOPs) and R² of y against flops (>= 3 points)."""
+    c, y = np.asarray(flops, dtype=float), np.asarray(y, dtype=float)
+    if len(c) < 3 or len(np.unique(c)) < 2:
+        raise ConfigError(f"scale fit: need at least 3 points at 2 or more FLOPs values, got {len(c)}")
+    if np.any(c <= 0):
+        raise ConfigError("scale fit: FLOPs must be positive")
+    x = np.log(c)
+
+    def at_floor(e: float) -> tuple[float, float, float, float]:  # (squared error, E, A, alpha)
+        slope, intercept = np.polyfit(x, np.log(y - e), 1)
+        pred = e + np.exp(intercept + slope * x)
+        return float(np.sum((y - pred) ** 2)), e, float(np.exp(intercept)), float(-slope)
+
+    lo, hi, best = 0.0, float(y.min()), None
+    for _ in range(4):  # a grid of floors, then finer grids around the best one
+        grid = np.linspace(lo, hi, floors, endpoint=False)
+        best = min((at_floor(float(e)) for e in grid), key=lambda t: t[0])
+        step = grid[1] - grid[0]
+        lo, hi = max(0.0, best[1] - step), min(float(y.min()), best[1] + step)
+    sse, e, a, alpha = best
+    sst = float(np.sum((y - y.mean()) ** 2))
+    return {"E": float(e), "A": a, "alpha": alpha, "r2": 1.0 - sse / sst if sst > 0 else 1.0, "points": len(c)}
+
+
+def predict(fit: dict, flops) -> np.ndarray:
+    return fit["E"] + fit["A"] * np.asarray(flops, dtype=float) ** (-fit["alpha"])
+
+
+def bootstrap_band(flops, y, at, samples: int = 200, level: float = 0.9, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise ``level`` band of the fitted curve at FLOPs ``at``: refits on resampled points (a
+    resample with fewer than 2 distinct FLOPs values is drawn again)."""
+    c, y = np.asarray(flops, dtype=float), np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    curves = []
+    while len(curves) < samples:
+        idx = rng.integers(0, len(c), len(c))
+        if len(np.unique(c[idx])) < 2:
+            continue
+        curves.append(predict(fit_power_law(c[idx], y[idx], floors=20), at))
+    lo, hi = np.quantile(np.array(curves), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return lo, hi
+
+
+def fit_sweep(sweep_dir: Path, metric: str = "logloss") -> dict:
+    """Fit every model family of ``sweep_dir/sweep.json``; write ``fit.json`` beside it and return it."""
+    if metric not in METRICS:
+        raise ConfigError(f"scale fit: --metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.exists():
+        raise ConfigError(f"{sweep_dir}: no sweep.json; run `climber scale sweep` first")
+    rows = json.loads(path.read_text())["rows"]
+    fits = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        flops = np.array([r["train_flops"] for r in mine])
+        y = np.array([METRICS[metric](r) for r in mine])
+        fit = fit_power_law(flops, y)
+        at = np.geomspace(flops.min(), flops.max(), 5)
+        lo, hi = bootstrap_band(flops, y, at)
+        fits[model] = {**fit, "band": {"flops": at.tolist(), "low": lo.tolist(), "high": hi.tolist(),
+                                       "fit": predict(fit, at).tolist()}}
+    out = {"metric": "test LogLoss" if metric == "logloss" else "1 - test AUC", "law": "E + A * FLOPs^-alpha",
+           "fits": fits}
+    (Path(sweep_dir) / "fit.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out

@@ -1,0 +1,47 @@
+"""climber scale fit: the power law recovered from known points, R², the bootstrap band, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from climber.cli import main
+from climber.config import ConfigError
+from climber.scaling.fit import bootstrap_band, fit_power_law, predict
+
+
+def law(c):  # LogLoss from about 0.58 at 1e8 FLOPs to 0.47 at 1e12
+    return 0.45 + 2.0 * c ** -0.15
+
+
+def test_recovers_a_known_law():
+    c = np.geomspace(1e8, 1e12, 12)
+    fit = fit_power_law(c, law(c))
+    assert fit["E"] == pytest.approx(0.45, abs=0.005) and fit["alpha"] == pytest.approx(0.15, abs=0.01)
+    assert fit["r2"] > 0.999
+    np.testing.assert_allclose(predict(fit, c), law(c), rtol=5e-3)
+
+
+def test_noise_lowers_r2_and_the_band_covers_the_truth():
+    rng = np.random.default_rng(0)
+    c = np.repeat(np.geomspace(1e8, 1e12, 6), 3)
+    y = law(c) + rng.normal(0, 0.002, len(c))
+    fit = fit_power_law(c, y)
+    assert 0.9 < fit["r2"] < 1.0
+    lo, hi = bootstrap_band(c, y, [1e10], samples=100)
+    assert lo[0] <= law(1e10) <= hi[0] and lo[0] < hi[0]
+
+
+def test_too_few_points_and_the_cli(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="at least 3 points"):
+        fit_power_law([1e9, 1e10], [0.5, 0.45])
+    c = np.geomspace(1e8, 1e12, 5)
+    rows = [{"model": "m", "train_flops": float(x), "test_logloss": float(law(x)), "test_auc": 0.7} for x in c]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
+    assert main(["scale", "fit", "--sweep", str(tmp_path)]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())["fits"]["m"]
+    assert fit["alpha"] == pytest.approx(0.15, abs=0.01)
+    assert "alpha" in capsys.readouterr().out
+    assert main(["scale", "fit", "--sweep", str(tmp_path / "nope")]) == 2
