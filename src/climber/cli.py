@@ -144,6 +144,13 @@ def _scale_fit(args) -> None:
     print(f"wrote {Path(args.sweep) / 'fit.json'} (with 90% bootstrap bands)")
 
 
+def _scale_plot(args) -> None:
+    from climber.scaling.plot import plot_sweep
+
+    for path in plot_sweep(Path(args.sweep)):
+        print(f"wrote {path}")
+
+
 def _tune(args) -> None:
     from climber.compare import Entry
     from climber.tune import tune
@@ -273,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--sweep", required=True, help="a `climber scale sweep` output folder (holds sweep.json)")
     sf.add_argument("--metric", default="logloss", help="logloss (default) or auc (fits 1 - AUC)")
     sf.set_defaults(func=_scale_fit)
+    sp = scale.add_parser("plot", help="PNG of AUC / LogLoss against FLOPs per model, and s x l heat maps")
+    sp.add_argument("--sweep", required=True, help="a `climber scale sweep` output folder")
+    sp.set_defaults(func=_scale_plot)
 
     tu = sub.add_parser("tune", help="the same budget of trials per model (lr, dropout, weight decay), chosen on val AUC")
     tu.add_argument("--data", required=True, help="prepared dir")

@@ -45,3 +45,14 @@ def test_too_few_points_and_the_cli(tmp_path, capsys):
     assert fit["alpha"] == pytest.approx(0.15, abs=0.01)
     assert "alpha" in capsys.readouterr().out
     assert main(["scale", "fit", "--sweep", str(tmp_path / "nope")]) == 2
+
+
+def test_plot_writes_the_curves_and_a_heat_map_per_model(tmp_path):
+    rows = [{"model": m, "s": s, "l": l, "d": 16, "train_flops": float(s * l * 1e9 * k),
+             "test_logloss": float(law(s * l * 1e9 * k)), "test_auc": 0.7 + 0.01 * l}
+            for k, m in ((1, "a"), (2, "b")) for s in (8, 16) for l in (1, 2)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
+    assert main(["scale", "fit", "--sweep", str(tmp_path)]) == 0
+    assert main(["scale", "plot", "--sweep", str(tmp_path)]) == 0
+    for name in ("scaling.png", "heatmap-a.png", "heatmap-b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
