@@ -151,6 +151,13 @@ def _scale_plot(args) -> None:
         print(f"wrote {path}")
 
 
+def _scale_advise(args) -> None:
+    from climber.scaling.advise import advise, markdown
+
+    out = advise(Path(args.sweep), args.flops, args.model, args.tolerance)
+    print(json.dumps(out, indent=2) if args.json else markdown(out))
+
+
 def _tune(args) -> None:
     from climber.compare import Entry
     from climber.tune import tune
@@ -280,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--sweep", required=True, help="a `climber scale sweep` output folder (holds sweep.json)")
     sf.add_argument("--metric", default="logloss", help="logloss (default) or auc (fits 1 - AUC)")
     sf.set_defaults(func=_scale_fit)
+    sa = scale.add_parser("advise", help="(s, l, d) for a FLOPs budget from the sweep's fitted surface; equal-FLOPs table")
+    sa.add_argument("--sweep", required=True, help="a `climber scale sweep` output folder")
+    sa.add_argument("--flops", type=float, required=True, help="budget: forward FLOPs per candidate, e.g. 2e6")
+    sa.add_argument("--model", help="model family of the sweep (default: its first)")
+    sa.add_argument("--tolerance", type=float, default=0.15, help="equal FLOPs means within this fraction (0.15)")
+    sa.add_argument("--json", action="store_true", help="print the result as JSON")
+    sa.set_defaults(func=_scale_advise)
     sp = scale.add_parser("plot", help="PNG of AUC / LogLoss against FLOPs per model, and s x l heat maps")
     sp.add_argument("--sweep", required=True, help="a `climber scale sweep` output folder")
     sp.set_defaults(func=_scale_plot)
