@@ -80,6 +80,11 @@ def bench_model(model_name: str, overrides: list[str], length: int | None) -> to
     return build_model(cfg.model, model_cfg, INFO)
 
 
+def _rate(flops: float, seconds: float, peak: float) -> dict:
+    """Achieved FLOP/s of ``flops`` done in ``seconds``, and its fraction of the GEMM ``peak`` (MFU)."""
+    return {"flop_per_s": flops / seconds, "mfu": flops / seconds / peak}
+
+
 def _time_steps(step, steps: int, warmup: int) -> float:
     """Seconds per call of ``step`` (median of ``steps`` timed calls after ``warmup`` untimed ones)."""
     return _percentile(_latencies(step, steps, warmup), 0.5)
@@ -107,8 +112,7 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
                 seconds = _time_steps(step, steps, warmup)
                 flops = 3 * model.flops(SampleShape(tuple(s.length for s in model.strategies()), shape))
                 flops *= b.cand_item.shape[0]
-                entry[form] = {"samples_per_s": rows * C / seconds, "step_s": seconds,
-                               "flop_per_s": flops / seconds, "mfu": flops / seconds / peak}
+                entry[form] = {"samples_per_s": rows * C / seconds, "step_s": seconds, **_rate(flops, seconds, peak)}
             entry["speedup"] = entry["multi"]["samples_per_s"] / entry["single"]["samples_per_s"]
             log(f"  history {L:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s "
                 f"(MFU {entry['multi']['mfu']:.1%})  single {entry['single']['samples_per_s']:8.0f}/s "
@@ -216,7 +220,7 @@ def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidat
                     flops = counted_flops(model, fn)
                     p50 = _percentile(times, 0.5)
                     entry[name] = {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * _percentile(times, 0.99),
-                                   "flops": flops, "flop_per_s": flops / p50, "mfu": flops / p50 / peak}
+                                   "flops": flops, **_rate(flops, p50, peak)}
                 lengths_now = tuple(sq.item.shape[1] for sq in batch.seqs)
                 flops = C * model.flops(SampleShape(lengths_now, 1))  # analytic: the counter would run it again
                 if flops <= PER_CANDIDATE_MAX_FLOPS:
@@ -225,7 +229,7 @@ def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidat
                     times = _latencies(per_candidate, min(3, requests), warmup=0)
                     p50 = _percentile(times, 0.5)
                     entry["per_candidate"] = {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * max(times), "flops": flops,
-                                              "flop_per_s": flops / p50, "mfu": flops / p50 / peak}
+                                              **_rate(flops, p50, peak)}
             entry["speedup_p50"] = entry["full"]["p50_ms"] / entry["cached"]["p50_ms"]
             if "per_candidate" in entry:
                 entry["speedup_vs_per_candidate_p50"] = entry["per_candidate"]["p50_ms"] / entry["cached"]["p50_ms"]

@@ -101,11 +101,16 @@ def _eval(args) -> None:
               f"HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({m['candidates']:,} candidates)")
 
 
+def _command_line(subcommand: str) -> str:
+    """The command as typed, for the result files (a placeholder when not run as ``climber``)."""
+    return "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else f"climber {subcommand} ..."
+
+
 def _compare(args) -> None:
     from climber.compare import Entry, compare
 
     entries = [Entry.parse(t) for t in args.models.split(",") if t.strip()]
-    command = "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else "climber compare ..."
+    command = _command_line("compare")
     compare(Path(args.data), entries, args.seeds, Path(args.out), args.set or [], command)
 
 
@@ -130,7 +135,7 @@ def _scale_sweep(args) -> None:
     from climber.scaling.sweep import parse_grid, sweep
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    command = "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else "climber scale sweep ..."
+    command = _command_line("scale sweep")
     sweep(Path(args.data), models, parse_grid(args.grid), Path(args.out), args.set or [], command)
 
 
@@ -163,7 +168,7 @@ def _tune(args) -> None:
     from climber.tune import tune
 
     entries = [Entry.parse(t) for t in args.models.split(",") if t.strip()]
-    command = "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else "climber tune ..."
+    command = _command_line("tune")
     tune(Path(args.data), entries, args.trials, Path(args.out), Path(args.configs), args.set or [], command,
          seed=args.seed)
 

@@ -10,14 +10,13 @@ equal-FLOPs set. Outside the swept ranges the surface extrapolates, and the tabl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from climber.config import ConfigError, resolve
 from climber.models import SampleShape, build_model
-from climber.scaling.sweep import _INFO, point_overrides
+from climber.scaling.sweep import _INFO, load_rows, point_overrides
 
 TERMS = (("s",), ("l",), ("d",), ("s", "l"))  # products of log axes in the surface, besides the constant
 
@@ -38,14 +37,11 @@ def flops_per_candidate(model: str, point: dict, candidates: int) -> float:
 
 def advise(sweep_dir: Path, budget: float, model: str | None = None, tolerance: float = 0.15) -> dict:
     """The recommendation and the equal-FLOPs rows (predicted test LogLoss, best first)."""
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists():
-        raise ConfigError(f"{sweep_dir}: no sweep.json; run `climber scale sweep` first")
-    rows = json.loads(path.read_text())["rows"]
+    rows = load_rows(sweep_dir)
     model = model or rows[0]["model"]
     mine = [r for r in rows if r["model"] == model]
     if not mine:
-        raise ConfigError(f"scale advise: no points of model {model!r} in {path}")
+        raise ConfigError(f"scale advise: no points of model {model!r} in {sweep_dir}")
     axes = [a for a in ("s", "l", "d") if a in mine[0] and len({r[a] for r in mine}) > 1]
     X = _features(mine, axes)
     if len(mine) < X.shape[1] + 1:

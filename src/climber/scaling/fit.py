@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from climber.config import ConfigError
+from climber.scaling.sweep import load_rows
 
 METRICS = {"logloss": lambda r: r["test_logloss"], "auc": lambda r: 1.0 - r["test_auc"]}  # lower is better
 
@@ -67,10 +68,7 @@ def fit_sweep(sweep_dir: Path, metric: str = "logloss") -> dict:
     """Fit every model family of ``sweep_dir/sweep.json``; write ``fit.json`` beside it and return it."""
     if metric not in METRICS:
         raise ConfigError(f"scale fit: --metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists():
-        raise ConfigError(f"{sweep_dir}: no sweep.json; run `climber scale sweep` first")
-    rows = json.loads(path.read_text())["rows"]
+    rows = load_rows(sweep_dir)
     fits = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

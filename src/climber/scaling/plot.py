@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from climber.config import ConfigError
+from climber.scaling.sweep import load_rows
 
 
 def plot_sweep(sweep_dir: Path) -> list[Path]:
@@ -23,9 +24,7 @@ def plot_sweep(sweep_dir: Path) -> list[Path]:
     except ImportError:
         raise ConfigError("scale plot needs matplotlib: pip install 'climber[plot]'") from None
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "sweep.json").exists():
-        raise ConfigError(f"{sweep_dir}: no sweep.json; run `climber scale sweep` first")
-    rows = json.loads((sweep_dir / "sweep.json").read_text())["rows"]
+    rows = load_rows(sweep_dir)
     fit_path = sweep_dir / "fit.json"
     fit = json.loads(fit_path.read_text()) if fit_path.exists() else None
     models = list(dict.fromkeys(r["model"] for r in rows))

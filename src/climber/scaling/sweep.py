@@ -100,6 +100,14 @@ def sweep(data: Path, models: list[str], grid: dict[str, list[int]], out: Path, 
     return rows
 
 
+def load_rows(sweep_dir: Path) -> list[dict]:
+    """The rows of ``sweep_dir/sweep.json``; ConfigError when the sweep has not been run."""
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.exists():
+        raise ConfigError(f"{sweep_dir}: no sweep.json; run `climber scale sweep` first")
+    return json.loads(path.read_text())["rows"]
+
+
 def markdown(rows: list[dict], axes: list[str]) -> str:
     head = ("| model | " + " | ".join(axes) + " | params | fwd FLOPs / candidate | train FLOPs | test AUC "
             "| test LogLoss | epochs | wall s |\n|" + "---|" * (len(axes) + 8) + "\n")
