@@ -1,4 +1,4 @@
-"""The one command line: ``climber data|train|eval|compare|tune|bench|flops|scale|quickstart|models ...``.
+"""The one command line: ``climber data|train|eval|compare|tune|bench|flops|scale|serve|quickstart|models ...``.
 
 Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
 set CLIMBER_DEBUG=1 to see the traceback instead.
@@ -205,6 +205,48 @@ def _bench(args) -> None:
     print(json.dumps(out, indent=2) if args.json else "\n" + bench.markdown(out))
 
 
+def _require_serving() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
+
+
+def _bench_http(args) -> None:
+    _require_serving()
+    from climber.serve.loadtest import bench_http, markdown
+
+    log = (lambda *_: None) if args.json else print
+    out = bench_http(Path(args.run), requests=args.requests, concurrency=_csv_ints(args.concurrency),
+                     candidates=args.candidates, batch_window_ms=args.batch_window_ms, log=log)
+    print(json.dumps(out, indent=2) if args.json else "\n" + markdown(out))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _serve(args) -> None:
+    _require_serving()
+    import uvicorn
+
+    from climber.serve.app import Service, create_app
+
+    key = os.environ.get(args.api_key_env) or None
+    if args.host not in LOOPBACK and key is None and not args.no_auth:
+        raise ValueError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
+                         f"${args.api_key_env} (clients send it as X-API-Key) or pass --no-auth")
+    service = Service(Path(args.run), args.data and Path(args.data), args.store and Path(args.store),
+                      cache_bytes=int(args.cache_mb * 2**20))
+    app = create_app(service, api_key=key, max_candidates=args.max_candidates, max_events=args.max_events,
+                     batch_window_ms=None if args.no_batching else args.batch_window_ms, max_batch=args.max_batch,
+                     max_body_bytes=args.max_body_kb * 1024)
+    print(f"serving {args.run} ({service.model_name}, KV cache: {service.engine.caches_kv}) on "
+          f"http://{args.host}:{args.port}; OpenAPI at /docs; store {service.store.path}"
+          f"{'; X-API-Key required' if key else ''}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _models(args) -> None:
     from climber.config import preset_names
     from climber.models import model_names
@@ -319,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--source", help="local folder with the named data set's files")
     qs.set_defaults(func=_quickstart)
 
-    bench = sub.add_parser("bench", help="throughput benchmarks on random inputs").add_subparsers(
+    bench = sub.add_parser("bench", help="benchmarks: training throughput, scoring latency, HTTP load").add_subparsers(
         dest="bench_command", required=True)
     bt = bench.add_parser("train", help='forward + backward samples/s: "single user, multiple items" vs single item')
     bs = bench.add_parser("serve", help="scoring latency p50/p99: KV-cached history vs full recompute")
@@ -335,6 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
     bt.add_argument("--compile", action="store_true", help="torch.compile the model first")
     bs.add_argument("--requests", type=int, default=20, help="timed requests per point")
+    bh = bench.add_parser("http", help="load on the real HTTP service over loopback, with and without dynamic batching")
+    bh.add_argument("--run", required=True, help="a `climber train` run dir")
+    bh.add_argument("--requests", type=int, default=2000, help="score requests per concurrency level")
+    bh.add_argument("--concurrency", default="1,4,16,32", help="concurrent clients, comma separated")
+    bh.add_argument("--candidates", type=int, default=64, help="candidates per request")
+    bh.add_argument("--batch-window-ms", type=float, default=2.0, help="the batched server's window")
+    bh.add_argument("--json", action="store_true", help="print the results as JSON")
+    bh.set_defaults(func=_bench_http)
+
+    se = sub.add_parser("serve", help="HTTP scoring service of a run: FastAPI, KV cache, SQLite history store")
+    se.add_argument("--run", required=True, help="a `climber train` run dir (its best checkpoint is served)")
+    se.add_argument("--data", help="prepared dir with the vocabularies (default: the run's data)")
+    se.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--store", help="SQLite history store (default RUN/serve/history.sqlite; seeded from the "
+                                    "data's events on first start)")
+    se.add_argument("--api-key-env", default="CLIMBER_API_KEY",
+                    help="environment variable holding the API key; when set, requests need X-API-Key")
+    se.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
+    se.add_argument("--max-candidates", type=int, default=1000, help="candidates per score request at most")
+    se.add_argument("--max-events", type=int, default=1000, help="events per events request at most")
+    se.add_argument("--max-body-kb", type=int, default=1024, help="request body size limit")
+    se.add_argument("--cache-mb", type=float, default=256, help="LRU cache of users' K/V, in MiB")
+    se.add_argument("--batch-window-ms", type=float, default=2.0,
+                    help="dynamic batching: score requests arriving within this window share one forward")
+    se.add_argument("--max-batch", type=int, default=32, help="requests per batched forward at most")
+    se.add_argument("--no-batching", action="store_true", help="one forward per score request")
+    se.add_argument("--log-level", default="warning", help="uvicorn log level")
+    se.set_defaults(func=_serve)
 
     mo = sub.add_parser("models", help="list registered models and presets")
     mo.set_defaults(func=_models)

@@ -245,6 +245,33 @@ def test_other_models_are_served_by_full_recompute(name, cfg):
         Engine(build(name, cfg), fallback=False)
 
 
+@pytest.mark.parametrize("name,cfg", CACHED + FALLBACK, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CACHED + FALLBACK)])
+def test_requests_of_several_users_batched_into_one_forward_score_as_each_alone(name, cfg):
+    """score_many (dynamic batching: histories left-padded, candidates right-padded) equals score per
+    request, for users with no, short and long histories, and requests without candidates."""
+    engine = Engine(build(name, cfg))
+    requests = []
+    for u, (n, C) in enumerate([(0, 3), (3, 7), (20, 1), (12, 0), (20, 5)]):
+        h = random_events(n, seed=u, user=u + 1)
+        requests.append((engine.encode_user(h), *random_candidates(C, seed=u, after=int(h.ts[-1]) if n else 10**6)))
+    got = engine.score_many(requests)
+    assert [len(g) for g in got] == [3, 7, 1, 0, 5]
+    for g, request in zip(got, requests):
+        assert close(g, engine.score(*request)), (g, engine.score(*request))
+    assert engine.score_many([]) == []
+
+
+def test_unknown_items_have_id_0_and_are_scored():
+    engine = Engine(build("climber", CLIMBER))
+    h = random_events(6, seed=0)
+    h.item[2] = 0  # an event on an item the model has never seen
+    cache = engine.encode_user(h)
+    item, scenario, ts = random_candidates(3, seed=1, after=int(h.ts[-1]))
+    item[1] = 0
+    assert_scores_equal_the_model(engine, cache, h)
+    assert torch.isfinite(engine.score(cache, item, scenario, ts)).all()
+
+
 def test_lru_store_is_bounded_in_bytes_and_evicts_the_least_recently_used():
     engine = Engine(build("climber", CLIMBER))
     caches = {u: engine.encode_user(random_events(10, seed=u, user=u, label=1)) for u in (1, 2, 3, 4)}

@@ -38,7 +38,7 @@ What recomputes when:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,6 +142,7 @@ class _ClimberPath:
     """Climber: one cached layer stack per MSE block; candidate tokens shared by the blocks."""
 
     extends = True  # relative biases only: appended tokens leave earlier states unchanged
+    kv_token_dim = 2  # k, v (B, H, n, dh)
 
     def __init__(self, model: Climber):
         self.model = model
@@ -163,6 +164,7 @@ class _TransformerPath:
     """Transformer: one cached layer stack; no bias or temperature."""
 
     extends = False  # absolute positions count back from the most recent event: an append moves every token
+    kv_token_dim = 2
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -184,6 +186,7 @@ class _HSTUPath:
     """HSTU: one cached stack of HSTU layers (their K and V after SiLU(f1(LN(x))))."""
 
     extends = True
+    kv_token_dim = 1  # k, v (B, n, d)
 
     def __init__(self, model: HSTU):
         self.model = model
@@ -204,6 +207,31 @@ class _HSTUPath:
 CACHED_PATHS = {Climber: _ClimberPath, Transformer: _TransformerPath, HSTU: _HSTUPath}
 
 
+def _pad(t: torch.Tensor, size: int, left: bool, dim: int = -1) -> torch.Tensor:
+    """``t`` zero-padded along ``dim`` to ``size`` (on the left or on the right)."""
+    n = t.shape[dim]
+    if n == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - n
+    zeros = t.new_zeros(shape)
+    return torch.cat([zeros, t] if left else [t, zeros], dim=dim)
+
+
+def _stack(batches: list[Batch]) -> Batch:
+    """One-row batches -> one batch: each subsequence left-padded, the candidates right-padded, to the
+    longest (the padding's masks are False)."""
+    C = max(b.cand_item.shape[1] for b in batches)
+    cands = {f.name: torch.cat([_pad(getattr(b, f.name), C, left=False) for b in batches])
+             for f in fields(Batch) if f.name.startswith("cand_") or f.name == "label"}
+    seqs = []
+    for k in range(len(batches[0].seqs)):
+        L = max(b.seqs[k].item.shape[1] for b in batches)
+        seqs.append(Subsequence(*(torch.cat([_pad(getattr(b.seqs[k], f.name), L, left=True) for b in batches])
+                                  for f in fields(Subsequence))))
+    return Batch(user=torch.cat([b.user for b in batches]), seqs=seqs, **cands)
+
+
 class LRUStore:
     """User caches by user id, bounded in bytes (``UserCache.nbytes``): putting one evicts the least
     recently used (got or put) until the total fits; a cache larger than the bound is not kept."""
@@ -214,7 +242,7 @@ class LRUStore:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
-        self._caches: OrderedDict[int, tuple[UserCache, int]] = OrderedDict()  # user -> (cache, its nbytes)
+        self._caches: OrderedDict[object, tuple[UserCache, int]] = OrderedDict()  # key -> (cache, its nbytes)
 
     def __len__(self) -> int:
         return len(self._caches)
@@ -226,7 +254,7 @@ class LRUStore:
     def hit_rate(self) -> float:
         return self.hits / max(1, self.hits + self.misses)
 
-    def get(self, user: int) -> UserCache | None:
+    def get(self, user) -> UserCache | None:
         """The user's cache (now the most recently used), or None; counts a hit or a miss."""
         if user not in self._caches:
             self.misses += 1
@@ -235,20 +263,22 @@ class LRUStore:
         self._caches.move_to_end(user)
         return self._caches[user][0]
 
-    def put(self, cache: UserCache) -> None:
-        """Keep ``cache`` (replacing the user's previous one), then evict down to the bound."""
-        self.pop(cache.user)
+    def put(self, cache: UserCache, key=None) -> None:
+        """Keep ``cache`` under ``key`` (default: its dense user id; a service keys by raw user id, as every
+        unknown user shares dense id 0), replacing the previous one, then evict down to the bound."""
+        key = cache.user if key is None else key
+        self.pop(key)
         size = cache.nbytes
         if size > self.max_bytes:
             return
-        self._caches[cache.user] = (cache, size)
+        self._caches[key] = (cache, size)
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             _, (_, evicted) = self._caches.popitem(last=False)
             self.nbytes -= evicted
             self.evictions += 1
 
-    def pop(self, user: int) -> UserCache | None:
+    def pop(self, user) -> UserCache | None:
         """Remove and return the user's cache (None when there is none); not a hit or a miss."""
         if user not in self._caches:
             return None
@@ -337,6 +367,44 @@ class Engine:
             states.append(self._path.run(b, cand, block.kv, mask, pos, ts, batch.cand_scenario)[0])  # (1, C, d)
         return self._path.logits(states, batch)[0].float()
 
+    @torch.inference_mode()
+    def score_many(self, requests: list) -> list[torch.Tensor]:
+        """Several requests, each (cache, cand_item, cand_scenario, cand_ts), of any users, in one padded
+        forward (dynamic batching) -> per request its logits (C_r,), equal to ``score`` of each: histories
+        are left-padded and candidates right-padded, and the padding is masked out."""
+        out = [torch.zeros(0, device=self.device)] * len(requests)
+        todo = [i for i, (_, item, *_) in enumerate(requests) if len(item)]
+        if not todo:
+            return out
+        if self._path is None:
+            batch = _stack([self.batch(requests[i][0].history, *requests[i][1:]) for i in todo])
+            logits = self.model(batch).float()  # (R, C_max)
+        else:
+            batch = _stack([self._candidates(requests[i][0].user, *requests[i][1:]) for i in todo])  # (R, C_max)
+            caches = [requests[i][0] for i in todo]
+            cand = self._path.candidate_tokens(batch)  # (R, C_max, d)
+            states = []
+            for b, r in enumerate(self.strategies):
+                blocks = [c.blocks[b] if c.blocks[b] is not None else
+                          self._run_history(b, None, c.history, self._select(r, c.history, int(first)))
+                          for c, first in zip(caches, batch.cand_ts[:, 0].tolist())]
+                n = max(len(blk.index) for blk in blocks)
+                real = torch.stack([_pad(torch.ones(len(blk.index), dtype=torch.bool, device=self.device), n, left=True)
+                                    for blk in blocks])  # (R, n)
+                ts = torch.cat([torch.cat([_pad(blk.ts, n, left=True) for blk in blocks]), batch.cand_ts], dim=1)  # (R, n + C)
+                dim = self._path.kv_token_dim
+                kv = [tuple(torch.cat([_pad(blk.kv[layer][j], n, left=True, dim=dim) for blk in blocks])
+                            for j in (0, 1)) for layer in range(len(blocks[0].kv))]
+                mask = history_candidate_mask(real, batch.cand_mask, first=n)  # (R, C, n + C)
+                C = batch.cand_item.shape[1]
+                # left padding keeps every relative position: event i of n_r at n - n_r + i, candidates at n
+                pos = torch.cat([torch.arange(n, device=self.device), torch.full((C,), n, device=self.device)])[None]
+                states.append(self._path.run(b, cand, kv, mask, pos, ts, batch.cand_scenario)[0])  # (R, C, d)
+            logits = self._path.logits(states, batch).float()  # (R, C_max)
+        for row, i in enumerate(todo):
+            out[i] = logits[row, :len(requests[i][1])]
+        return out
+
     def batch(self, history: UserHistory, cand_item, cand_scenario, cand_ts) -> Batch:
         """The one-row batch the data pipeline builds for these candidates after ``history``: what a full
         recompute scores (``model(batch)``)."""
@@ -416,7 +484,7 @@ class Engine:
         lengths = {k: len(v) for k, v in arrays.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"candidates: cand_item, cand_scenario and cand_ts have different lengths {lengths}")
-        self._check_range("cand_item", arrays["cand_item"], self.info.num_items)
+        self._check_range("cand_item", arrays["cand_item"], self.info.num_items, low=0)
         self._check_range("cand_scenario", arrays["cand_scenario"], self.info.num_scenarios)
         t = {k: torch.from_numpy(v).to(self.device)[None] for k, v in arrays.items()}  # (1, C) each
         C = lengths["cand_item"]
@@ -432,12 +500,13 @@ class Engine:
     def _check_history(self, history: UserHistory) -> None:
         if not 0 <= history.user <= self.info.num_users:
             raise ValueError(f"user id {history.user} outside [0, {self.info.num_users}]")
-        for f, size in (("item", self.info.num_items), ("action", self.info.num_actions),
-                        ("scenario", self.info.num_scenarios)):
-            self._check_range(f"history of user {history.user}: {f}", getattr(history, f), size)
+        for f, size, low in (("item", self.info.num_items, 0), ("action", self.info.num_actions, 1),
+                             ("scenario", self.info.num_scenarios, 1)):
+            self._check_range(f"history of user {history.user}: {f}", getattr(history, f), size, low)
 
     @staticmethod
-    def _check_range(name: str, ids: np.ndarray, size: int) -> None:
-        bad = ids[(ids < 1) | (ids > size)]
+    def _check_range(name: str, ids: np.ndarray, size: int, low: int = 1) -> None:
+        """Dense ids in [low, size]; items may be 0, the unknown (out-of-vocabulary) item."""
+        bad = ids[(ids < low) | (ids > size)]
         if bad.size:
-            raise ValueError(f"{name}: id {bad[0]} outside [1, {size}] (dense ids of the model's data)")
+            raise ValueError(f"{name}: id {bad[0]} outside [{low}, {size}] (dense ids of the model's data)")

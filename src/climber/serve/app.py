@@ -1,0 +1,437 @@
+"""HTTP scoring service: FastAPI over the KV-cached engine and the SQLite history store.
+
+    POST /v1/score                {user, candidates, scenario?, ts?} -> scores in request order + ranked list
+    POST /v1/events               {user, events: [{item, action, ts, scenario?, label?}]} -> stored durably,
+                                  the user's cached K/V extended
+    GET  /v1/users/{user}/history the stored events, oldest first
+    GET  /healthz                 liveness and what is served
+    GET  /metrics                 Prometheus text: requests, latency histograms, cache and batch figures
+
+Ids are the raw ids of the source data (strings, or integers read as their decimal string). Unknown
+user: an empty history (dense id 0). Unknown item: the out-of-vocabulary id 0, listed in the reply.
+Every request that touches the model or the store runs on one worker thread, in arrival order; with
+dynamic batching, score requests that arrive within ``batch_window_ms`` of each other run as one
+padded forward (``Engine.score_many``).
+"""
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from climber.serve.engine import Engine, UserCache, UserHistory
+from climber.serve.store import Event, HistoryStore
+
+MAX_TS = 2**62  # keeps ts within int64 after any arithmetic
+
+
+class Rejected(Exception):
+    """A request the service refuses: HTTP ``status`` (4xx) with a message saying what is wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+Text = Annotated[StrictStr, Field(min_length=1, max_length=256)]  # pydantic refuses lone surrogates
+RawId = Text | StrictInt  # a raw id of the source data; an integer means its decimal string
+Ts = Annotated[StrictInt, Field(ge=0, le=MAX_TS)]
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item: RawId
+    action: RawId
+    ts: Ts
+    scenario: Text | None = Field(None, description="default: the data's only scenario")
+    label: Literal[0, 1] | None = Field(None, description="default: the data's label rule applied to the action")
+
+
+class HistoryEvent(BaseModel):
+    item: str
+    action: str
+    scenario: str
+    ts: int
+    label: int
+
+
+class ScoreReply(BaseModel):
+    user: str
+    known_user: bool
+    history_length: int = Field(description="events the model reads for this user (after the engine's cut)")
+    scores: list[float] = Field(description="click probability per candidate, in request order")
+    ranked: list[dict] = Field(description="[{item, score}] best first")
+    unknown_items: list[str] = Field(description="candidates outside the model's vocabulary (scored as id 0)")
+
+
+class EventsReply(BaseModel):
+    user: str
+    stored: int
+    events_total: int
+    unknown_items: list[str]
+
+
+def request_models(max_candidates: int, max_events: int):
+    """The request bodies, with the service's limits in their schema."""
+
+    class ScoreRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user: RawId
+        candidates: list[RawId] = Field(min_length=1, max_length=max_candidates)
+        scenario: Text | None = Field(None, description="default: the data's only scenario")
+        ts: Ts | None = Field(None, description="request time in seconds; default: now (never before the "
+                                                 "user's last event)")
+
+    class EventsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user: RawId
+        events: list[EventIn] = Field(min_length=1, max_length=max_events)
+
+    return ScoreRequest, EventsRequest
+
+
+class Service:
+    """The model of a run dir, the vocabularies and label rule of its data, the engine and the store."""
+
+    def __init__(self, run_dir: Path, data_dir: Path | None = None, store_path: Path | None = None,
+                 cache_bytes: int = 256 * 2**20, seed_store: bool = True, log=print):
+        from climber.config import load_yaml
+        from climber.data.prepare import load_manifest
+        from climber.data.schema import LabelRule
+        from climber.eval.evaluate import load_run_model
+        from climber.models import DataInfo
+
+        run_dir = Path(run_dir)
+        model, meta = load_run_model(run_dir)
+        data_dir = Path(data_dir or load_yaml(run_dir / "config.yaml")["data"])
+        if not (data_dir / "manifest.json").exists():
+            raise ValueError(f"{data_dir}: no prepared data (its vocabularies map raw ids); pass --data DIR")
+        if DataInfo.from_prepared(data_dir) != model.info:
+            raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
+        self.run_dir, self.data_dir, self.model_name = run_dir, data_dir, meta["model"]
+        self.vocab = {col: dict(pl.read_parquet(data_dir / "vocab" / f"{col}.parquet").select("raw", "id").iter_rows())
+                      for col in ("user", "item", "action", "scenario")}
+        self.rule = LabelRule.parse(load_manifest(data_dir)["label_rule"])
+        actions = list(self.vocab["action"])
+        self.action_label = (None if self.rule.kind == "given" else dict(zip(
+            actions, pl.DataFrame({"action": actions}).select(self.rule.expr())[:, 0].cast(pl.Int64).to_list())))
+        self.engine = Engine(model, max_cache_bytes=cache_bytes)
+        self.store = HistoryStore(Path(store_path or run_dir / "serve" / "history.sqlite"))
+        if seed_store:
+            seeded = self.store.seed(self._raw_events(), source=str(data_dir))
+            if seeded is not None:
+                log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
+
+    def _raw_events(self) -> pl.DataFrame:
+        """The prepared data's events (every split) with raw ids, for the store's first start."""
+        events = pl.read_parquet(self.data_dir / "events.parquet", columns=["user", "item", "action", "scenario",
+                                                                           "ts", "label"])
+        for col in ("user", "item", "action", "scenario"):
+            raw = pl.DataFrame({col: list(self.vocab[col].values()), "raw": list(self.vocab[col])},
+                               schema={col: events.schema[col], "raw": pl.String})
+            events = events.join(raw, on=col, how="left", maintain_order="left").drop(col).rename({"raw": col})
+        return events.with_columns(pl.col("ts").cast(pl.Int64), pl.col("label").cast(pl.Int64))
+
+    def scenario_id(self, scenario: str | None, where: str) -> tuple[str, int]:
+        known = self.vocab["scenario"]
+        if scenario is None:
+            if len(known) != 1:
+                raise Rejected(422, f"{where}: scenario is required (the data has several: {sorted(known)})")
+            scenario = next(iter(known))
+        if scenario not in known:
+            raise Rejected(422, f"{where}: unknown scenario {scenario!r}; known: {sorted(known)[:20]}")
+        return scenario, known[scenario]
+
+    def cache(self, user: str) -> tuple[UserCache, bool]:
+        """The user's cache (from the LRU, else encoded from the store) and whether the model knows the user."""
+        cache = self.engine.store.get(user)
+        if cache is None:
+            events = self.store.history(user)
+            get = lambda col, values: np.array([self.vocab[col].get(v, 0) for v in values], dtype=np.int64)  # noqa: E731
+            history = UserHistory(self.vocab["user"].get(user, 0), get("item", [e.item for e in events]),
+                                  get("action", [e.action for e in events]),
+                                  get("scenario", [e.scenario for e in events]),
+                                  np.array([e.ts for e in events], dtype=np.int64),
+                                  np.array([e.label for e in events], dtype=np.int64))
+            cache = self.engine.encode_user(history)
+            self.engine.store.put(cache, key=user)
+        return cache, user in self.vocab["user"]
+
+    def prepare_score(self, user: str, candidates: list[str], scenario: str | None, ts: int | None):
+        """-> the engine request (cache, item ids, scenario ids, ts) and the reply's facts."""
+        _, scenario_id = self.scenario_id(scenario, "score")
+        cache, known = self.cache(user)
+        when = max(cache.last_ts, int(time.time()) if ts is None else ts)
+        if ts is not None and ts < cache.last_ts:
+            raise Rejected(422, f"score: ts {ts} is before the user's last event (ts {cache.last_ts})")
+        items = np.array([self.vocab["item"].get(c, 0) for c in candidates], dtype=np.int64)
+        C = len(candidates)
+        request = (cache, items, np.full(C, scenario_id), np.full(C, when))
+        return request, {"user": user, "known_user": known, "history_length": len(cache.history),
+                         "unknown_items": [c for c, i in zip(candidates, items) if i == 0]}
+
+    def add_events(self, user: str, events: list) -> dict:
+        """Validate every event first (nothing is stored from a rejected request), store them durably,
+        then extend the user's cache when it is held."""
+        rows = []
+        for i, e in enumerate(events):
+            action = str(e.action)
+            if action not in self.vocab["action"]:
+                raise Rejected(422, f"events[{i}].action: unknown action {action!r}; known: "
+                                    f"{sorted(self.vocab['action'])[:20]}")
+            scenario, _ = self.scenario_id(e.scenario, f"events[{i}]")
+            if e.label is None and self.action_label is None:
+                raise Rejected(422, f"events[{i}].label: required (the data's label rule is 'label')")
+            label = e.label if e.label is not None else self.action_label[action]
+            rows.append(Event(str(e.item), action, scenario, e.ts, label))
+        try:
+            total = self.store.append(user, rows)
+        except ValueError as err:
+            raise Rejected(409, str(err)) from None
+        cache = self.engine.store.pop(user)
+        if cache is not None:
+            ids = lambda col, values: [self.vocab[col].get(v, 0) for v in values]  # noqa: E731
+            new = UserHistory(cache.user, ids("item", [r.item for r in rows]), ids("action", [r.action for r in rows]),
+                              ids("scenario", [r.scenario for r in rows]), [r.ts for r in rows],
+                              [r.label for r in rows])
+            self.engine.store.put(self.engine.append(cache, new), key=user)
+        return {"user": user, "stored": len(rows), "events_total": total,
+                "unknown_items": sorted({r.item for r in rows if r.item not in self.vocab["item"]})}
+
+
+@dataclass
+class Histogram:
+    buckets: tuple
+    counts: list
+    total: float = 0.0
+    n: int = 0
+
+    @classmethod
+    def of(cls, buckets: tuple) -> "Histogram":
+        return cls(buckets, [0] * len(buckets))
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
+        tail = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{tail} {self.total:.6f}", f"{name}_count{tail} {self.n}"]
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ROUTES = ("/v1/score", "/v1/events", "/healthz", "/metrics")
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.batch = Histogram.of(BATCH_BUCKETS)
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in ROUTES else "/v1/users/{user}/history" if path.startswith("/v1/users/") else "other"
+        self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+        self.latency.setdefault(route, Histogram.of(LATENCY_BUCKETS)).observe(seconds)
+
+    def text(self, engine: Engine) -> str:
+        lines = ["# TYPE climber_requests_total counter"]
+        lines += [f'climber_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        lines.append("# TYPE climber_request_seconds histogram")
+        for route, hist in sorted(self.latency.items()):
+            lines += hist.lines("climber_request_seconds", f'path="{route}"')
+        lines += ["# TYPE climber_score_batch_requests histogram", *self.batch.lines("climber_score_batch_requests", "")]
+        store = engine.store
+        lines += ["# TYPE climber_cache_hit_rate gauge", f"climber_cache_hit_rate {store.hit_rate:.6f}",
+                  "# TYPE climber_cache_users gauge", f"climber_cache_users {len(store)}",
+                  "# TYPE climber_cache_bytes gauge", f"climber_cache_bytes {store.nbytes}",
+                  "# TYPE climber_cache_hits_total counter", f"climber_cache_hits_total {store.hits}",
+                  "# TYPE climber_cache_misses_total counter", f"climber_cache_misses_total {store.misses}"]
+        return "\n".join(lines) + "\n"
+
+
+class Batcher:
+    """Score requests that arrive while one waits (up to ``window_s`` after the first, at most
+    ``max_batch``) run as one ``Engine.score_many`` on the worker thread."""
+
+    def __init__(self, engine: Engine, run, window_s: float, max_batch: int, metrics: Metrics):
+        self.engine, self.run, self.window_s, self.max_batch, self.metrics = engine, run, window_s, max_batch, metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def score(self, request) -> torch.Tensor:
+        done = asyncio.get_running_loop().create_future()
+        await self.queue.put((request, done))
+        return await done
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = [await self.queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(waiting) < self.max_batch:
+                try:
+                    waiting.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    waiting.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            self.metrics.batch.observe(len(waiting))
+            try:
+                results = await self.run(self.engine.score_many, [r for r, _ in waiting])
+            except Exception as err:  # every waiting request fails with it, the loop goes on
+                for _, done in waiting:
+                    if not done.done():
+                        done.set_exception(err)
+                continue
+            for (_, done), logits in zip(waiting, results):
+                if not done.done():
+                    done.set_result(logits)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes`` (by its Content-Length, or counted while
+    it streams in), before anything parses it."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen, started = 0, False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._TooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except self._TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send):
+        response = JSONResponse({"detail": f"request body over the limit of {self.max_bytes} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def create_app(service: Service, api_key: str | None = None, max_candidates: int = 1000, max_events: int = 1000,
+               batch_window_ms: float | None = 2.0, max_batch: int = 32, max_body_bytes: int = 2**20) -> FastAPI:
+    """The FastAPI app. batch_window_ms None: no dynamic batching (one forward per request)."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="climber-model")
+    metrics = Metrics()
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
+
+    batcher = None if batch_window_ms is None else Batcher(service.engine, run, batch_window_ms / 1000, max_batch,
+                                                           metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = None if batcher is None else asyncio.create_task(batcher.serve_forever())
+        yield
+        if task is not None:
+            task.cancel()
+        worker.shutdown(wait=True)
+        service.store.close()
+
+    app = FastAPI(title="climber scoring service", version="1", lifespan=lifespan,
+                  description=__doc__.split("\n\n")[0])
+    ScoreRequest, EventsRequest = request_models(max_candidates, max_events)
+
+    async def authorized(request: Request):
+        if api_key is not None and request.headers.get("x-api-key") != api_key:
+            raise HTTPException(401, "missing or wrong X-API-Key header")
+
+    guards = [Depends(authorized)]
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        # ASCII-escaped: the echoed input may hold lone surrogates, which UTF-8 cannot encode
+        body = json.dumps({"detail": jsonable_encoder(err.errors())}, ensure_ascii=True, default=str)
+        return Response(body, status_code=422, media_type="application/json")
+
+    @app.exception_handler(Rejected)
+    async def rejected(request: Request, err: Rejected):
+        return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.post("/v1/score", response_model=ScoreReply, dependencies=guards)
+    async def score(body: ScoreRequest):
+        candidates = [str(c) for c in body.candidates]
+        request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
+        logits = await (batcher.score(request) if batcher else run(service.engine.score, *request))
+        if batcher is None:
+            metrics.batch.observe(1)
+        scores = torch.sigmoid(logits.double()).tolist()
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return {**reply, "scores": scores, "ranked": [{"item": candidates[i], "score": scores[i]} for i in order]}
+
+    @app.post("/v1/events", response_model=EventsReply, dependencies=guards)
+    async def events(body: EventsRequest):
+        return await run(service.add_events, str(body.user), body.events)
+
+    @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=[Depends(authorized)])
+    async def history(user: str, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
+        events = await run(service.store.history, user, limit)
+        return [e.__dict__ for e in events]
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": service.model_name, "run": str(service.run_dir),
+                "kv_cache": service.engine.caches_kv, "dynamic_batching": batcher is not None}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
+    async def prometheus():
+        return metrics.text(service.engine)
+
+    return app

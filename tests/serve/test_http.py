@@ -1,0 +1,262 @@
+"""The HTTP service, driven over loopback against the real server (``climber serve`` in a subprocess):
+scores equal the offline model's for the same history (before and after events arrive), events survive
+a kill -9, every bad input gets a 4xx and stores nothing, the API key guards, and random bodies drawn
+against the OpenAPI schema never get a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from climber.data.samples import Rows, UserEvents, collate
+from climber.data.sequences import resolve
+from climber.serve.app import Batcher, Metrics
+from climber.serve.loadtest import start_server
+
+USERS, ITEMS, EVENTS_PER_USER = 30, 40, 25
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny Climber trained for one epoch on a MovieLens-format log (label rule action>=4, one scenario)."""
+    from climber.config import resolve as resolve_config
+    from climber.data.datasets import load_dataset
+    from climber.data.prepare import prepare
+    from climber.train.loop import Trainer
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("served")
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(1, USERS + 1):
+        ts = 880_000_000 + np.cumsum(rng.integers(1, 5000, EVENTS_PER_USER))
+        for item, rating, t in zip(rng.choice(ITEMS, EVENTS_PER_USER, replace=False) + 1,
+                                   rng.integers(1, 6, EVENTS_PER_USER), ts):
+            lines.append(f"{u}\t{item}\t{rating}\t{t}")
+    (root / "raw").mkdir()
+    (root / "raw" / "u.data").write_text("\n".join(lines) + "\n")
+    prepare(load_dataset("movielens-100k", root / "raw"), root / "data")
+    cfg = resolve_config("climber-tiny", None, TINY + ["train.epochs=1"])
+    Trainer(root / "run", root / "data", cfg, log=lambda *_: None, progress=False).fit()
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def server(run, tmp_path_factory):
+    proc, url = start_server(run, tmp_path_factory.mktemp("store") / "history.sqlite")
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def offline_probabilities(run, user: str, history: list[dict], candidates: list, ts: int) -> np.ndarray:
+    """sigmoid(model(batch)) for the batch the training pipeline (``collate``) builds for these candidates
+    after ``history`` (raw events as the service returns them)."""
+    from climber.eval.evaluate import load_run_model
+
+    model, _ = load_run_model(run)
+    data = run.parent / "data"
+    vocab = {c: dict(pl.read_parquet(data / "vocab" / f"{c}.parquet").select("raw", "id").iter_rows())
+             for c in ("user", "item", "action", "scenario")}
+    n, C = len(history), len(candidates)
+    column = lambda c, extra: np.array([vocab[c].get(e[c], 0) for e in history] + extra, dtype=np.int64)  # noqa: E731
+    events = UserEvents(
+        offsets=np.array([0, n + C]), user=np.array([vocab["user"][user]]),
+        item=column("item", [vocab["item"].get(str(c), 0) for c in candidates]),
+        action=column("action", [1] * C), scenario=column("scenario", [1] * C),
+        ts=np.array([e["ts"] for e in history] + [ts] * C, dtype=np.int64),
+        label=np.array([e["label"] for e in history] + [0] * C, dtype=np.int64),
+        split=np.zeros(n + C, dtype=np.int8))
+    rows = Rows(user=np.array([0]), cut=np.array([n]), start=np.array([n]), count=np.array([C]))
+    batch = collate(events, rows, resolve(model.strategies(), model.info.actions, model.info.scenarios))
+    with torch.no_grad():
+        return torch.sigmoid(model(batch)[0].double()).numpy()
+
+
+def score(url, user, candidates, ts, **kw):
+    r = httpx.post(url + "/v1/score", json={"user": user, "candidates": candidates, "ts": ts}, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_scores_equal_the_offline_model_before_and_after_events(run, server):
+    history = httpx.get(server + "/v1/users/3/history").json()
+    assert len(history) == EVENTS_PER_USER  # seeded from the prepared data, every split
+    last = history[-1]["ts"]
+    candidates = [5, "7", 12, "no-such-item", 40]
+    reply = score(server, "3", candidates, last + 60)
+    assert reply["known_user"] and reply["unknown_items"] == ["no-such-item"]
+    np.testing.assert_allclose(reply["scores"], offline_probabilities(run, "3", history, candidates, last + 60),
+                               rtol=1e-5, atol=1e-6)
+    assert [r["item"] for r in reply["ranked"]] == [str(candidates[i]) for i in np.argsort(-np.array(reply["scores"]),
+                                                                                            kind="stable")]
+    new = [{"item": 9, "action": 5, "ts": last + 100}, {"item": "11", "action": "2", "ts": last + 100},
+           {"item": "brand-new", "action": 4, "ts": last + 200}]
+    r = httpx.post(server + "/v1/events", json={"user": 3, "events": new})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"user": "3", "stored": 3, "events_total": EVENTS_PER_USER + 3, "unknown_items": ["brand-new"]}
+    history = httpx.get(server + "/v1/users/3/history").json()
+    assert [(e["item"], e["label"]) for e in history[-3:]] == [("9", 1), ("11", 0), ("brand-new", 1)]  # action>=4
+    reply = score(server, "3", candidates, last + 300)  # the cached K/V extended by the new events
+    np.testing.assert_allclose(reply["scores"], offline_probabilities(run, "3", history, candidates, last + 300),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_user_starts_from_an_empty_history(server):
+    reply = score(server, "stranger", [1, 2], 10**9)
+    assert not reply["known_user"] and reply["history_length"] == 0 and len(reply["scores"]) == 2
+    assert httpx.get(server + "/v1/users/stranger/history").json() == []
+
+
+def test_acknowledged_events_survive_kill_9(run, tmp_path):
+    store = tmp_path / "history.sqlite"
+    proc, url = start_server(run, store)
+    try:
+        for i in range(3):
+            r = httpx.post(url + "/v1/events", json={"user": "newcomer", "events": [
+                {"item": 1 + i, "action": 5, "ts": 10**9 + i}]})
+            assert r.status_code == 200, r.text
+        before = score(url, "newcomer", [4, 8], 10**9 + 10)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc, url = start_server(run, store)
+    try:
+        history = httpx.get(url + "/v1/users/newcomer/history").json()
+        assert [e["item"] for e in history] == ["1", "2", "3"]
+        assert len(httpx.get(url + "/v1/users/3/history").json()) == EVENTS_PER_USER  # seeded once, not twice
+        after = score(url, "newcomer", [4, 8], 10**9 + 10)
+        np.testing.assert_allclose(after["scores"], before["scores"], rtol=1e-6)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+BAD = [  # (path, body or raw bytes, status, words in the message)
+    ("/v1/score", b"{not json", 422, "JSON"),
+    ("/v1/score", {"user": "3", "candidates": "5"}, 422, "list"),
+    ("/v1/score", {"user": "3", "candidates": []}, 422, "at least 1"),
+    ("/v1/score", {"user": "3", "candidates": list(range(1001))}, 422, "at most 1000"),
+    ("/v1/score", {"user": 1.5, "candidates": [1]}, 422, "user"),
+    ("/v1/score", b'{"user": "\\ud800", "candidates": [1]}', 422, "unicode"),
+    ("/v1/score", {"user": "3", "candidates": [1], "scenario": "moon"}, 422, "unknown scenario"),
+    ("/v1/score", {"user": "3", "candidates": [1], "ts": 5}, 422, "before the user's last event"),
+    ("/v1/score", {"user": "3", "candidates": [1], "extra": 1}, 422, "extra"),
+    ("/v1/events", {"user": "3", "events": [{"item": 1, "action": 9, "ts": 2 * 10**9}]}, 422, "unknown action"),
+    ("/v1/events", {"user": "3", "events": [{"item": 1, "action": 5}]}, 422, "ts"),
+    ("/v1/events", {"user": "3", "events": [{"item": 1, "action": 5, "ts": 2 * 10**9},
+                                             {"item": 2, "action": 5, "ts": 2 * 10**9 - 1}]}, 409, "time order"),
+    ("/v1/events", {"user": "3", "events": [{"item": 1, "action": 5, "ts": 5}]}, 409, "last stored event"),
+    ("/v1/events", {"user": "3", "events": [{"item": 1, "action": 5, "ts": -1}]}, 422, "greater than or equal"),
+    ("/v1/events", {"user": "3", "events": []}, 422, "at least 1"),
+    ("/v1/events", b"x" * (2**20 + 1), 413, "limit"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_a_4xx_saying_what_is_wrong_and_stores_nothing(server, path, body, status, words):
+    before = httpx.get(server + "/v1/users/3/history").json()
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server + path, **kw)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.text.lower()
+    assert httpx.get(server + "/v1/users/3/history").json() == before
+
+
+def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
+    proc, url = start_server(run, tmp_path / "h.sqlite", env={"CLIMBER_API_KEY": "s3cret"})
+    try:
+        assert httpx.get(url + "/healthz").status_code == 200
+        body = {"user": "3", "candidates": [1]}
+        assert httpx.post(url + "/v1/score", json=body).status_code == 401
+        assert httpx.post(url + "/v1/score", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.post(url + "/v1/score", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_metrics_are_prometheus_text(server):
+    score(server, "3", [1, 2], None)
+    text = httpx.get(server + "/metrics").text
+    assert 'climber_requests_total{path="/v1/score",status="200"}' in text
+    assert 'climber_request_seconds_bucket{path="/v1/score",le="+Inf"}' in text
+    assert "climber_cache_hit_rate " in text and "climber_score_batch_requests_count " in text
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=10)
+
+
+def bodies(schema: dict, components: dict):
+    """Bodies near the schema (its properties with random or well-typed values) and random JSON."""
+    if "$ref" in schema:
+        schema = components[schema["$ref"].split("/")[-1]]
+    if schema.get("type") == "object" and "properties" in schema:
+        fields = {k: bodies(v, components) | JSON for k, v in schema["properties"].items()}
+        return st.fixed_dictionaries({}, optional=fields) | JSON
+    if schema.get("type") == "array":
+        return st.lists(bodies(schema.get("items", {}), components), max_size=5)
+    if "anyOf" in schema:
+        return st.one_of(*(bodies(s, components) for s in schema["anyOf"]))
+    return {"integer": st.integers(-5, 2**63) | st.sampled_from([0, 1, 3, 5, 2 * 10**9]),
+            "string": st.text(max_size=300) | st.sampled_from(["3", "5", "default", "4"])}.get(schema.get("type"), JSON)
+
+
+def test_random_bodies_against_the_openapi_schema_never_get_a_5xx(server):
+    spec = httpx.get(server + "/openapi.json").json()
+    components = spec["components"]["schemas"]
+    posts = {p: ops["post"]["requestBody"]["content"]["application/json"]["schema"]
+             for p, ops in spec["paths"].items() if "post" in ops}
+    assert set(posts) == {"/v1/score", "/v1/events"}
+    client = httpx.Client(base_url=server, timeout=30)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        path = data.draw(st.sampled_from(sorted(posts)))
+        body = data.draw(bodies(posts[path], components))
+        # ensure_ascii: lone surrogates travel as \ud800 escapes
+        r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code < 500, (path, body, r.text)
+        user = data.draw(st.text(min_size=1, max_size=20))
+        r = client.get(f"/v1/users/{quote(user, safe='')}/history")
+        assert r.status_code < 500, (user, r.text)
+
+    check()
+
+
+def test_the_batcher_scores_requests_that_wait_together_in_one_call():
+    calls = []
+
+    class FakeEngine:
+        def score_many(self, requests):
+            calls.append(len(requests))
+            return [torch.tensor([float(r)]) for r in requests]
+
+    async def main():
+        async def run(fn, *args):
+            return fn(*args)
+
+        batcher = Batcher(FakeEngine(), run, window_s=0.05, max_batch=4, metrics=Metrics())
+        task = asyncio.create_task(batcher.serve_forever())
+        out = await asyncio.gather(*(batcher.score(i) for i in range(6)))
+        task.cancel()
+        return out
+
+    out = asyncio.run(main())
+    assert [o.item() for o in out] == [0, 1, 2, 3, 4, 5]  # each request gets its own result
+    assert calls == [4, 2]  # bounded by max_batch
