@@ -77,16 +77,68 @@ def _data_info(args) -> None:
         _print_manifest(m, args.dir)
 
 
+def _data_shard(args) -> None:
+    from climber.train.distributed import write_shards
+
+    out = Path(args.out) if args.out else Path(args.data) / f"shards-{args.shards}"
+    info = write_shards(Path(args.data), out, args.shards, force=args.force)
+    print(f"wrote {info['shards']} shards ({sum(info['rows']):,} events, {sum(info['users']):,} users) to {out}")
+
+
+def _train_argv(args) -> list[str]:
+    """This ``climber train`` command line without --nproc: what each launched process runs."""
+    argv = ["train", "--data", args.data, "--out", args.out]
+    for flag, value in (("--model", args.model), ("--config", args.config), ("--shards", args.shards)):
+        if value:
+            argv += [flag, value]
+    for item in args.set or []:
+        argv += ["--set", item]
+    return argv + [flag for flag, on in (("--resume", args.resume), ("--no-progress", args.no_progress),
+                                         ("--json", args.json)) if on]
+
+
 def _train(args) -> None:
     from climber.config import resolve
+    from climber.train import distributed
     from climber.train.loop import Trainer
 
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and not distributed.launched():  # the shortcut for torchrun --standalone
+        try:
+            distributed.launch(args.nproc, _train_argv(args))
+        except distributed.DistributedError as e:
+            last = Path(args.out) / "checkpoints" / "last.safetensors"
+            kept = (f"{last} (epoch {_checkpoint_epoch(last)}) is intact; continue with --resume (any --nproc)"
+                    if last.exists() else "no checkpoint was written yet")
+            print(f"climber: error: {e}; {kept}", file=sys.stderr)
+            raise SystemExit(1) from None
+        return
     cfg = resolve(args.model, Path(args.config) if args.config else None, args.set or [])
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
-    metrics = Trainer(out, Path(args.data), cfg, progress=not args.no_progress).fit(resume=args.resume)
-    print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
+    dist = distributed.init_from_env()
+    try:
+        trainer = Trainer(out, Path(args.data), cfg, log=print if dist.main else (lambda *_: None),
+                          progress=not args.no_progress and dist.main, dist=dist,
+                          shards=Path(args.shards) if args.shards else None)
+        metrics = trainer.fit(resume=args.resume)
+    except RuntimeError as e:  # a collective failed: another process has died (torchrun names it)
+        if dist.world == 1 or os.environ.get("CLIMBER_DEBUG"):
+            raise
+        print(f"climber: error: rank {dist.rank}: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        distributed.shutdown()
+    if dist.main:
+        print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    from climber.train.checkpoint import read_meta
+
+    return read_meta(path)["epoch"]
 
 
 def _eval(args) -> None:
@@ -282,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--force", action="store_true")
     sy.set_defaults(func=_data_synth)
 
+    sh = data.add_parser("shard", help="split a prepared dir's events into Parquet shards by user (distributed training)")
+    sh.add_argument("--data", required=True, help="prepared dir")
+    sh.add_argument("--shards", type=int, required=True, help="number of shards: the processes or a multiple")
+    sh.add_argument("--out", help="shard dir to write (default: DATA/shards-K)")
+    sh.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sh.set_defaults(func=_data_shard)
+
     info = data.add_parser("info", help="print a prepared dir's manifest")
     info.add_argument("dir")
     info.add_argument("--json", action="store_true")
@@ -296,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--json", action="store_true", help="print final metrics as JSON")
+    tr.add_argument("--nproc", type=int, default=1,
+                    help="processes on this machine (DDP/FSDP; docs/distributed.md): torchrun --standalone for you")
+    tr.add_argument("--shards", help="`climber data shard` dir for several processes (default: cut into the run dir)")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a run's best checkpoint")

@@ -43,6 +43,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     tensorboard: bool = False
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
+    # several processes (torchrun; docs/distributed.md): batch_size is the global batch, split over them
+    parallel: str = "ddp"  # "ddp": a model replica per process | "fsdp": parameters, grads, optimizer state sharded
+    shard_embedding_rows: int = 0  # ddp: split embedding tables of at least this many rows across processes (0 = off)
 
     def __post_init__(self):
         if self.mode not in ("multi", "single"):
@@ -52,6 +55,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.shard_embedding_rows < 0:
+            raise ConfigError(f"train.shard_embedding_rows must be >= 0, got {self.shard_embedding_rows}")
         for name in ("aux_weight", "rank_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")

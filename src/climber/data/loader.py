@@ -5,6 +5,10 @@ the file rows of every chunk of ``users_per_chunk`` users and the number of batc
 without reading events. Each chunk is then read on its own (only the row groups that hold it, only
 the columns samples need, in record batches), turned into rows, shuffled, and cut into batches.
 Randomness (chunk order, train run offsets, row order) comes from (seed, epoch) only.
+
+With ``shards`` (a rank's files of ``climber data shard``, see climber.train.distributed) the loader
+reads those files instead of events.parquet; a chunk never spans two files, and its randomness comes
+from (seed, epoch, shard number, chunk of the file), so it does not depend on which rank reads it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class SampleLoader:
         seed: int = 0,
         shuffle: bool | None = None,
         users_per_chunk: int = 200_000,
+        shards: dict[int, Path] | None = None,
     ):
         check_split(split)
         check_mode(mode)
@@ -62,25 +67,29 @@ class SampleLoader:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         manifest = load_manifest(prepared_dir)
-        self.path = Path(prepared_dir) / "events.parquet"
+        # {shard number: file}; the whole data set is one file, keyed None (the RNG keys of before shards)
+        self.files = {None: Path(prepared_dir) / "events.parquet"} if shards is None else dict(sorted(shards.items()))
         self.split, self.mode, self.seed = split, mode, seed
         self.batch_size, self.candidates_per_row = batch_size, candidates_per_row
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.resolved = resolve(strategies, manifest["actions"], manifest["scenarios"])
         self.epoch = 0
 
-        counts, events = _user_split_counts(self.path)  # (P, 3), (P,) per user, in file order
-        bounds = np.concatenate([[0], np.cumsum(events)])  # (P + 1,) file row of each user's first event
-        firsts = range(0, len(counts), users_per_chunk)  # first user of each chunk
-        self._counts = [counts[i : i + users_per_chunk] for i in firsts]  # per chunk (U_k, 3)
-        self._file_rows = [(int(bounds[i]), int(bounds[min(i + users_per_chunk, len(counts))])) for i in firsts]
+        self._counts, self._file_rows, self._keys = [], [], []  # per chunk: (U_k, 3), (file, start, stop), RNG key
+        for shard, path in self.files.items():
+            counts, events = _user_split_counts(path)  # (P, 3), (P,) per user, in file order
+            bounds = np.concatenate([[0], np.cumsum(events)])  # (P + 1,) file row of each user's first event
+            for k, i in enumerate(range(0, len(counts), users_per_chunk)):  # i: first user of chunk k
+                self._counts.append(counts[i : i + users_per_chunk])
+                self._file_rows.append((shard, int(bounds[i]), int(bounds[min(i + users_per_chunk, len(counts))])))
+                self._keys.append([len(self._keys)] if shard is None else [shard, k])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _rng(self, chunk: int) -> np.random.Generator:
         """The generator of one chunk in the current epoch: run offsets first, then the row order."""
-        return np.random.default_rng([self.seed, self.epoch, chunk])
+        return np.random.default_rng([self.seed, self.epoch, *self._keys[chunk]])
 
     def _chunk_order(self) -> np.ndarray:
         if self.shuffle:
@@ -95,13 +104,14 @@ class SampleLoader:
         return sum(-(-self._num_rows(k) // self.batch_size) for k in range(len(self._counts)))
 
     def __iter__(self) -> Iterator[Batch]:
-        pf = pq.ParquetFile(self.path)
+        files = {shard: pq.ParquetFile(path) for shard, path in self.files.items()}
         for chunk in self._chunk_order():
             if self._num_rows(chunk) == 0:  # e.g. only users too short for val / test
                 continue
-            events = UserEvents.from_table(_read_rows(pf, *self._file_rows[chunk]))
+            shard, start, stop = self._file_rows[chunk]
+            events = UserEvents.from_table(_read_rows(files[shard], start, stop))
             if not np.array_equal(events.split_counts(), self._counts[chunk]):
-                raise DataError(f"{self.path}: events are not sorted by user; re-run `climber data prepare`")
+                raise DataError(f"{self.files[shard]}: events are not sorted by user; re-run `climber data prepare`")
             rng = self._rng(chunk)
             rows = make_rows(events, self.split, self.candidates_per_row, self.mode, rng)
             if self.shuffle:

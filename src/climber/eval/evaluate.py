@@ -16,9 +16,10 @@ from climber.eval.metrics import all_metrics
 def predict(model: torch.nn.Module, loader) -> pl.DataFrame:
     """Logits of every real candidate of ``loader``: user, item (dense ids), label, logit."""
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     users, items, labels, logits = [], [], [], []
     for batch in loader:
-        out = model(batch)  # (B, C)
+        out = model(batch if device.type == "cpu" else batch.to(device)).cpu()  # (B, C)
         m = batch.cand_mask
         users.append(batch.user[:, None].expand_as(m)[m].numpy())
         items.append(batch.cand_item[m].numpy())
@@ -35,7 +36,11 @@ def predict(model: torch.nn.Module, loader) -> pl.DataFrame:
 
 def evaluate_split(model: torch.nn.Module, loader) -> dict:
     """{"metrics": AUC/GAUC/LogLoss/HR/NDCG, "predictions": DataFrame with score = sigmoid(logit)}."""
-    pred = predict(model, loader)
+    return evaluate_predictions(predict(model, loader))
+
+
+def evaluate_predictions(pred: pl.DataFrame) -> dict:
+    """:func:`evaluate_split` of the frame of :func:`predict`."""
     metrics = all_metrics(pred["user"].to_numpy(), pred["label"].to_numpy(), pred["logit"].to_numpy())
     pred = pred.with_columns((1.0 / (1.0 + (-pl.col("logit")).exp())).alias("score"))
     return {"metrics": metrics, "predictions": pred}

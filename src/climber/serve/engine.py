@@ -374,8 +374,8 @@ class Engine:
         are left-padded and candidates right-padded, and the padding is masked out."""
         out = [torch.zeros(0, device=self.device)] * len(requests)
         todo = [i for i, (_, item, *_) in enumerate(requests) if len(item)]
-        if not todo:
-            return out
+        if len(todo) <= 1:  # nothing to batch: the unpadded path
+            return [self.score(*request) if i in todo else o for i, (request, o) in enumerate(zip(requests, out))]
         if self._path is None:
             batch = _stack([self.batch(requests[i][0].history, *requests[i][1:]) for i in todo])
             logits = self.model(batch).float()  # (R, C_max)

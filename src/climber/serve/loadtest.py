@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -78,7 +77,9 @@ async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[fl
 
 def bench_http(run: Path, requests: int = 2000, concurrency=(1, 4, 16, 32), candidates: int = 64,
                batch_window_ms: float = 2.0, seed: int = 0, log=print) -> dict:
+    from climber.compare import machine
     from climber.config import load_yaml
+    from climber.data.prepare import load_manifest
 
     run = Path(run)
     data = Path(load_yaml(run / "config.yaml")["data"])
@@ -111,8 +112,8 @@ def bench_http(run: Path, requests: int = 2000, concurrency=(1, 4, 16, 32), cand
     by = {(r["mode"], r["concurrency"]): r for r in rows}
     ratios = {c: round(by[("batched", c)]["requests_per_s"] / by[("unbatched", c)]["requests_per_s"], 2)
               for c in concurrency}
-    return {"run": str(run), "data": str(data), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores", "batch_window_ms": batch_window_ms, "rows": rows,
+    return {"run": str(run), "data": str(data), "fingerprint": load_manifest(data)["fingerprint"]["sha256"],
+            "machine": machine(), "batch_window_ms": batch_window_ms, "rows": rows,
             "throughput_ratio_batched_over_unbatched": ratios}
 
 

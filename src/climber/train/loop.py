@@ -12,27 +12,35 @@ Run dir::
 
 Every random choice is a function of (seed, epoch) or of the checkpointed torch RNG, so a run resumed
 after a kill reaches the same weights and figures as an uninterrupted one.
+
+On several processes (torchrun; climber.train.distributed) each rank trains on its shards of the data
+with B / W rows per step, evaluates its shards, and rank 0 writes the run dir; the checkpoints have the
+one-process layout, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from climber.config import RunConfig, save_yaml
+from climber.config import ConfigError, RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
-from climber.eval.evaluate import evaluate_split, with_raw_ids
+from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
-from climber.train import checkpoint
+from climber.train import checkpoint, distributed
+from climber.train.distributed import Dist, Parallel
 from climber.train.optim import WeightAverage, lr_at, make_optimizer
 
 
@@ -72,27 +80,44 @@ def training_loss(model: torch.nn.Module, batch, aux_weight: float, rank_weight:
 
 
 class Trainer:
-    def __init__(self, run_dir: Path, data_dir: Path, cfg: RunConfig, log=print, progress: bool = True):
+    """``dist``: this process's rank in a torchrun job (default: the only process); ``shards``: a
+    ``climber data shard`` dir for it (default: cut into the run dir when there are several processes)."""
+
+    def __init__(self, run_dir: Path, data_dir: Path, cfg: RunConfig, log=print, progress: bool = True,
+                 dist: Dist | None = None, shards: Path | None = None):
         self.run_dir, self.data_dir, self.cfg, self.log, self.progress = Path(run_dir), Path(data_dir), cfg, log, progress
+        self.dist = dist = dist or Dist()
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        torch.manual_seed(tc.seed)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.manifest = load_manifest(self.data_dir)
         self.info = DataInfo.from_prepared(self.data_dir)
         self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
         strategies = self.model.strategies()
         c = 1 if tc.mode == "single" else tc.candidates_per_row
-        self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=tc.batch_size,
-                                         candidates_per_row=c, mode=tc.mode, seed=tc.seed)
+        batch_size, files = tc.batch_size, None
+        if dist.world > 1:
+            batch_size = distributed.rank_batch_size(tc.batch_size, dist.world)
+            files = distributed.rank_shards(dist, self.data_dir, shards, self.run_dir, log)
+        self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=batch_size,
+                                         candidates_per_row=c, mode=tc.mode, seed=tc.seed, shards=files)
         self.eval_loaders = {
             split: SampleLoader(self.data_dir, split, strategies, batch_size=tc.eval_batch_size,
-                                candidates_per_row=tc.candidates_per_row, mode="multi", seed=tc.seed)
+                                candidates_per_row=tc.candidates_per_row, mode="multi", seed=tc.seed, shards=files)
             for split in ("val", "test")
         }
+        loss_fn = functools.partial(training_loss, aux_weight=tc.aux_weight, rank_weight=tc.rank_weight)
+        self.parallel = Parallel(self.model, dist, loss_fn, tc.parallel, tc.shard_embedding_rows)
+        if tc.ema and self.parallel.shards_state:
+            raise ConfigError("train.ema needs whole weights on every process: use train.parallel=ddp "
+                              "without train.shard_embedding_rows")
         self.optimizer = make_optimizer(self.model, tc)
         self.average = WeightAverage(self.model, tc.ema) if tc.ema else None
-        self.total_steps = tc.epochs * len(self.train_loader)
+        self.total_steps = tc.epochs * dist.min_int(len(self.train_loader))
+        if dist.rank:
+            torch.manual_seed(tc.seed + dist.rank)  # dropout draws of its own
 
     # ------------------------------------------------------------------ state
 
@@ -106,7 +131,40 @@ class Trainer:
             "best": best,
             "bad_epochs": bad_epochs,
             "fingerprint": self.manifest["fingerprint"],
+            "world_size": self.dist.world,
         }
+
+    def _save(self, path: Path, meta: dict, resumable: bool = False) -> None:
+        """Rank 0 writes the full state (+ optimizer, weight average and every rank's RNG when
+        ``resumable``) gathered from all ranks; the others wait until the file is in place."""
+        model_state, optim_state = self.parallel.full_state(self.optimizer if resumable else None)
+        rng = self.dist.gather(torch.get_rng_state()) if resumable else None
+        if self.dist.main:
+            checkpoint.save_state(path, model_state, meta, optim_state, self.average if resumable else None, rng)
+        self.dist.barrier()
+
+    def _load(self, path: Path, resumable: bool = False, average: bool = False) -> dict:
+        """Weights (+ optimizer, this rank's RNG and the weight average when ``resumable``; + the weight
+        average alone with ``average``) from a checkpoint of any number of processes; returns its metadata."""
+        state = checkpoint.read_state(path)
+        self.parallel.load_full(state["model"], self.optimizer if resumable else None, state["optimizer"])
+        if (resumable or average) and self.average is not None:
+            self.average.shadow, self.average.updates = state["average"], state["meta"]["average_updates"]
+        if resumable and self.dist.rank < len(state["rng"]):  # else: a rank the run did not have keeps its seed
+            torch.set_rng_state(state["rng"][self.dist.rank])
+        return state["meta"]
+
+    def _evaluate(self, split: str) -> dict:
+        """``evaluate_split`` over the ranks: each scores its shards, rank 0 gathers the predictions (in
+        user order, as one process has them) and computes the metrics, which every rank gets.
+        {"metrics", "predictions"}; the predictions on rank 0 only."""
+        loader = self.eval_loaders[split]
+        pred = predict(self.model, self.parallel.lockstep(loader, len(loader)))
+        if self.dist.world == 1:
+            return evaluate_predictions(pred)
+        parts = self.dist.gather(pred)
+        out = evaluate_predictions(pl.concat(parts).sort("user", maintain_order=True)) if self.dist.main else None
+        return {"metrics": self.dist.broadcast(out["metrics"] if out else None), "predictions": out and out["predictions"]}
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,19 +182,24 @@ class Trainer:
         last = self.run_dir / "checkpoints" / "last.safetensors"
         start_epoch, step, best, bad_epochs = 0, 0, {"epoch": -1, "val_auc": -1.0}, 0
         if resume and last.exists():
-            meta = checkpoint.load(last, self.model, self.optimizer, self.average)
+            meta = checkpoint.read_meta(last)
             if meta["fingerprint"]["sha256"] != self.manifest["fingerprint"]["sha256"]:
                 raise ValueError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
+            meta = self._load(last, resumable=True)
             start_epoch, step, best, bad_epochs = meta["epoch"] + 1, meta["step"], meta["best"], meta["bad_epochs"]
             self.log(f"resumed from epoch {meta['epoch']} (step {step})")
+            if meta.get("world_size", 1) != self.dist.world:
+                self.log(f"note: trained so far on {meta.get('world_size', 1)} process(es), now on {self.dist.world}: "
+                         "from here on the batches follow the new count")
         elif resume:
             self.log(f"no checkpoint at {last}; starting fresh")
-        if start_epoch == 0:
+        if start_epoch == 0 and self.dist.main:
             self._write_run_files()
             (self.run_dir / "epochs.jsonl").write_text("")
-        writer = self._tensorboard()
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"model {self.cfg.model}: {n_params:,} parameters; {len(self.train_loader)} steps/epoch")
+        writer = self._tensorboard() if self.dist.main else None
+        steps = self.dist.min_int(len(self.train_loader))
+        self.log(f"model {self.cfg.model}: {self.n_params:,} parameters; {steps} steps/epoch"
+                 + (f" on {self.dist.world} processes ({self.parallel.strategy})" if self.dist.world > 1 else ""))
 
         for epoch in range(start_epoch, tc.epochs):
             if bad_epochs >= tc.patience:
@@ -145,21 +208,21 @@ class Trainer:
             loss, samples, step = self._train_epoch(epoch, step)
             train_s = time.time() - t0
             with self._averaged():
-                val = evaluate_split(self.model, self.eval_loaders["val"])["metrics"]
+                val = self._evaluate("val")["metrics"]
             record = {"epoch": epoch, "step": step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                       "train_seconds": round(train_s, 2), "samples_per_s": round(samples / max(train_s, 1e-9), 1),
-                      "epoch_seconds": round(time.time() - t0, 2), "val": val}
+                      "epoch_seconds": round(time.time() - t0, 2), "world_size": self.dist.world, "val": val}
             if val["auc"] > best["val_auc"]:
                 best, bad_epochs = {"epoch": epoch, "val_auc": val["auc"]}, 0
                 with self._averaged():  # the weights that were evaluated
-                    checkpoint.save(self.run_dir / "checkpoints" / "best.safetensors", self.model,
-                                    self._state_meta(epoch, step, best, bad_epochs))
+                    self._save(self.run_dir / "checkpoints" / "best.safetensors",
+                               self._state_meta(epoch, step, best, bad_epochs))
             else:
                 bad_epochs += 1
-            with open(self.run_dir / "epochs.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            checkpoint.save(last, self.model, self._state_meta(epoch, step, best, bad_epochs), self.optimizer,
-                            self.average)
+            if self.dist.main:
+                with open(self.run_dir / "epochs.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            self._save(last, self._state_meta(epoch, step, best, bad_epochs), resumable=True)
             if writer is not None:
                 writer.add_scalar("train/loss", loss, epoch)
                 for k in ("auc", "gauc", "logloss"):
@@ -174,34 +237,37 @@ class Trainer:
         return self.finish()
 
     def _train_epoch(self, epoch: int, step: int) -> tuple[float, int, int]:
+        """One epoch -> (mean train loss, candidates trained on, global step), summed over the ranks."""
         tc = self.cfg.train
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        total_loss, total_n, samples = 0.0, 0, 0
+        steps = self.dist.min_int(len(self.train_loader))  # every rank takes as many steps as the one with fewest
+        total_loss, total_n = 0.0, 0
         deadline = time.time() + tc.max_epoch_minutes * 60 if tc.max_epoch_minutes else None
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", unit="batch", disable=not self.progress,
-                   leave=False, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+        bar = tqdm(itertools.islice(self.train_loader, steps), total=steps, desc=f"epoch {epoch}", unit="batch",
+                   disable=not self.progress, leave=False, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
         t0 = time.time()
         for batch in bar:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
-            loss = training_loss(self.model, batch, tc.aux_weight, tc.rank_weight)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, n = self.parallel.backward(batch)
             if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                self.parallel.clip_grad_norm(tc.grad_clip)
             self.optimizer.step()
             if self.average is not None:
                 self.average.update(self.model)
             step += 1
-            n = batch.num_candidates
-            total_loss += loss.item() * n
+            distributed.fault_point(self.dist, step)
+            total_loss += loss * n
             total_n += n
-            samples += n
-            bar.set_postfix(loss=f"{total_loss / total_n:.4f}", samples_s=f"{samples / (time.time() - t0):.0f}")
-            if deadline is not None and time.time() > deadline:
+            bar.set_postfix(loss=f"{total_loss / total_n:.4f}",
+                            samples_s=f"{total_n * self.dist.world / (time.time() - t0):.0f}")  # estimate
+            if deadline is not None and self.dist.any(time.time() > deadline):
                 break
-        return total_loss / max(total_n, 1), samples, step
+        total_loss, total_n = self.dist.sum(total_loss, total_n)
+        return total_loss / max(total_n, 1), int(total_n), step
 
     def _averaged(self):
         """Context in which the model holds its averaged weights (when train.ema is on)."""
@@ -219,18 +285,21 @@ class Trainer:
     # ------------------------------------------------------------------ end
 
     def finish(self) -> dict:
-        """Test figures of the best-val and the last-epoch checkpoints; writes metrics.json + predictions."""
-        records = [json.loads(line) for line in open(self.run_dir / "epochs.jsonl")]
-        last_meta = checkpoint.load(self.run_dir / "checkpoints" / "last.safetensors", self.model, None, self.average)
+        """Test figures of the best-val and the last-epoch checkpoints; writes metrics.json + predictions
+        (rank 0; every rank returns the metrics)."""
+        last_meta = self._load(self.run_dir / "checkpoints" / "last.safetensors", average=True)
         with self._averaged():
-            last_test = evaluate_split(self.model, self.eval_loaders["test"])
-        best_meta = checkpoint.load(self.run_dir / "checkpoints" / "best.safetensors", self.model)
-        best_test = evaluate_split(self.model, self.eval_loaders["test"])
+            last_test = self._evaluate("test")
+        best_meta = self._load(self.run_dir / "checkpoints" / "best.safetensors")
+        best_test = self._evaluate("test")
+        if not self.dist.main:
+            return self.dist.broadcast(None)
+        records = [json.loads(line) for line in open(self.run_dir / "epochs.jsonl")]
         with_raw_ids(best_test["predictions"], self.data_dir).write_parquet(self.run_dir / "predictions.parquet")
         metrics = {
             "model": self.cfg.model,
             "fingerprint": self.manifest["fingerprint"],
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": self.n_params,
             "epochs_run": len(records),
             "seconds_per_epoch": float(np.mean([r["epoch_seconds"] for r in records])),
             "train_seconds_per_epoch": float(np.mean([r["train_seconds"] for r in records])),
@@ -242,4 +311,4 @@ class Trainer:
         b, la = metrics["best"]["test"], metrics["last"]["test"]
         self.log(f"test (best val epoch {best_meta['epoch']}): auc {b['auc']:.4f} gauc {b['gauc']:.4f} "
                  f"logloss {b['logloss']:.4f} | last epoch: auc {la['auc']:.4f} gauc {la['gauc']:.4f}")
-        return metrics
+        return self.dist.broadcast(metrics)
