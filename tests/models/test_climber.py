@@ -173,3 +173,35 @@ def test_presets_parse_and_grow():
         sizes.append((cfg.d_model, cfg.n_layers, max(s["length"] for s in cfg.strategies)))
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
     assert sizes[1] == (64, 2, 256)
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_the_attention_sink_makes_attention_count_aware(impl):
+    """Without a sink, a query over n copies of one key/value returns that value whatever n; with a sink
+    (key 0 of every query) the output is shrunk towards the sink's value, less so the more copies:
+    (e^z0 v0 + n e^z v) / (e^z0 + n e^z), checked against that formula."""
+    from climber.models.layers import Attention
+
+    torch.manual_seed(0)
+    for sink in (False, True):
+        att = Attention(8, 2, 0.0, impl, sink=sink).eval()
+        if sink:
+            with torch.no_grad():
+                att.sink.normal_()
+        x = torch.randn(1, 1, 8)
+        outs = []
+        for n in (1, 4, 16):
+            tokens = torch.cat([x.expand(1, n, 8), torch.randn(1, 1, 8)], dim=1)  # n copies, then the query
+            mask = torch.zeros(1, 1, n + 1, dtype=torch.bool)
+            mask[..., :n] = True  # the query sees the n copies only (and the sink)
+            outs.append(att(tokens, mask=mask.expand(1, n + 1, n + 1))[:, -1])
+        if not sink:
+            assert close(outs[0], outs[1]) and close(outs[1], outs[2])
+            continue
+        assert not close(outs[0], outs[2])
+        # the formula, per head: q of the query token, k, v of the copies
+        q, k, v = att.qkv(tokens).view(1, n + 1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        z, z0 = (q[..., -1, :] * k[..., 0, :]).sum(-1) / 2, (q[..., -1, :] * att.sink[0, :, 0]).sum(-1) / 2
+        w0 = torch.exp(z0) / (torch.exp(z0) + n * torch.exp(z))
+        y = w0[..., None] * att.sink[1, :, 0] + (1 - w0)[..., None] * v[..., 0, :]  # (1, H, dh)
+        assert close(outs[2], att.proj(y.reshape(1, 8)))

@@ -34,6 +34,7 @@ CACHED = [  # (model, config): every Climber ablation, every strategy kind, the 
     for atl, bgf, mse in itertools.product([True, False], repeat=3)
 ] + [
     ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference"}),
+    ("climber", {**CLIMBER, "attention_sink": True}),
     ("transformer", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("hstu", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
 ]

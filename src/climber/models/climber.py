@@ -59,6 +59,7 @@ class ClimberConfig(ModelConfig):
     item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
     attention: str = "sdpa"  # "reference" | "sdpa"
+    attention_sink: bool = False  # a learned null key/value per head in every block's ATLs (count-aware attention)
 
     def __post_init__(self):
         if not self.strategies:
@@ -90,7 +91,8 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.layers = nn.ModuleList(
-            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention) for _ in range(cfg.n_layers)
+            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention, cfg.attention_sink)
+            for _ in range(cfg.n_layers)
         )
         if cfg.use_atl:
             self.rel_bias = RelativeBias(cfg.n_heads, cfg.pos_buckets, cfg.time_buckets, max_distance)
@@ -205,7 +207,8 @@ class Climber(nn.Module):
         if len(shape.lengths) != len(self.blocks):
             raise ValueError(f"Climber.flops: {len(shape.lengths)} lengths given, model has {len(self.blocks)} blocks")
         C, nb = shape.candidates, len(shape.lengths)
-        total = sum(cfg.n_layers * transformer_layer_flops(L + C, d, cfg.ffn_mult) for L in shape.lengths)
+        total = sum(cfg.n_layers * transformer_layer_flops(L + C, d, cfg.ffn_mult, cfg.attention_sink)
+                    for L in shape.lengths)
         if cfg.use_bgf:
             total += C * (transformer_layer_flops(nb, d, cfg.ffn_mult) + 2 * 2 * nb * d * max(1, nb * d // 4))
             head_in = nb * d + d

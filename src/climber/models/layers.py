@@ -128,7 +128,7 @@ def cached_layers(layers, x: torch.Tensor, past, *args) -> tuple[torch.Tensor, l
 class Attention(nn.Module):
     """Multi-head self-attention; bias, temperature and mask come from the caller (see ``attend``)."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, impl: str = "sdpa"):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, impl: str = "sdpa", sink: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -138,6 +138,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.resid_drop = nn.Dropout(dropout)
+        # sink: a learned key and value per head that every query may attend to (bias 0, never masked).
+        # Softmax weights then depend on how many keys match, not only on their share: with n keys
+        # of score z the output is (e^z0 v0 + e^z sum v_i) / (e^z0 + n e^z), a mean shrunk towards v0
+        # with the pseudo-count e^(z0 - z), as a posterior mean shrinks a rate seen over few events.
+        self.sink = nn.Parameter(torch.zeros(2, n_heads, 1, d_model // n_heads)) if sink else None
 
     def forward(self, x, mask=None, bias=None, tau=None, past=None, return_kv: bool = False):
         """x (B, N, d) the query tokens; past (k, v) each (B, H, P, dh) of the P tokens before them, or
@@ -148,7 +153,13 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, dh)
         p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, bias, tau, p, self.impl)  # (B, H, N, dh)
+        if self.sink is None:
+            y = attend(q, k, v, mask, bias, tau, p, self.impl)  # (B, H, N, dh)
+        else:  # the sink is key 0 of every query; the cache keeps only the tokens' own k, v
+            sk, sv = (t.expand(B, -1, -1, -1) for t in self.sink)  # (B, H, 1, dh) each
+            mask = None if mask is None else F.pad(mask, (1, 0), value=True)  # (B, N, 1 + P + N)
+            bias = None if bias is None else F.pad(bias, (1, 0))  # (B, H, N, 1 + P + N)
+            y = attend(q, torch.cat([sk, k], dim=2), torch.cat([sv, v], dim=2), mask, bias, tau, p, self.impl)
         y = self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d)))
         return (y, (k, v)) if return_kv else y
 
@@ -168,10 +179,11 @@ class TransformerLayer(nn.Module):
     """Pre-norm residual layer: x = x + Attn(LN(x)); x = x + FFN(LN(x)). With bias and tau from the
     caller it is Climber's adaptive transformer layer (ATL); without them a standard layer."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, impl: str = "sdpa"):
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, impl: str = "sdpa",
+                 sink: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, dropout, impl)
+        self.attn = Attention(d_model, n_heads, dropout, impl, sink)
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
 
@@ -185,10 +197,10 @@ class TransformerLayer(nn.Module):
         return (x, kv) if return_kv else x
 
 
-def transformer_layer_flops(n: int, d: int, ffn_mult: int) -> int:
+def transformer_layer_flops(n: int, d: int, ffn_mult: int, sink: bool = False) -> int:
     """Forward FLOPs of one ``TransformerLayer`` over n tokens: QKV and output projections, Q K^T and A V
-    over the full (masked) n x n matrices, two FFN matmuls."""
-    return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * ffn_mult * d
+    over the full (masked) n x (n + sink) matrices, two FFN matmuls."""
+    return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * (n + sink) * d + 2 * 2 * n * d * ffn_mult * d
 
 
 class RelativeBias(nn.Module):
