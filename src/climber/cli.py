@@ -184,11 +184,17 @@ def _flops(args) -> None:
 
 
 def _scale_sweep(args) -> None:
-    from climber.scaling.sweep import parse_grid, sweep
+    from climber.scaling.sweep import load_grid_preset, parse_grid, sweep
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    preset = load_grid_preset(args.preset) if args.preset else {}
+    models_text = args.models or ",".join(preset.get("models", ["climber"]))
+    grid_text = args.grid or preset.get("grid")
+    if not grid_text:
+        raise ConfigError("scale sweep: give --grid (e.g. \"s=64,128;l=1,2;d=64\") or --preset (cpu, gpu or a YAML file)")
+    models = [m.strip() for m in models_text.split(",") if m.strip()]
     command = _command_line("scale sweep")
-    sweep(Path(args.data), models, parse_grid(args.grid), Path(args.out), args.set or [], command)
+    sweep(Path(args.data), models, parse_grid(grid_text), Path(args.out), [*preset.get("set", []), *(args.set or [])],
+          command)
 
 
 def _scale_fit(args) -> None:
@@ -387,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale = sub.add_parser("scale", help="scaling studies").add_subparsers(dest="scale_command", required=True)
     sw = scale.add_parser("sweep", help="train a grid of length s x depth l x width d per model; one table")
     sw.add_argument("--data", required=True, help="prepared dir")
-    sw.add_argument("--grid", required=True, help='e.g. "s=64,128,256;l=1,2,4;d=64" (a missing axis keeps the preset)')
-    sw.add_argument("--models", default="climber", help="comma separated model or preset names")
+    sw.add_argument("--preset", help="a grid preset: cpu (the default CPU grid), gpu, or a YAML file with models, "
+                                     "grid and set; --grid, --models and --set given here take precedence / add")
+    sw.add_argument("--grid", help='e.g. "s=64,128,256;l=1,2,4;d=64" (a missing axis keeps the model preset\'s)')
+    sw.add_argument("--models", help="comma separated model or preset names (default: climber)")
     sw.add_argument("--out", required=True, help="folder for the run dirs and sweep.{md,json}")
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every point (repeatable)")
     sw.set_defaults(func=_scale_sweep)

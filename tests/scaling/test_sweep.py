@@ -8,7 +8,7 @@ import pytest
 
 from climber.cli import main
 from climber.config import ConfigError, resolve
-from climber.scaling.sweep import parse_grid, point_overrides
+from climber.scaling.sweep import load_grid_preset, parse_grid, point_overrides
 from conftest import TINY
 
 
@@ -18,6 +18,31 @@ def test_parse_grid():
     for bad in ("x=1", "s=", "s=a", "s=0"):
         with pytest.raises(ConfigError):
             parse_grid(bad)
+
+
+def test_grid_presets_ship_and_files_load(tmp_path):
+    from climber.models import DataInfo, SampleShape, build_model
+
+    cpu = load_grid_preset("cpu")
+    grid = parse_grid(cpu["grid"])
+    # the default CPU grid spans at least 1.5 decades of forward FLOPs per candidate (issue 7)
+    info = DataInfo(num_users=10, num_items=100, actions=("a", "b"), scenarios=("x",))
+    flops = []
+    for model in cpu["models"]:
+        for s, l in ((min(grid["s"]), min(grid["l"])), (max(grid["s"]), max(grid["l"]))):
+            cfg = resolve(model, None, point_overrides(model, {"s": s, "l": l, "d": grid["d"][0]}) + cpu["set"])
+            net = build_model(cfg.model, cfg.model_config, info)
+            flops.append(net.flops(SampleShape(tuple(x.length for x in net.strategies()), 32)) / 32)
+    assert max(flops) / min(flops) >= 10**1.5
+    assert load_grid_preset("gpu")["models"][0] == "climber"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("models: [dlrm]\ngrid: 's=4'\n")
+    assert load_grid_preset(str(mine)) == {"models": ["dlrm"], "grid": "s=4"}
+    mine.write_text("modles: [dlrm]\n")
+    with pytest.raises(ConfigError, match="expected keys"):
+        load_grid_preset(str(mine))
+    with pytest.raises(ConfigError, match="neither"):
+        load_grid_preset("no-such-grid")
 
 
 def test_point_overrides_reach_each_model():

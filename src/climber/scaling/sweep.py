@@ -48,6 +48,29 @@ def parse_grid(text: str) -> dict[str, list[int]]:
     return grid
 
 
+def load_grid_preset(name: str) -> dict:
+    """A grid preset: ``cpu`` / ``gpu`` (shipped in climber/presets/scaling) or a YAML file
+    -> {"models": [...], "grid": "s=...;l=...", "set": [...]}."""
+    from importlib import resources
+
+    import yaml
+
+    shipped = resources.files("climber") / "presets" / "scaling" / f"{name}.yaml"
+    path = Path(name)
+    if shipped.is_file():
+        text = shipped.read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise ConfigError(f"--preset {name!r}: neither a shipped grid preset (cpu, gpu) nor a YAML file")
+    preset = yaml.safe_load(text) or {}
+    unknown = set(preset) - {"models", "grid", "set"}
+    if unknown or not isinstance(preset.get("models", []), list) or not isinstance(preset.get("set", []), list):
+        raise ConfigError(f"--preset {name!r}: expected keys models (a list), grid (a string), set (a list); "
+                          f"got {sorted(preset)}")
+    return preset
+
+
 def point_overrides(model: str, point: dict[str, int]) -> list[str]:
     """The --set overrides that put ``model``'s preset at the grid point (keys s, l, d, any subset)."""
     cfg = resolve(model, None, [])
