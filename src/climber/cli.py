@@ -104,7 +104,12 @@ def _train(args) -> None:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    cfg = resolve(args.model, Path(args.config) if args.config else None, args.set or [])
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
     if args.nproc > 1 and not distributed.launched():  # the shortcut for torchrun --standalone
+        distributed.rank_batch_size(cfg.train.batch_size, args.nproc)  # fail before starting processes
         try:
             distributed.launch(args.nproc, _train_argv(args))
         except distributed.DistributedError as e:
@@ -114,10 +119,6 @@ def _train(args) -> None:
             print(f"climber: error: {e}; {kept}", file=sys.stderr)
             raise SystemExit(1) from None
         return
-    cfg = resolve(args.model, Path(args.config) if args.config else None, args.set or [])
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
     dist = distributed.init_from_env()
     try:
         trainer = Trainer(out, Path(args.data), cfg, log=print if dist.main else (lambda *_: None),

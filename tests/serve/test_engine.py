@@ -34,9 +34,9 @@ CACHED = [  # (model, config): every Climber ablation, every strategy kind, the 
     for atl, bgf, mse in itertools.product([True, False], repeat=3)
 ] + [
     ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference"}),
-    ("climber", {**CLIMBER, "attention_sink": True}),
     ("transformer", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("hstu", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
+    ("climber", {**CLIMBER, "attention_sink": True}),
 ]
 FALLBACK = [
     ("din", dict(d_model=8, max_len=6, att_hidden=[12, 6], mlp_hidden=[16, 8])),

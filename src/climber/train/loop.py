@@ -110,7 +110,7 @@ class Trainer:
         }
         loss_fn = functools.partial(training_loss, aux_weight=tc.aux_weight, rank_weight=tc.rank_weight)
         self.parallel = Parallel(self.model, dist, loss_fn, tc.parallel, tc.shard_embedding_rows)
-        if tc.ema and self.parallel.shards_state:
+        if tc.ema and self.parallel.splits_parameters:
             raise ConfigError("train.ema needs whole weights on every process: use train.parallel=ddp "
                               "without train.shard_embedding_rows")
         self.optimizer = make_optimizer(self.model, tc)
@@ -164,7 +164,8 @@ class Trainer:
             return evaluate_predictions(pred)
         parts = self.dist.gather(pred)
         out = evaluate_predictions(pl.concat(parts).sort("user", maintain_order=True)) if self.dist.main else None
-        return {"metrics": self.dist.broadcast(out["metrics"] if out else None), "predictions": out and out["predictions"]}
+        metrics = self.dist.broadcast(out["metrics"] if out else None)
+        return {"metrics": metrics, "predictions": out["predictions"] if out else None}
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
