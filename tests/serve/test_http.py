@@ -239,7 +239,9 @@ def test_random_bodies_against_the_openapi_schema_never_get_a_5xx(server):
     check()
 
 
-def test_the_batcher_scores_requests_that_wait_together_in_one_call():
+def run_batcher(pending: int, n: int, window_s: float = 0.05, max_batch: int = 4, late: int = 0):
+    """n score requests queued together (plus ``late`` more 10 ms later), ``pending`` in flight ->
+    (each request's result, the batch sizes score_many saw)."""
     calls = []
 
     class FakeEngine:
@@ -251,12 +253,23 @@ def test_the_batcher_scores_requests_that_wait_together_in_one_call():
         async def run(fn, *args):
             return fn(*args)
 
-        batcher = Batcher(FakeEngine(), run, window_s=0.05, max_batch=4, metrics=Metrics())
-        task = asyncio.create_task(batcher.serve_forever())
-        out = await asyncio.gather(*(batcher.score(i) for i in range(6)))
-        task.cancel()
-        return out
+        async def later(i):
+            await asyncio.sleep(0.01)
+            return await batcher.score(i)
 
-    out = asyncio.run(main())
-    assert [o.item() for o in out] == [0, 1, 2, 3, 4, 5]  # each request gets its own result
-    assert calls == [4, 2]  # bounded by max_batch
+        batcher = Batcher(FakeEngine(), run, window_s=window_s, max_batch=max_batch, metrics=Metrics())
+        batcher.pending = pending
+        task = asyncio.create_task(batcher.serve_forever())
+        out = await asyncio.gather(*(batcher.score(i) for i in range(n)), *(later(n + i) for i in range(late)))
+        task.cancel()
+        return [o.item() for o in out]
+
+    return asyncio.run(main()), calls
+
+
+def test_the_batcher_scores_requests_that_wait_together_in_one_call():
+    out, calls = run_batcher(pending=6, n=6)
+    assert out == [0, 1, 2, 3, 4, 5] and calls == [4, 2]  # each its own result; bounded by max_batch
+    # a request in flight (pending) is waited for within the window; with none in flight, nobody waits
+    assert run_batcher(pending=2, n=1, late=1, window_s=5.0) == ([0, 1], [2])
+    assert run_batcher(pending=1, n=1, late=1, window_s=5.0) == ([0, 1], [1, 1])

@@ -271,16 +271,19 @@ class Metrics:
 
 
 class Batcher:
-    """Score requests that arrive while one waits (up to ``window_s`` after the first, at most
-    ``max_batch``) run as one ``Engine.score_many`` on the worker thread."""
+    """Score requests run as one ``Engine.score_many`` on the worker thread when they wait together: a
+    batch takes whatever is queued, then waits (up to ``window_s`` after its first request, at most
+    ``max_batch``) only while more score requests are in flight (``pending``: received, not yet
+    answered), so a lone request never waits."""
 
     def __init__(self, engine: Engine, run, window_s: float, max_batch: int, metrics: Metrics):
         self.engine, self.run, self.window_s, self.max_batch, self.metrics = engine, run, window_s, max_batch, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending = 0  # the score endpoint counts its requests in and out
 
     async def score(self, request) -> torch.Tensor:
         done = asyncio.get_running_loop().create_future()
-        await self.queue.put((request, done))
+        self.queue.put_nowait((request, done))
         return await done
 
     async def serve_forever(self) -> None:
@@ -289,13 +292,11 @@ class Batcher:
             waiting = [await self.queue.get()]
             deadline = loop.time() + self.window_s
             while len(waiting) < self.max_batch:
-                try:
+                if not self.queue.empty():
                     waiting.append(self.queue.get_nowait())
                     continue
-                except asyncio.QueueEmpty:
-                    pass
                 left = deadline - loop.time()
-                if left <= 0:
+                if left <= 0 or len(waiting) >= self.pending:  # nobody else is on the way
                     break
                 try:
                     waiting.append(await asyncio.wait_for(self.queue.get(), left))
@@ -408,10 +409,17 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
     @app.post("/v1/score", response_model=ScoreReply, dependencies=guards)
     async def score(body: ScoreRequest):
         candidates = [str(c) for c in body.candidates]
-        request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
-        logits = await (batcher.score(request) if batcher else run(service.engine.score, *request))
         if batcher is None:
+            request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
+            logits = await run(service.engine.score, *request)
             metrics.batch.observe(1)
+        else:
+            batcher.pending += 1
+            try:
+                request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
+                logits = await batcher.score(request)
+            finally:
+                batcher.pending -= 1
         scores = torch.sigmoid(logits.double()).tolist()
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return {**reply, "scores": scores, "ranked": [{"item": candidates[i], "score": scores[i]} for i in order]}
