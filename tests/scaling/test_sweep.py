@@ -32,7 +32,8 @@ def test_grid_presets_ship_and_files_load(tmp_path):
         for s, l in ((min(grid["s"]), min(grid["l"])), (max(grid["s"]), max(grid["l"]))):
             cfg = resolve(model, None, point_overrides(model, {"s": s, "l": l, "d": grid["d"][0]}) + cpu["set"])
             net = build_model(cfg.model, cfg.model_config, info)
-            flops.append(net.flops(SampleShape(tuple(x.length for x in net.strategies()), 32)) / 32)
+            C = cfg.train.candidates_per_row
+            flops.append(net.flops(SampleShape(tuple(x.length for x in net.strategies()), C)) / C)
     assert max(flops) / min(flops) >= 10**1.5
     assert load_grid_preset("gpu")["models"][0] == "climber"
     mine = tmp_path / "mine.yaml"
