@@ -45,7 +45,8 @@ def plot_sweep(sweep_dir: Path) -> list[Path]:
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel(name)
         ax.legend()
-    ax_ll.set_title("lines: fitted law, 90% band (fit.json)", fontsize=10)
+    if fit and fit["metric"] == "test LogLoss":
+        ax_ll.set_title("lines: fitted law, 90% band (fit.json)", fontsize=10)
     fig.tight_layout()
     written.append(sweep_dir / "scaling.png")
     fig.savefig(written[-1], dpi=120)
