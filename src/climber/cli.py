@@ -125,6 +125,7 @@ def _train(args) -> None:
                           progress=not args.no_progress and dist.main, dist=dist,
                           shards=Path(args.shards) if args.shards else None)
         metrics = trainer.fit(resume=args.resume)
+        dist.barrier()  # every rank done before the group goes (an FSDP rank aborted at exit, once, without it)
     except RuntimeError as e:  # a collective failed: another process has died (torchrun names it)
         if dist.world == 1 or os.environ.get("CLIMBER_DEBUG"):
             raise
