@@ -155,18 +155,18 @@ class Service:
             raise Rejected(422, f"{where}: unknown scenario {scenario!r}; known: {sorted(known)[:20]}")
         return scenario, known[scenario]
 
+    def dense_history(self, user_id: int, events: list[Event]) -> UserHistory:
+        """Raw events -> the engine's dense ids (unknown items: 0)."""
+        ids = lambda col: [self.vocab[col].get(getattr(e, col), 0) for e in events]  # noqa: E731
+        return UserHistory(user_id, ids("item"), ids("action"), ids("scenario"), [e.ts for e in events],
+                           [e.label for e in events])
+
     def cache(self, user: str) -> tuple[UserCache, bool]:
         """The user's cache (from the LRU, else encoded from the store) and whether the model knows the user."""
         cache = self.engine.store.get(user)
         if cache is None:
             events = self.store.history(user)
-            get = lambda col, values: np.array([self.vocab[col].get(v, 0) for v in values], dtype=np.int64)  # noqa: E731
-            history = UserHistory(self.vocab["user"].get(user, 0), get("item", [e.item for e in events]),
-                                  get("action", [e.action for e in events]),
-                                  get("scenario", [e.scenario for e in events]),
-                                  np.array([e.ts for e in events], dtype=np.int64),
-                                  np.array([e.label for e in events], dtype=np.int64))
-            cache = self.engine.encode_user(history)
+            cache = self.engine.encode_user(self.dense_history(self.vocab["user"].get(user, 0), events))
             self.engine.store.put(cache, key=user)
         return cache, user in self.vocab["user"]
 
@@ -203,11 +203,7 @@ class Service:
             raise Rejected(409, str(err)) from None
         cache = self.engine.store.pop(user)
         if cache is not None:
-            ids = lambda col, values: [self.vocab[col].get(v, 0) for v in values]  # noqa: E731
-            new = UserHistory(cache.user, ids("item", [r.item for r in rows]), ids("action", [r.action for r in rows]),
-                              ids("scenario", [r.scenario for r in rows]), [r.ts for r in rows],
-                              [r.label for r in rows])
-            self.engine.store.put(self.engine.append(cache, new), key=user)
+            self.engine.store.put(self.engine.append(cache, self.dense_history(cache.user, rows)), key=user)
         return {"user": user, "stored": len(rows), "events_total": total,
                 "unknown_items": sorted({r.item for r in rows if r.item not in self.vocab["item"]})}
 
