@@ -125,7 +125,6 @@ def _train(args) -> None:
                           progress=not args.no_progress and dist.main, dist=dist,
                           shards=Path(args.shards) if args.shards else None)
         metrics = trainer.fit(resume=args.resume)
-        dist.barrier()  # every rank done before the group goes (an FSDP rank aborted at exit, once, without it)
     except RuntimeError as e:  # a collective failed: another process has died (torchrun names it)
         if dist.world == 1 or os.environ.get("CLIMBER_DEBUG"):
             raise
@@ -135,6 +134,10 @@ def _train(args) -> None:
         distributed.shutdown()
     if dist.main:
         print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
+    if dist.world > 1:  # a finished rank skips interpreter teardown, where a thread that FSDP over gloo
+        sys.stdout.flush()  # leaves joinable intermittently aborted it (SIGABRT, the job reported failed)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _checkpoint_epoch(path: Path) -> int:

@@ -264,7 +264,7 @@ def test_killed_rank_fails_the_job_and_the_run_resumes_on_one_process(tiny_synth
 
 def test_a_finished_two_process_fsdp_job_exits_0(tiny_synth, tmp_path):
     """The whole `climber train --nproc 2` path with FSDP ends with exit 0 and a finished run dir (a
-    rank once aborted at exit, intermittently, before the ranks waited for each other at the end)."""
+    finished rank intermittently aborted in interpreter teardown before ranks skipped it)."""
     sets = [x for s in TINY + ["train.epochs=2", "train.parallel=fsdp"] for x in ("--set", s)]
     cmd = [sys.executable, "-m", "climber", "train", "--data", str(tiny_synth), "--model", "climber-tiny",
            "--out", str(tmp_path / "run"), "--no-progress", "--nproc", "2", *sets]
