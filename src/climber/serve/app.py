@@ -10,8 +10,8 @@
 Ids are the raw ids of the source data (strings, or integers read as their decimal string). Unknown
 user: an empty history (dense id 0). Unknown item: the out-of-vocabulary id 0, listed in the reply.
 Every request that touches the model or the store runs on one worker thread, in arrival order; with
-dynamic batching, score requests that arrive within ``batch_window_ms`` of each other run as one
-padded forward (``Engine.score_many``).
+dynamic batching, score requests that wait together run as one padded forward (``Engine.score_many``;
+see ``Batcher``).
 """
 
 import asyncio
@@ -107,7 +107,7 @@ class Service:
     """The model of a run dir, the vocabularies and label rule of its data, the engine and the store."""
 
     def __init__(self, run_dir: Path, data_dir: Path | None = None, store_path: Path | None = None,
-                 cache_bytes: int = 256 * 2**20, seed_store: bool = True, log=print):
+                 cache_bytes: int = 256 * 2**20, log=print):
         from climber.config import load_yaml
         from climber.data.prepare import load_manifest
         from climber.data.schema import LabelRule
@@ -124,16 +124,15 @@ class Service:
         self.run_dir, self.data_dir, self.model_name = run_dir, data_dir, meta["model"]
         self.vocab = {col: dict(pl.read_parquet(data_dir / "vocab" / f"{col}.parquet").select("raw", "id").iter_rows())
                       for col in ("user", "item", "action", "scenario")}
-        self.rule = LabelRule.parse(load_manifest(data_dir)["label_rule"])
+        rule = LabelRule.parse(load_manifest(data_dir)["label_rule"])
         actions = list(self.vocab["action"])
-        self.action_label = (None if self.rule.kind == "given" else dict(zip(
-            actions, pl.DataFrame({"action": actions}).select(self.rule.expr())[:, 0].cast(pl.Int64).to_list())))
+        self.action_label = (None if rule.kind == "given" else dict(zip(  # raw action -> its label
+            actions, pl.DataFrame({"action": actions}).select(rule.expr())[:, 0].cast(pl.Int64).to_list())))
         self.engine = Engine(model, max_cache_bytes=cache_bytes)
         self.store = HistoryStore(Path(store_path or run_dir / "serve" / "history.sqlite"))
-        if seed_store:
-            seeded = self.store.seed(self._raw_events(), source=str(data_dir))
-            if seeded is not None:
-                log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
+        seeded = self.store.seed(self._raw_events(), source=str(data_dir))
+        if seeded is not None:
+            log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
 
     def _raw_events(self) -> pl.DataFrame:
         """The prepared data's events (every split) with raw ids, for the store's first start."""
@@ -174,9 +173,9 @@ class Service:
         """-> the engine request (cache, item ids, scenario ids, ts) and the reply's facts."""
         _, scenario_id = self.scenario_id(scenario, "score")
         cache, known = self.cache(user)
-        when = max(cache.last_ts, int(time.time()) if ts is None else ts)
         if ts is not None and ts < cache.last_ts:
             raise Rejected(422, f"score: ts {ts} is before the user's last event (ts {cache.last_ts})")
+        when = max(cache.last_ts, int(time.time())) if ts is None else ts
         items = np.array([self.vocab["item"].get(c, 0) for c in candidates], dtype=np.int64)
         C = len(candidates)
         request = (cache, items, np.full(C, scenario_id), np.full(C, when))
