@@ -68,3 +68,13 @@ def test_tune_same_draws_for_every_model_winner_on_val_and_config_saved(tiny_syn
                  "--seeds", "1", "--out", str(tmp_path / "cmp")]) == 0  # a saved config is a compare entry
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["rows"][0]["model"] == "nobgf"
     assert main(["tune", "--data", str(tiny_synth), "--models", "dlrm", "--trials", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_the_table_gives_a_spread_only_where_several_seeds_ran():
+    from climber.compare import markdown
+
+    row = {"model": "m", "parameters": 10, "seconds_per_epoch": 1.0, "epochs": 2.0, "last_auc": 0.7, "last_gauc": 0.6}
+    for m, v in (("auc", 0.75), ("gauc", 0.65), ("logloss", 0.5)):
+        row.update({m: v, f"{m}_std": 0.01})
+    assert "| m | 1 | 0.7500 | 0.6500 | 0.5000 |" in markdown([{**row, "seeds": 1}])
+    assert "| m | 3 | 0.7500 ± 0.0100 | 0.6500 ± 0.0100 | 0.5000 ± 0.0100 |" in markdown([{**row, "seeds": 3}])

@@ -96,12 +96,18 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _mean_std(row: dict, metric: str) -> str:
+    """"mean ± std" over the seeds; the mean alone for one seed (no spread measured)."""
+    mean = f"{row[metric]:.4f}"
+    return mean if row["seeds"] == 1 else f"{mean} ± {row[f'{metric}_std']:.4f}"
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| model | seeds | test AUC | test GAUC | test LogLoss | AUC (last epoch) | GAUC (last epoch) "
             "| s/epoch | epochs | params |\n|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['model']} | {r['seeds']} | {r['auc']:.4f} ± {r['auc_std']:.4f} | {r['gauc']:.4f} ± {r['gauc_std']:.4f} "
-        f"| {r['logloss']:.4f} ± {r['logloss_std']:.4f} | {r['last_auc']:.4f} | {r['last_gauc']:.4f} "
+        f"| {r['model']} | {r['seeds']} | {_mean_std(r, 'auc')} | {_mean_std(r, 'gauc')} "
+        f"| {_mean_std(r, 'logloss')} | {r['last_auc']:.4f} | {r['last_gauc']:.4f} "
         f"| {r['seconds_per_epoch']:.1f} | {r['epochs']:.1f} | {r['parameters']:,} |\n"
         for r in rows
     )

@@ -205,3 +205,61 @@ def test_the_attention_sink_makes_attention_count_aware(impl):
         w0 = torch.exp(z0) / (torch.exp(z0) + n * torch.exp(z))
         y = w0[..., None] * att.sink[1, :, 0] + (1 - w0)[..., None] * v[..., 0, :]  # (1, H, dh)
         assert close(outs[2], att.proj(y.reshape(1, 8)))
+
+
+def test_the_match_bias_adds_its_weight_where_query_and_key_items_share_a_side_value():
+    """RelativeBias with two side features: the bias is the position / time bias plus, per feature, its
+    per-head weight where query and key hold the same known value (0 = unknown never matches), written
+    out with loops; a Climber built with match_bias on data with a side feature gets the term."""
+    from climber.models.layers import RelativeBias
+
+    torch.manual_seed(0)
+    rb = RelativeBias(n_heads=2, pos_buckets=8, time_buckets=8, max_distance=16, match_features=2)
+    with torch.no_grad():
+        rb.match_bias.normal_()
+    plain = RelativeBias(n_heads=2, pos_buckets=8, time_buckets=8, max_distance=16)
+    plain.load_state_dict({k: v for k, v in rb.state_dict().items() if k != "match_bias"})
+    B, N, first = 2, 7, 3
+    pos, ts = torch.arange(N)[None], torch.randint(0, 10**5, (B, N)).sort(dim=1).values
+    side = torch.randint(0, 3, (B, N, 2))
+    got, base = rb(pos, ts, first, side), plain(pos, ts, first)  # (B, H, N - first, N)
+    want = base.clone()
+    for b, i, j, f in itertools.product(range(B), range(first, N), range(N), range(2)):
+        if side[b, i, f] == side[b, j, f] != 0:
+            want[b, :, i - first, j] += rb.match_bias[f]
+    assert close(got, want) and not close(got, base)
+
+    with_side = dataclasses.replace(INFO, item_features=(("item_topic", 3),))
+    cfg = ClimberConfig(d_model=16, n_heads=2, strategies=[{"name": "recent", "kind": "recency", "length": 5}])
+    assert Climber(dataclasses.replace(cfg, match_bias=True), with_side).blocks[0].rel_bias.match_bias.shape == (1, 2)
+    assert Climber(cfg, with_side).blocks[0].rel_bias.match_bias is None
+
+
+def test_the_match_mask_keeps_only_keys_that_share_every_known_side_value_and_the_diagonal():
+    """same_side_mask against loops: key j is kept for query i when every side value of i is known and
+    equal to j's, or j is i; a Climber block with match_mask never lets a candidate see an event of
+    another topic (changing such an event leaves the candidate's state as it was)."""
+    from climber.models.layers import same_side_mask
+
+    torch.manual_seed(0)
+    B, N, F, first = 2, 9, 2, 4
+    side = torch.randint(0, 3, (B, N, F))
+    got = same_side_mask(side, first)
+    for b, i, j in itertools.product(range(B), range(first, N), range(N)):
+        keep = i == j or all(side[b, i, f] == side[b, j, f] != 0 for f in range(F))
+        assert got[b, i - first, j].item() == keep
+
+    with_side = dataclasses.replace(INFO, item_features=(("item_topic", 2),))
+    cfg = ClimberConfig(d_model=16, n_heads=2, strategies=[{"name": "recent", "kind": "recency", "length": 5}],
+                        match_mask=True)
+    model = Climber(cfg, with_side).eval()
+    model.emb.item.feature_ids[1:, 0] = torch.arange(INFO.num_items) % 2 + 1  # odd items topic 1, even topic 2
+    batch = make_batch(B=1, lengths=(5,), C=2, full=True)
+    batch.cand_item[0] = torch.tensor([1, 2])  # one candidate of each topic
+    batch.seqs[0].item[0] = torch.tensor([3, 4, 6, 7, 9])  # events of both topics
+    other = batch.seqs[0].item[0] % 2 == 0  # events of topic 2
+    changed = replace(batch, seqs=[dataclasses.replace(batch.seqs[0], action=torch.where(
+        other[None], batch.seqs[0].action % INFO.num_actions + 1, batch.seqs[0].action))])
+    with torch.no_grad():
+        before, after = model.block_states(batch)[0][0, -2:], model.block_states(changed)[0][0, -2:]
+    assert close(before[0], after[0]) and not close(before[1], after[1])

@@ -16,10 +16,12 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.samples import Rows, UserEvents, collate
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
+from climber.models.layers import ItemEmbedding
 from climber.serve.engine import Engine, UserHistory
 from conftest import perturb_parameters
 
-INFO = DataInfo(num_users=20, num_items=50, actions=("click", "like", "skip"), scenarios=("home", "search", "radio"))
+INFO = DataInfo(num_users=20, num_items=50, actions=("click", "like", "skip"), scenarios=("home", "search", "radio"),
+                item_features=(("item_topic", 3),))
 
 RECENT_POS = [{"name": "recent", "kind": "recency", "length": 5}, {"name": "pos", "kind": "positive", "length": 8}]
 CLIMBER = dict(d_model=16, n_heads=2, n_layers=2, strategies=RECENT_POS)
@@ -37,6 +39,8 @@ CACHED = [  # (model, config): every Climber ablation, every strategy kind, the 
     ("transformer", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("hstu", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("climber", {**CLIMBER, "attention_sink": True}),
+    ("climber", {**CLIMBER, "match_bias": True}),
+    ("climber", {**CLIMBER, "match_mask": True}),
 ]
 FALLBACK = [
     ("din", dict(d_model=8, max_len=6, att_hidden=[12, 6], mlp_hidden=[16, 8])),
@@ -50,9 +54,14 @@ def close(a, b, tol=1e-5):
 
 
 def build(name: str, cfg: dict, seed: int = 0) -> nn.Module:
-    """The tiny model with every parameter perturbed (non-trivial biases and temperatures), in eval mode."""
+    """The tiny model with every parameter perturbed (non-trivial biases and temperatures), in eval mode;
+    items get random topics, some unknown (0)."""
     torch.manual_seed(seed)
-    return perturb_parameters(build_model(name, cfg, INFO), seed).eval()
+    model = build_model(name, cfg, INFO)
+    for m in model.modules():
+        if isinstance(m, ItemEmbedding):
+            m.feature_ids[1:] = torch.randint(0, 4, m.feature_ids[1:].shape)
+    return perturb_parameters(model, seed).eval()
 
 
 def random_events(n: int, seed: int, user: int = 3, t0: int = 10**6, label=None) -> UserHistory:
@@ -174,8 +183,9 @@ def count_queries(monkeypatch, engine) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("name,cfg", [CACHED[0], CACHED[7], CACHED[8], CACHED[9], CACHED[10]],
-                         ids=["climber-atl-bgf-mse", "climber-plain", "climber-every-kind", "transformer", "hstu"])
+@pytest.mark.parametrize("name,cfg", [CACHED[0], CACHED[7], CACHED[8], CACHED[9], CACHED[10], CACHED[-2], CACHED[-1]],
+                         ids=["climber-atl-bgf-mse", "climber-plain", "climber-every-kind", "transformer", "hstu",
+                              "climber-match-bias", "climber-match-mask"])
 def test_append_extends_while_windows_are_not_full_and_recomputes_after(name, cfg, monkeypatch):
     """Start with 2 events; append 1 positive (every window still open), then 2 positives (recent and
     max_len windows full, not overflowing for Climber), then 1 negative (recent overflows; positive does
@@ -195,7 +205,7 @@ def test_append_extends_while_windows_are_not_full_and_recomputes_after(name, cf
         assert_scores_equal_the_model(engine, cache, h)
         assert close(engine.score(cache, [1, 2], [1, 3], [h.ts[-1], h.ts[-1] + 9]),
                      engine.score(engine.encode_user(h), [1, 2], [1, 3], [h.ts[-1], h.ts[-1] + 9]))
-        if name != "climber" or cfg["strategies"] != RECENT_POS or not cfg["use_mse"]:
+        if name != "climber" or cfg["strategies"] != RECENT_POS or not cfg.get("use_mse", True):
             continue  # the counts below are for the two blocks recent (5) and pos (8)
         if step in (0, 1):  # 3 then 5 events: both blocks extended by the k new tokens only
             assert counts == (2, 0)

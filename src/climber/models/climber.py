@@ -30,6 +30,7 @@ from climber.models.layers import (
     cached_layers,
     history_candidate_mask,
     history_candidate_positions,
+    same_side_mask,
     init_weights,
     transformer_layer_flops,
 )
@@ -60,6 +61,8 @@ class ClimberConfig(ModelConfig):
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
     attention: str = "sdpa"  # "reference" | "sdpa"
     attention_sink: bool = False  # a learned null key/value per head in every block's ATLs (count-aware attention)
+    match_bias: bool = False  # ATL bias per head where query and key items share an item side feature value
+    match_mask: bool = False  # a token attends only to events whose items share all its side values (SIM hard search)
 
     def __post_init__(self):
         if not self.strategies:
@@ -87,7 +90,7 @@ class Block(nn.Module):
     """One MSE strategy: n_layers ATLs over [history_k ; candidates], then a final LayerNorm. The relative
     bias and the temperature table (one entry per scenario) are shared by the block's layers."""
 
-    def __init__(self, cfg: ClimberConfig, num_scenarios: int, max_distance: int):
+    def __init__(self, cfg: ClimberConfig, num_scenarios: int, max_distance: int, match_features: int):
         super().__init__()
         d = cfg.d_model
         self.layers = nn.ModuleList(
@@ -95,18 +98,21 @@ class Block(nn.Module):
             for _ in range(cfg.n_layers)
         )
         if cfg.use_atl:
-            self.rel_bias = RelativeBias(cfg.n_heads, cfg.pos_buckets, cfg.time_buckets, max_distance)
+            self.rel_bias = RelativeBias(cfg.n_heads, cfg.pos_buckets, cfg.time_buckets, max_distance,
+                                         match_features if cfg.match_bias else 0)
             self.temperature = Temperature(num_scenarios + 1)
-        self.use_atl = cfg.use_atl
+        self.use_atl, self.match_mask = cfg.use_atl, cfg.match_mask
         self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, x, mask, pos, ts, scenario, past=None, return_kv: bool = False):
+    def forward(self, x, mask, pos, ts, scenario, side, past=None, return_kv: bool = False):
         """The block over the query tokens x (B, N, d) that follow P cached tokens; past: per layer (k, v)
-        of those, each (B, H, P, dh), or None (P = 0); mask (B, N, P + N) bool; pos (1, P + N) and
-        ts (B, P + N) of all tokens; scenario (B, N) of the queries
-        -> (B, N, d), and with return_kv per layer the (k, v) of all P + N tokens."""
+        of those, each (B, H, P, dh), or None (P = 0); mask (B, N, P + N) bool; pos (1, P + N),
+        ts (B, P + N) and item side feature ids side (B, P + N, F) of all tokens; scenario (B, N) of the
+        queries -> (B, N, d), and with return_kv per layer the (k, v) of all P + N tokens."""
         first = pos.shape[1] - x.shape[1]
-        bias = self.rel_bias(pos, ts, first) if self.use_atl else None  # (B, H, N, P + N)
+        if self.match_mask:
+            mask = mask & same_side_mask(side, first)
+        bias = self.rel_bias(pos, ts, first, side) if self.use_atl else None  # (B, H, N, P + N)
         tau = self.temperature(scenario) if self.use_atl else None  # (B, N), by the query's scenario
         x, kvs = cached_layers(self.layers, x, past, mask, bias, tau)
         return (self.ln_f(x), kvs) if return_kv else self.ln_f(x)
@@ -123,7 +129,8 @@ class Climber(nn.Module):
         self.cand_vec = nn.Parameter(0.02 * torch.randn(d))  # marks a candidate token (its action is unknown)
         self.drop = nn.Dropout(cfg.dropout)
         max_distance = max(s.length for s in strategies) + 1  # candidates sit at position L
-        self.blocks = nn.ModuleList(Block(cfg, info.num_scenarios, max_distance) for _ in strategies)
+        self.blocks = nn.ModuleList(Block(cfg, info.num_scenarios, max_distance, len(info.item_features))
+                                    for _ in strategies)
         if cfg.use_bgf:
             self.fusion = TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention)
             if cfg.use_atl:
@@ -146,12 +153,14 @@ class Climber(nn.Module):
         return self.cfg.block_strategies()
 
     def _block_input(self, seq: Subsequence, batch: Batch, cand: torch.Tensor):
-        """Tokens, mask, positions, timestamps and scenarios of [history ; candidates] (N = L + C)."""
+        """Tokens, mask, positions, timestamps, scenarios and item side feature ids of [history ;
+        candidates] (N = L + C)."""
         x = self.drop(torch.cat([self.emb.history(seq), cand], dim=1))  # (B, N, d)
         mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
         pos, ts = history_candidate_positions(seq, batch)  # (1, N), (B, N)
         scenario = torch.cat([seq.scenario, batch.cand_scenario], dim=1)  # (B, N)
-        return x, mask, pos, ts, scenario
+        side = self.emb.item.side_ids(torch.cat([seq.item, batch.cand_item], dim=1))  # (B, N, F)
+        return x, mask, pos, ts, scenario, side
 
     def candidate_tokens(self, batch: Batch) -> torch.Tensor:
         """Candidate tokens, the same in every block: item + scenario + cand_vec (+ user): (B, C, d)."""

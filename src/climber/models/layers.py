@@ -56,6 +56,16 @@ def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor, fir
     return (allowed[None] & real_key[:, None, :]) | (k == q)[None]  # (B, N - first, N)
 
 
+def same_side_mask(side: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """side (B, N, F) item side feature ids of the tokens (0 = unknown) -> (B, N - first, N) bool: the
+    key's item shares every known side value of the query's item (queries first .. N - 1); each query
+    keeps its own diagonal."""
+    N = side.shape[1]
+    same = ((side[:, first:, None] == side[:, None]) & (side[:, None] > 0)).all(dim=-1)
+    diagonal = torch.arange(first, N, device=side.device)[:, None] == torch.arange(N, device=side.device)[None]
+    return same | diagonal
+
+
 def history_candidate_positions(seq: Subsequence, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """pos (1, N) int64 and ts (B, N) int64 of the tokens [history (L) ; candidates (C)]: history event i
     sits at position i, every candidate at L, right after the most recent event."""
@@ -205,21 +215,30 @@ def transformer_layer_flops(n: int, d: int, ffn_mult: int, sink: bool = False) -
 
 class RelativeBias(nn.Module):
     """f_b: per-head learned biases of the bucketed relative position plus the bucketed relative time
-    gap (query minus key), HSTU / T5 style. Zero at initialisation (a plain layer to start with)."""
+    gap (query minus key), HSTU / T5 style, and with ``match_features`` F > 0 a per-head bias for each
+    item side feature (category, topic, ...) on which query and key items agree (a soft, learned form
+    of SIM's same-category hard search). Zero at initialisation (a plain layer to start with)."""
 
-    def __init__(self, n_heads: int, pos_buckets: int, time_buckets: int, max_distance: int):
+    def __init__(self, n_heads: int, pos_buckets: int, time_buckets: int, max_distance: int,
+                 match_features: int = 0):
         super().__init__()
         self.pos_buckets, self.time_buckets = pos_buckets, time_buckets
         self.max_distance = max(max_distance, pos_buckets)  # > pos_buckets // 2, as the log spacing needs
         self.pos_bias = nn.Parameter(torch.zeros(pos_buckets, n_heads))
         self.time_bias = nn.Parameter(torch.zeros(time_buckets, n_heads))
+        self.match_bias = nn.Parameter(torch.zeros(match_features, n_heads)) if match_features else None
 
-    def forward(self, pos: torch.Tensor, ts: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def forward(self, pos: torch.Tensor, ts: torch.Tensor, first: int = 0, side=None) -> torch.Tensor:
         """pos (B or 1, N) int64 positions, ts (B, N) int64 seconds of the keys; the queries are the keys
-        first .. N - 1 -> (B, H, N - first, N)."""
+        first .. N - 1; side (B, N, F) int64 side feature ids of the keys' items (0 = unknown, never
+        matches), needed with match_features -> (B, H, N - first, N)."""
         rel_pos = relative_position_bucket(pos[:, first:, None] - pos[:, None, :], self.pos_buckets, self.max_distance)
         rel_time = time_bucket(ts[:, first:, None] - ts[:, None, :], self.time_buckets)
-        return (self.pos_bias[rel_pos] + self.time_bias[rel_time]).permute(0, 3, 1, 2)
+        bias = self.pos_bias[rel_pos] + self.time_bias[rel_time]  # (B, N - first, N, H)
+        if self.match_bias is not None:
+            same = (side[:, first:, None] == side[:, None]) & (side[:, None] > 0)  # (B, N - first, N, F)
+            bias = bias + same.to(bias.dtype) @ self.match_bias
+        return bias.permute(0, 3, 1, 2)
 
 
 class Temperature(nn.Module):
@@ -260,10 +279,14 @@ class ItemEmbedding(nn.Embedding):
         self.features = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size in features)
         self.register_buffer("feature_ids", torch.zeros(num_items + 1, len(features), dtype=torch.long))
 
+    def side_ids(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., F) side feature value ids
+        return self.feature_ids[ids]
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
         out = super().forward(ids)
+        side = self.side_ids(ids)
         for f, table in enumerate(self.features):
-            out = out + table(self.feature_ids[ids, f])
+            out = out + table(side[..., f])
         return out
 
 

@@ -114,11 +114,13 @@ class BlockCache:
 
     index: np.ndarray  # (n,) int64 ascending positions of the events in UserCache.history
     ts: torch.Tensor  # (1, n) int64 their ts: the keys of the relative time bias
+    item: torch.Tensor  # (1, n) int64 their items: the keys of the side feature match bias
     kv: list  # per layer (k, v) of the n tokens, e.g. (1, H, n, dh) each
 
     @property
     def nbytes(self) -> int:
-        return self.index.nbytes + self.ts.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kv)
+        return (self.index.nbytes + self.ts.nbytes + self.item.nbytes
+                + sum(k.nbytes + v.nbytes for k, v in self.kv))
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,9 @@ class _ClimberPath:
     def candidate_tokens(self, batch: Batch) -> torch.Tensor:  # -> (1, C, d)
         return self.model.candidate_tokens(batch)
 
-    def run(self, b, x, past, mask, pos, ts, scenario):
-        return self.model.blocks[b](x, mask, pos, ts, scenario, past=past, return_kv=True)
+    def run(self, b, x, past, mask, pos, ts, scenario, item):
+        side = self.model.emb.item.side_ids(item)  # (B, P + N, F)
+        return self.model.blocks[b](x, mask, pos, ts, scenario, side, past=past, return_kv=True)
 
     def logits(self, states: list, batch: Batch) -> torch.Tensor:  # states: per block (1, C, d) -> (1, C)
         return self.model.fuse(torch.stack(states, dim=2), batch)["click"]
@@ -175,7 +178,7 @@ class _TransformerPath:
     def candidate_tokens(self, batch: Batch) -> torch.Tensor:
         return self.model.candidate_tokens(batch)
 
-    def run(self, b, x, past, mask, pos, ts, scenario):
+    def run(self, b, x, past, mask, pos, ts, scenario, item):
         return self.model.layer_stack(x, past, mask)
 
     def logits(self, states: list, batch: Batch) -> torch.Tensor:
@@ -197,7 +200,7 @@ class _HSTUPath:
     def candidate_tokens(self, batch: Batch) -> torch.Tensor:
         return self.model.emb.candidate(batch)
 
-    def run(self, b, x, past, mask, pos, ts, scenario):
+    def run(self, b, x, past, mask, pos, ts, scenario, item):
         return self.model.layer_stack(x, past, mask, pos, ts)
 
     def logits(self, states: list, batch: Batch) -> torch.Tensor:
@@ -364,7 +367,8 @@ class Engine:
                                           first=n)  # (1, C, n + C): the history and itself
             pos = torch.cat([torch.arange(n, device=self.device), torch.full((C,), n, device=self.device)])[None]
             ts = torch.cat([block.ts, batch.cand_ts], dim=1)  # (1, n + C)
-            states.append(self._path.run(b, cand, block.kv, mask, pos, ts, batch.cand_scenario)[0])  # (1, C, d)
+            item = torch.cat([block.item, batch.cand_item], dim=1)  # (1, n + C)
+            states.append(self._path.run(b, cand, block.kv, mask, pos, ts, batch.cand_scenario, item)[0])  # (1, C, d)
         return self._path.logits(states, batch)[0].float()
 
     @torch.inference_mode()
@@ -391,7 +395,8 @@ class Engine:
                 n = max(len(blk.index) for blk in blocks)
                 real = torch.stack([_pad(torch.ones(len(blk.index), dtype=torch.bool, device=self.device), n, left=True)
                                     for blk in blocks])  # (R, n)
-                ts = torch.cat([torch.cat([_pad(blk.ts, n, left=True) for blk in blocks]), batch.cand_ts], dim=1)  # (R, n + C)
+                ts, item = (torch.cat([torch.cat([_pad(getattr(blk, f), n, left=True) for blk in blocks]), cand_f], dim=1)
+                            for f, cand_f in (("ts", batch.cand_ts), ("item", batch.cand_item)))  # (R, n + C) each
                 dim = self._path.kv_token_dim
                 kv = [tuple(torch.cat([_pad(blk.kv[layer][j], n, left=True, dim=dim) for blk in blocks])
                             for j in (0, 1)) for layer in range(len(blocks[0].kv))]
@@ -399,7 +404,7 @@ class Engine:
                 C = batch.cand_item.shape[1]
                 # left padding keeps every relative position: event i of n_r at n - n_r + i, candidates at n
                 pos = torch.cat([torch.arange(n, device=self.device), torch.full((C,), n, device=self.device)])[None]
-                states.append(self._path.run(b, cand, kv, mask, pos, ts, batch.cand_scenario)[0])  # (R, C, d)
+                states.append(self._path.run(b, cand, kv, mask, pos, ts, batch.cand_scenario, item)[0])  # (R, C, d)
             logits = self._path.logits(states, batch).float()  # (R, C_max)
         for row, i in enumerate(todo):
             out[i] = logits[row, :len(requests[i][1])]
@@ -449,12 +454,13 @@ class Engine:
         new = self._subsequence(history, index[P:])  # (1, N)
         N = new.item.shape[1]
         ts = new.ts if old is None else torch.cat([old.ts, new.ts], dim=1)  # (1, P + N)
+        item = new.item if old is None else torch.cat([old.item, new.item], dim=1)  # (1, P + N)
         all_real = torch.ones(1, P + N, dtype=torch.bool, device=self.device)
         mask = history_candidate_mask(all_real, all_real[:, :0], first=P)  # (1, N, P + N): causal
         pos = torch.arange(P + N, device=self.device)[None]
         x = self._path.history_tokens(b, new)  # (1, N, d)
-        _, kv = self._path.run(b, x, None if old is None else old.kv, mask, pos, ts, new.scenario)
-        return BlockCache(index, ts, kv)
+        _, kv = self._path.run(b, x, None if old is None else old.kv, mask, pos, ts, new.scenario, item)
+        return BlockCache(index, ts, item, kv)
 
     def _select(self, r: ResolvedStrategy, history: UserHistory, first_ts: int) -> np.ndarray:
         """Positions in ``history`` that ``r`` selects for candidates from ``first_ts`` on."""
