@@ -263,19 +263,3 @@ def test_the_match_mask_keeps_only_keys_that_share_every_known_side_value_and_th
     with torch.no_grad():
         before, after = model.block_states(batch)[0][0, -2:], model.block_states(changed)[0][0, -2:]
     assert close(before[0], after[0]) and not close(before[1], after[1])
-
-
-def test_scenario_heads_score_each_candidate_with_its_scenarios_output_unit():
-    """With scenario_heads the click logit of a candidate is output unit s of click_out for its scenario
-    s: changing another scenario's unit leaves it as it was, changing its own moves it."""
-    torch.manual_seed(0)
-    model = Climber(ClimberConfig(d_model=16, n_heads=2, scenario_heads=True), INFO).eval()
-    batch = make_batch(B=2, C=4, full=True)
-    batch.cand_scenario[:] = 2
-    with torch.no_grad():
-        before = model(batch)
-        model.click_out.bias[3] += 1.0
-        assert close(model(batch), before)
-        model.click_out.bias[2] += 1.0
-        assert close(model(batch), before + 1.0)
-    assert model.click_out.out_features == INFO.num_scenarios + 1

@@ -49,7 +49,7 @@ TINY: dict[str, list[dict]] = {
         {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse, "item_bias": bgf}
         for atl, bgf, mse in itertools.product([True, False], repeat=3)
     ] + [{**CLIMBER, "use_atl": False, "use_bgf": False, "n_layers": 1, "d_model": 32},
-         {**CLIMBER, "attention_sink": True}, {**CLIMBER, "scenario_heads": True}],
+         {**CLIMBER, "attention_sink": True}],
     "dlrm": [DLRM, {**DLRM, "interaction": "dcn"}],
     "din": [DIN, {**DIN, "activation": "prelu"}],
     "twin": [TWIN, {**TWIN, "top_k": 32}],

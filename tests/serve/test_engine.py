@@ -40,7 +40,7 @@ CACHED = [  # (model, config): every Climber ablation, every strategy kind, the 
     ("hstu", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("climber", {**CLIMBER, "attention_sink": True}),
     ("climber", {**CLIMBER, "match_bias": True}),
-    ("climber", {**CLIMBER, "match_mask": True, "scenario_heads": True}),
+    ("climber", {**CLIMBER, "match_mask": True}),
 ]
 FALLBACK = [
     ("din", dict(d_model=8, max_len=6, att_hidden=[12, 6], mlp_hidden=[16, 8])),

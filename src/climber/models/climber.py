@@ -63,7 +63,6 @@ class ClimberConfig(ModelConfig):
     attention_sink: bool = False  # a learned null key/value per head in every block's ATLs (count-aware attention)
     match_bias: bool = False  # ATL bias per head where query and key items share an item side feature value
     match_mask: bool = False  # a token attends only to events whose items share all its side values (SIM hard search)
-    scenario_heads: bool = False  # one click output unit per scenario (the candidate's), else one shared
 
     def __post_init__(self):
         if not self.strategies:
@@ -143,7 +142,7 @@ class Climber(nn.Module):
         else:
             head_in = 2 * d
         self.head = nn.Sequential(nn.Linear(head_in, d), nn.GELU(), nn.Dropout(cfg.dropout))  # shared trunk
-        self.click_out = nn.Linear(d, info.num_scenarios + 1 if cfg.scenario_heads else 1)  # id 0: padding
+        self.click_out = nn.Linear(d, 1)
         if cfg.item_bias:
             self.item_bias_emb = nn.Embedding(info.num_items + 1, 1, padding_idx=0)
         if cfg.action_heads:
@@ -203,10 +202,7 @@ class Climber(nn.Module):
         else:
             g = E.mean(dim=2)  # (B, C, d)
         h = self.head(torch.cat([g, self.emb.item(batch.cand_item)], dim=-1))  # (B, C, d)
-        click = self.click_out(h)  # (B, C, 1) or (B, C, S + 1)
-        if self.cfg.scenario_heads:
-            click = click.gather(-1, batch.cand_scenario[..., None])  # the candidate's scenario's unit
-        out = {"click": click.squeeze(-1)}
+        out = {"click": self.click_out(h).squeeze(-1)}
         if self.cfg.item_bias:
             out["click"] = out["click"] + self.item_bias_emb(batch.cand_item).squeeze(-1)
         if self.cfg.action_heads:
@@ -227,5 +223,5 @@ class Climber(nn.Module):
             head_in = nb * d + d
         else:
             head_in = 2 * d
-        heads = (self.info.num_scenarios + 1 if cfg.scenario_heads else 1) + (self.info.num_actions if cfg.action_heads else 0)
+        heads = 1 + (self.info.num_actions if cfg.action_heads else 0)
         return total + C * (2 * head_in * d + 2 * d * heads)
