@@ -134,10 +134,8 @@ def _train(args) -> None:
         distributed.shutdown()
     if dist.main:
         print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
-    if dist.world > 1:  # a finished rank skips interpreter teardown, where a thread that FSDP over gloo
-        sys.stdout.flush()  # leaves joinable intermittently aborted it (SIGABRT, the job reported failed)
-        sys.stderr.flush()
-        os._exit(0)
+    if dist.world > 1:
+        distributed.exit_finished_rank()
 
 
 def _checkpoint_epoch(path: Path) -> int:

@@ -55,6 +55,7 @@ def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
         fn(dist, *args)
     finally:
         distributed.shutdown()
+    distributed.exit_finished_rank()
 
 
 def spawn(fn, *args, world: int = 2) -> None:
