@@ -31,6 +31,16 @@ def test_compare_runs_seeds_skips_finished_and_tables_match(tiny_synth, tmp_path
         aucs = [r["best"]["test"]["auc"] for r in runs]
         assert row["auc"] == pytest.approx(np.mean(aucs)) and row["auc_std"] == pytest.approx(np.std(aucs))
     assert res["rows"][0]["parameters"] != res["rows"][1]["parameters"]  # the override took effect
+    from climber.config import load_yaml
+    from climber.models import DataInfo, SampleShape, build_model
+
+    for row in res["rows"]:  # FLOPs per candidate: the run's own model at full lengths, C per row
+        cfg = load_yaml(tmp_path / row["model"] / "seed0" / "config.yaml")
+        net = build_model(cfg["model"], cfg["model_config"], DataInfo.from_prepared(tiny_synth))
+        C = cfg["train"]["candidates_per_row"]
+        want = net.flops(SampleShape(tuple(s.length for s in net.strategies()), C)) / C
+        assert row["flops_per_candidate"] == pytest.approx(want) and want > 0
+    assert res["rows"][0]["flops_per_candidate"] != res["rows"][1]["flops_per_candidate"]  # no BGF: fewer
     assert "| climber-tiny | 2 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
@@ -73,8 +83,9 @@ def test_tune_same_draws_for_every_model_winner_on_val_and_config_saved(tiny_syn
 def test_the_table_gives_a_spread_only_where_several_seeds_ran():
     from climber.compare import markdown
 
-    row = {"model": "m", "parameters": 10, "seconds_per_epoch": 1.0, "epochs": 2.0, "last_auc": 0.7, "last_gauc": 0.6}
+    row = {"model": "m", "parameters": 10, "seconds_per_epoch": 1.0, "epochs": 2.0, "last_auc": 0.7, "last_gauc": 0.6,
+           "flops_per_candidate": 2.5e6}
     for m, v in (("auc", 0.75), ("gauc", 0.65), ("logloss", 0.5)):
         row.update({m: v, f"{m}_std": 0.01})
-    assert "| m | 1 | 0.7500 | 0.6500 | 0.5000 |" in markdown([{**row, "seeds": 1}])
+    assert "| m | 1 | 0.7500 | 0.6500 | 0.5000 | 0.7000 | 0.6000 | 1.0 | 2.0 | 10 | 2.50 |" in markdown([{**row, "seeds": 1}])
     assert "| m | 3 | 0.7500 ± 0.0100 | 0.6500 ± 0.0100 | 0.5000 ± 0.0100 |" in markdown([{**row, "seeds": 3}])

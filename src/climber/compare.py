@@ -1,5 +1,6 @@
 """``climber compare``: train several models (or presets / ablations) over seeds on one prepared dir and
-write a table of test AUC, GAUC and LogLoss as mean ± std (Markdown, CSV, JSON) and a bar chart (PNG).
+write a table of test AUC, GAUC and LogLoss as mean ± std, with time per epoch, parameters and forward
+FLOPs per candidate (Markdown, CSV, JSON), and a bar chart (PNG).
 
 Each (entry, seed) is a normal run dir ``OUT/<entry>/seed<k>``; finished runs are skipped and
 interrupted ones resumed, so the command can be re-run after a kill.
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from climber.config import resolve
+from climber.config import load_yaml, resolve
 from climber.data.prepare import load_manifest
+from climber.models import DataInfo, SampleShape, build_model
 
 METRICS = ("auc", "gauc", "logloss")
 
@@ -65,8 +67,18 @@ def run_all(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
             run_dir = out / entry.label / f"seed{seed}"
             metrics = train_or_skip(run_dir, data, entry.config([*extra, f"train.seed={seed}"]),
                                     f"{entry.label} seed {seed}", log)
-            results.append({"label": entry.label, "seed": seed, **metrics})
+            results.append({"label": entry.label, "seed": seed, **metrics,
+                            "flops_per_candidate": flops_per_candidate(run_dir, data)})
     return results
+
+
+def flops_per_candidate(run_dir: Path, data: Path) -> float:
+    """Analytic forward FLOPs per candidate of the run's model (its resolved config.yaml) on a row with
+    every subsequence at its full length and ``train.candidates_per_row`` candidates."""
+    cfg = load_yaml(run_dir / "config.yaml")
+    net = build_model(cfg["model"], cfg["model_config"], DataInfo.from_prepared(data))
+    C = cfg["train"]["candidates_per_row"]
+    return net.flops(SampleShape(tuple(s.length for s in net.strategies()), C)) / C
 
 
 def train_or_skip(run_dir: Path, data: Path, cfg, name: str, log=print) -> dict:
@@ -87,7 +99,8 @@ def summarise(results: list[dict]) -> list[dict]:
         rs = [r for r in results if r["label"] == label]
         row = {"model": label, "seeds": len(rs), "parameters": rs[0]["parameters"],
                "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in rs])),
-               "epochs": float(np.mean([r["epochs_run"] for r in rs]))}
+               "epochs": float(np.mean([r["epochs_run"] for r in rs])),
+               "flops_per_candidate": float(np.mean([r["flops_per_candidate"] for r in rs]))}
         for m in METRICS:
             best = [r["best"]["test"][m] for r in rs]
             row[m], row[f"{m}_std"] = float(np.mean(best)), float(np.std(best))
@@ -104,11 +117,11 @@ def _mean_std(row: dict, metric: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | seeds | test AUC | test GAUC | test LogLoss | AUC (last epoch) | GAUC (last epoch) "
-            "| s/epoch | epochs | params |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| s/epoch | epochs | params | MFLOPs / candidate |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['model']} | {r['seeds']} | {_mean_std(r, 'auc')} | {_mean_std(r, 'gauc')} "
         f"| {_mean_std(r, 'logloss')} | {r['last_auc']:.4f} | {r['last_gauc']:.4f} "
-        f"| {r['seconds_per_epoch']:.1f} | {r['epochs']:.1f} | {r['parameters']:,} |\n"
+        f"| {r['seconds_per_epoch']:.1f} | {r['epochs']:.1f} | {r['parameters']:,} | {r['flops_per_candidate'] / 1e6:.2f} |\n"
         for r in rows
     )
     return head + body
@@ -149,7 +162,8 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
     header = (f"Data: `{manifest['source']}` ({fp['rows']:,} events, {fp['users']:,} users, {fp['items']:,} items; "
               f"fingerprint sha256 `{fp['sha256']}`)  \nMachine: {machine()}  \nCommand: `{command}`  \n"
               "Checkpoint chosen by best val AUC; test figures are mean ± std over seeds; the last-epoch "
-              "columns are the means of the last epoch's test figures.\n\n")
+              "columns are the means of the last epoch's test figures; MFLOPs / candidate is the analytic forward "
+              "cost at full history lengths and train.candidates_per_row candidates per row.\n\n")
     (out / "results.md").write_text(header + markdown(rows))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
