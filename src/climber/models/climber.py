@@ -30,8 +30,8 @@ from climber.models.layers import (
     cached_layers,
     history_candidate_mask,
     history_candidate_positions,
-    same_side_mask,
     init_weights,
+    same_side_mask,
     transformer_layer_flops,
 )
 

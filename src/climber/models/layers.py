@@ -56,12 +56,18 @@ def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor, fir
     return (allowed[None] & real_key[:, None, :]) | (k == q)[None]  # (B, N - first, N)
 
 
+def side_matches(side: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """side (B, N, F) item side feature ids of the tokens (0 = unknown, never matches) -> (B, N - first,
+    N, F) bool: query i (first .. N - 1) and key j hold the same known value of feature f."""
+    return (side[:, first:, None] == side[:, None]) & (side[:, None] > 0)
+
+
 def same_side_mask(side: torch.Tensor, first: int = 0) -> torch.Tensor:
     """side (B, N, F) item side feature ids of the tokens (0 = unknown) -> (B, N - first, N) bool: the
     key's item shares every known side value of the query's item (queries first .. N - 1); each query
     keeps its own diagonal."""
     N = side.shape[1]
-    same = ((side[:, first:, None] == side[:, None]) & (side[:, None] > 0)).all(dim=-1)
+    same = side_matches(side, first).all(dim=-1)
     diagonal = torch.arange(first, N, device=side.device)[:, None] == torch.arange(N, device=side.device)[None]
     return same | diagonal
 
@@ -236,8 +242,7 @@ class RelativeBias(nn.Module):
         rel_time = time_bucket(ts[:, first:, None] - ts[:, None, :], self.time_buckets)
         bias = self.pos_bias[rel_pos] + self.time_bias[rel_time]  # (B, N - first, N, H)
         if self.match_bias is not None:
-            same = (side[:, first:, None] == side[:, None]) & (side[:, None] > 0)  # (B, N - first, N, F)
-            bias = bias + same.to(bias.dtype) @ self.match_bias
+            bias = bias + side_matches(side, first).to(bias.dtype) @ self.match_bias
         return bias.permute(0, 3, 1, 2)
 
 
