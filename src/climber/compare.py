@@ -24,7 +24,7 @@ import torch
 
 from climber.config import load_yaml, resolve
 from climber.data.prepare import load_manifest
-from climber.models import DataInfo, SampleShape, build_model
+from climber.models import DataInfo, build_model, flops_per_candidate
 
 METRICS = ("auc", "gauc", "logloss")
 
@@ -68,17 +68,16 @@ def run_all(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
             metrics = train_or_skip(run_dir, data, entry.config([*extra, f"train.seed={seed}"]),
                                     f"{entry.label} seed {seed}", log)
             results.append({"label": entry.label, "seed": seed, **metrics,
-                            "flops_per_candidate": flops_per_candidate(run_dir, data)})
+                            "flops_per_candidate": run_flops_per_candidate(run_dir, data)})
     return results
 
 
-def flops_per_candidate(run_dir: Path, data: Path) -> float:
-    """Analytic forward FLOPs per candidate of the run's model (its resolved config.yaml) on a row with
-    every subsequence at its full length and ``train.candidates_per_row`` candidates."""
+def run_flops_per_candidate(run_dir: Path, data: Path) -> float:
+    """Forward FLOPs per candidate of the run's model (its resolved config.yaml) at full history
+    lengths and ``train.candidates_per_row`` candidates."""
     cfg = load_yaml(run_dir / "config.yaml")
     net = build_model(cfg["model"], cfg["model_config"], DataInfo.from_prepared(data))
-    C = cfg["train"]["candidates_per_row"]
-    return net.flops(SampleShape(tuple(s.length for s in net.strategies()), C)) / C
+    return flops_per_candidate(net, cfg["train"]["candidates_per_row"])
 
 
 def train_or_skip(run_dir: Path, data: Path, cfg, name: str, log=print) -> dict:

@@ -77,6 +77,12 @@ class SampleShape:
     candidates: int
 
 
+def flops_per_candidate(model, candidates: int) -> float:
+    """Analytic forward FLOPs per candidate of ``model`` on a row with every subsequence at its full
+    length and ``candidates`` candidates."""
+    return model.flops(SampleShape(tuple(s.length for s in model.strategies()), candidates)) / candidates
+
+
 # name -> (module, config class, model class); imported on first use
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "climber": ("climber.models.climber", "ClimberConfig", "Climber"),

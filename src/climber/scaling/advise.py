@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from climber.config import ConfigError, resolve
-from climber.models import SampleShape, build_model
+from climber.models import build_model, flops_per_candidate as model_flops_per_candidate
 from climber.scaling.sweep import _INFO, load_rows, point_overrides
 
 TERMS = (("s",), ("l",), ("d",), ("s", "l"))  # products of log axes in the surface, besides the constant
@@ -31,8 +31,7 @@ def _features(points: list[dict], axes: list[str]) -> np.ndarray:
 
 def flops_per_candidate(model: str, point: dict, candidates: int) -> float:
     cfg = resolve(model, None, point_overrides(model, point))
-    net = build_model(cfg.model, cfg.model_config, _INFO)
-    return net.flops(SampleShape(tuple(s.length for s in net.strategies()), candidates)) / candidates
+    return model_flops_per_candidate(build_model(cfg.model, cfg.model_config, _INFO), candidates)
 
 
 def advise(sweep_dir: Path, budget: float, model: str | None = None, tolerance: float = 0.15) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from climber.compare import machine, train_or_skip
 from climber.config import ConfigError, resolve
 from climber.data.prepare import load_manifest
-from climber.models import DataInfo, SampleShape, build_model
+from climber.models import DataInfo, build_model, flops_per_candidate
 
 DEPTH = {"climber": "n_layers", "transformer": "n_layers", "hstu": "n_layers", "wukong": "n_layers",
          "rankmixer": "n_layers", "dlrm": "n_cross"}
@@ -105,8 +105,7 @@ def sweep(data: Path, models: list[str], grid: dict[str, list[int]], out: Path, 
             log(f"[{len(rows) + 1}/{total}] {model} {name} ({time.time() - t0:.0f}s so far)")
             m = train_or_skip(out / model / name, data, cfg, f"{model} {name}", log)
             net = build_model(cfg.model, cfg.model_config, info)
-            C = cfg.train.candidates_per_row
-            per_candidate = net.flops(SampleShape(tuple(s.length for s in net.strategies()), C)) / C
+            per_candidate = flops_per_candidate(net, cfg.train.candidates_per_row)
             rows.append({"model": model, **point, "parameters": m["parameters"],
                          "forward_flops_per_candidate": per_candidate,
                          "train_flops": 3 * per_candidate * manifest["splits"]["train"]["rows"] * m["epochs_run"],
