@@ -42,6 +42,9 @@ def test_compare_runs_seeds_skips_finished_and_tables_match(tiny_synth, tmp_path
         assert row["flops_per_candidate"] == pytest.approx(want) and want > 0
     assert res["rows"][0]["flops_per_candidate"] != res["rows"][1]["flops_per_candidate"]  # no BGF: fewer
     assert "| climber-tiny | 2 |" in (tmp_path / "results.md").read_text()
+    ceiling = json.loads((tiny_synth / "manifest.json").read_text())["bayes"]
+    assert res["bayes"] == ceiling  # synthetic data: the table states the attainable ceiling
+    assert f"attainable under the protocol): AUC {ceiling['test']['auc']:.4f}" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     assert main(args) == 0  # everything finished: all skipped

@@ -154,6 +154,10 @@ def _eval(args) -> None:
         m = out["metrics"]
         print(f"{args.split}: AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  LogLoss {m['logloss']:.4f}  "
               f"HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({m['candidates']:,} candidates)")
+        if "bayes" in out:
+            b = out["bayes"]
+            print(f"{args.split} Bayes-optimal (attainable under the protocol): AUC {b['auc']:.4f}  GAUC {b['gauc']:.4f}  "
+                  f"LogLoss {b['logloss']:.4f}; gap in AUC {b['auc'] - m['auc']:.4f}")
 
 
 def _command_line(subcommand: str) -> str:

@@ -163,13 +163,17 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
               "Checkpoint chosen by best val AUC; test figures are mean ± std over seeds; the last-epoch "
               "columns are the means of the last epoch's test figures; MFLOPs / candidate is the analytic forward "
               "cost at full history lengths and train.candidates_per_row candidates per row.\n\n")
+    if "bayes" in manifest:  # synthetic data: the ceiling of any model under the protocol
+        b = manifest["bayes"]["test"]
+        header += (f"Bayes-optimal test figures (attainable under the protocol): AUC {b['auc']:.4f}, "
+                   f"GAUC {b['gauc']:.4f}, LogLoss {b['logloss']:.4f}\n\n")
     (out / "results.md").write_text(header + markdown(rows))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     (out / "results.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
-                                                   "rows": rows}, indent=2) + "\n")
+                                                   "bayes": manifest.get("bayes"), "rows": rows}, indent=2) + "\n")
     if not plot(rows, out / "results.png", f"{manifest['source']} ({fp['sha256'][:12]})"):
         log("matplotlib not installed: no results.png (pip install 'climber[plot]')")
     log(markdown(rows))

@@ -42,7 +42,7 @@ def quickstart(out: Path, dataset: str | None = None, source: Path | None = None
     log("[3/3] report")
     rows = [("climber (best val epoch)", metrics["best"]["test"]), ("climber (last epoch)", metrics["last"]["test"])]
     if "bayes" in manifest:
-        rows.append(("Bayes-optimal (attainable ceiling)", manifest["bayes"]["test"]))
+        rows.append(("Bayes-optimal (attainable under the protocol)", manifest["bayes"]["test"]))
     log(f"  data: {manifest['source']}  {manifest['rows']:,} events  fingerprint {manifest['fingerprint']['sha256'][:16]}")
     log(f"  {'':38s} {'AUC':>7s} {'GAUC':>7s} {'LogLoss':>8s}")
     for name, m in rows:

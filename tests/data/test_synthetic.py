@@ -35,7 +35,8 @@ def test_determinism(data, tmp_path):
     assert same["bayes"] == manifest["bayes"]
 
 
-@pytest.mark.parametrize("key,column", [("bayes", "p_bayes"), ("oracle", "p_true")])
+@pytest.mark.parametrize("key,column", [("bayes", "p_bayes"), ("bayes_split_items", "p_bayes_split_items"),
+                                        ("oracle", "p_true")])
 def test_bayes_figures_match_sklearn(data, key, column):
     manifest, events = data
     for split in ("val", "test"):
@@ -50,8 +51,10 @@ def test_bayes_figures_match_sklearn(data, key, column):
         w, a = np.array(per_user).T
         assert bayes["gauc"] == pytest.approx(np.sum(w * a) / np.sum(w), abs=1e-9)
     assert 0.7 < manifest["bayes"]["test"]["auc"] < 0.95  # informative but not trivial
-    # knowing the split's earlier labels helps: the oracle is above the attainable optimum
-    assert manifest["oracle"]["test"]["auc"] > manifest["bayes"]["test"]["auc"]
+    # more knowledge, lower LogLoss: the split's earlier labels (oracle), their items (split_items), neither
+    for split in ("val", "test"):
+        loglosses = [manifest[key][split]["logloss"] for key in ("oracle", "bayes_split_items", "bayes")]
+        assert loglosses == sorted(loglosses) and len(set(loglosses)) == 3
     assert manifest["generator"]["seed"] == 7 and manifest["generator"]["version"] == synthetic.GENERATOR_VERSION
 
 
@@ -85,20 +88,31 @@ def test_p_true_is_the_logit_formula_of_the_observable_past(data):
     np.testing.assert_allclose(ev["p_true"].to_numpy(), expected, rtol=0, atol=1e-6)
 
 
-def test_p_bayes_is_p_true_where_nothing_is_hidden(data):
+@pytest.mark.parametrize("column", ["p_bayes", "p_bayes_split_items"])
+def test_p_bayes_is_p_true_where_nothing_is_hidden(data, column):
     """On train events and on the first event of each split no label of the split is hidden yet."""
     _, events = data
     ev = events.sort("user", "ts").with_columns(pl.int_range(pl.len()).over("user", "split").alias("j"))
     known = ev.filter((pl.col("split") == "train") | (pl.col("j") == 0))
-    np.testing.assert_allclose(known["p_bayes"].to_numpy(), known["p_true"].to_numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(known[column].to_numpy(), known["p_true"].to_numpy(), rtol=0, atol=1e-12)
     hidden = ev.filter((pl.col("split") != "train") & (pl.col("j") > 0))
     # where an earlier split event shares the topic (or leaves the last-3 window) p_true moves
-    assert np.mean(np.abs(hidden["p_bayes"].to_numpy() - hidden["p_true"].to_numpy()) > 1e-3) > 0.2
+    assert np.mean(np.abs(hidden[column].to_numpy() - hidden["p_true"].to_numpy()) > 1e-3) > 0.2
+    if column == "p_bayes":  # not knowing the earlier events' items is a different estimate from knowing them
+        assert np.mean(np.abs(hidden[column].to_numpy() - hidden["p_bayes_split_items"].to_numpy()) > 1e-2) > 0.2
 
 
-def test_p_bayes_matches_an_independent_simulation(data):
-    """Re-estimate E[p_true | events before the split] for a few users with a plain per-user simulation
-    (its own random stream, more paths) and compare within Monte Carlo error."""
+def _p_true(beta, quality, history, k, i, scenario):
+    """The generator's p_true of item i (topic k) in ``scenario`` after ``history`` [(topic, label), ...]."""
+    seen = sum(1 for kk, _ in history if kk == k)
+    pos = sum(y for kk, y in history if kk == k)
+    m = float(any(kk == k and y == 1 for kk, y in history[-3:]))
+    return 1 / (1 + np.exp(-(beta[scenario] * (4 * ((pos + 1) / (seen + 2) - 0.5) + 1.5 * m - 0.5) + quality[i])))
+
+
+def test_p_bayes_split_items_matches_an_independent_simulation(data):
+    """Re-estimate E[p_true | events before the split, the split's items] for a few users with a plain
+    per-user simulation (its own random stream, more paths) and compare within Monte Carlo error."""
     _, events = data
     topic, quality = synthetic.item_params(SIZE["items"], SIZE["topics"], seed=7)
     beta = dict(zip(synthetic.SCENARIOS, synthetic.BETA))
@@ -107,22 +121,76 @@ def test_p_bayes_matches_an_independent_simulation(data):
     users = ev.filter(pl.col("split") == "test")["user"].unique().sort()[:6]
     sims, worst = 2000, 0.0
     for user in users:
-        rows = ev.filter(pl.col("user") == user).select("item_raw", "scenario_raw", "label", "split", "p_bayes").rows()
+        rows = ev.filter(pl.col("user") == user).select(
+            "item_raw", "scenario_raw", "label", "split", "p_bayes_split_items").rows()
         past = [(int(topic[int(i[1:])]), y) for i, _, y, split, _ in rows if split != "test"]
         split_events = [(int(i[1:]), sc, pb) for i, sc, _, split, pb in rows if split == "test"]
         total = np.zeros(len(split_events))
         for _ in range(sims):
             hist = list(past)
             for j, (i, sc, _) in enumerate(split_events):
-                k = int(topic[i])
-                seen = sum(1 for kk, _ in hist if kk == k)
-                pos = sum(y for kk, y in hist if kk == k)
-                m = float(any(kk == k and y == 1 for kk, y in hist[-3:]))
-                p = 1 / (1 + np.exp(-(beta[sc] * (4 * ((pos + 1) / (seen + 2) - 0.5) + 1.5 * m - 0.5) + quality[i])))
+                p = _p_true(beta, quality, hist, int(topic[i]), i, sc)
                 total[j] += p
-                hist.append((k, int(rng.random() < p)))
+                hist.append((int(topic[i]), int(rng.random() < p)))
         worst = max(worst, np.max(np.abs(total / sims - np.array([pb for *_, pb in split_events]))))
     assert worst < 0.04  # standard error of the two estimates together is about 0.01
+
+
+def _small_split(seed):
+    """A hand-made split of 3 users: item table (6 items, 3 topics), their mix, the state before the
+    split (seen, pos, recent) and the split's J = 5 events (items, scenario ids)."""
+    rng = np.random.default_rng(seed)
+    topic, quality = np.array([0, 0, 1, 1, 2, 2]), np.array([0.3, -0.4, 0.0, 0.5, -0.2, 0.1])
+    mix = synthetic._Mix(rng.dirichlet(np.ones(3), size=3), rng.dirichlet(np.ones(3), size=3), topic)
+    seen = rng.integers(0, 6, size=(3, 3)).astype(np.int32)
+    pos = (seen * rng.random((3, 3))).astype(np.int32)
+    recent = np.array([[0, -1, 2], [-1, -1, -1], [1, 1, -1]])
+    first = np.array([7, 3, 5])  # index of each user's first split event: sets its slot in ``recent``
+    return topic, quality, mix, (seen, pos, recent), first, rng.integers(0, 6, (3, 5)), rng.integers(0, 3, (3, 5))
+
+
+def test_p_bayes_matches_an_independent_simulation():
+    """E[p_true | state at the split, the event, its index] with the split's earlier events unknown (drawn
+    from the user's mix): the generator's estimate against a plain per-user simulation."""
+    topic, quality, mix, (seen, pos, recent), first, items, scenarios = _small_split(0)
+    got = synthetic._expected_p(np.random.default_rng(1), (seen, pos, recent), first, items, scenarios, topic,
+                                quality, mix)
+    rng, sims = np.random.default_rng(2), 3000
+
+    def p_true(counts, window, i, s):  # counts {topic: [seen, pos]}, window: last 3 (topic if positive else -1)
+        seen_k, pos_k = counts[topic[i]]
+        m = 1.5 if topic[i] in window else 0.0
+        return 1 / (1 + np.exp(-(synthetic.BETA[s] * (4 * ((pos_k + 1) / (seen_k + 2) - 0.5) + m - 0.5) + quality[i])))
+
+    for u in range(3):
+        for j in range(items.shape[1]):
+            total = 0.0
+            for _ in range(sims):
+                counts = {k: [seen[u, k], pos[u, k]] for k in range(3)}
+                window = [int(recent[u, (first[u] + t) % 3]) for t in range(3)]  # oldest first
+                for _ in range(j):  # the split's earlier events, drawn from the user's mix
+                    s = int(np.searchsorted(mix.scenario_cdf[u], rng.random(), side="right"))
+                    k = int(mix.nonempty[np.searchsorted(mix.topic_cdf[u], rng.random(), side="right")])
+                    i = int(rng.choice(np.flatnonzero(topic == k)))
+                    y = int(rng.random() < p_true(counts, window, i, s))
+                    counts[k][0] += 1
+                    counts[k][1] += y
+                    window = window[1:] + [k if y else -1]
+                total += p_true(counts, window, items[u, j], scenarios[u, j])
+            assert abs(total / sims - got[u, j]) < 0.03, (u, j)  # standard error about 0.006
+
+
+def test_p_bayes_does_not_see_the_split_s_other_events():
+    """Changing the split's earlier events changes ``p_bayes_split_items`` but not ``p_bayes`` of the last."""
+    topic, quality, mix, state, first, items, scenarios = _small_split(3)
+    other_items, other_scenarios = items.copy(), scenarios.copy()
+    other_items[:, :-1], other_scenarios[:, :-1] = (other_items[:, :-1] + 2) % 6, (other_scenarios[:, :-1] + 1) % 3
+
+    def last(earlier, i, s):
+        return synthetic._expected_p(np.random.default_rng(5), state, first, i, s, topic, quality, earlier)[:, -1]
+
+    np.testing.assert_array_equal(last(mix, items, scenarios), last(mix, other_items, other_scenarios))
+    assert np.abs(last(None, items, scenarios) - last(None, other_items, other_scenarios)).max() > 0.01
 
 
 def test_scenarios_differ_in_temperature(data):

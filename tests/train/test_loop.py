@@ -71,6 +71,10 @@ def test_cli_train_eval_and_errors(data, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     best = json.loads((run / "metrics.json").read_text())["best"]["test"]
     assert out["metrics"]["auc"] == pytest.approx(best["auc"], abs=1e-12)
+    assert out["bayes"] == json.loads((data / "manifest.json").read_text())["bayes"]["test"]  # synthetic: the ceiling
+    assert main(["eval", "--run", str(run), "--split", "val"]) == 0
+    val = json.loads((data / "manifest.json").read_text())["bayes"]["val"]["auc"]
+    assert f"Bayes-optimal (attainable under the protocol): AUC {val:.4f}" in capsys.readouterr().out
     assert main(args + sets) == 2  # run dir exists, no --resume
     assert "use --resume" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2

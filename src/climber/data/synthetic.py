@@ -14,13 +14,19 @@ Generative process (one user at a time in distribution, vectorised over a chunk 
   ``label ~ Bernoulli(p_true)``; action ``skip`` (label 0), else ``like`` (prob 0.3) or ``play``.
 
 ``p_true`` depends only on the user's past and fixed item / scenario parameters. Under the protocol a
-model scoring val (test) candidates sees only the events before the split, not the labels of the split's
-earlier events, which move ``r`` and ``m``. The attainable optimum is therefore
-``p_bayes = E[p_true | events before the split]``, which the generator estimates by simulating the split's
-labels forward from the state at the split (the items, scenarios and times of the split are given:
-they are the candidates). On train events ``p_bayes = p_true``. The manifest records the AUC / GAUC /
-LogLoss of ``p_bayes`` on val and test under ``bayes`` (the ceiling of any model) and those of ``p_true``
-under ``oracle`` (it knows the split's labels: not attainable).
+model scoring val (test) candidates sees only the events before the split and the candidate itself: not
+the labels of the split's earlier events, which move ``r`` and ``m``, and not the split's other events
+either (candidates never see each other). The attainable optimum is therefore
+``p_bayes = E[p_true | events before the split, the candidate, its index in the split]``, which the
+generator estimates by simulating the split's earlier events forward from the state at the split: their
+scenario, topic and item drawn afresh from the user's own mix, their labels from the generator's
+dynamics. (Knowing the index is a little more than a model knows, so this is an upper bound of the
+attainable.) ``p_bayes_split_items`` also knows the items and scenarios of the split's earlier events
+(simulating only their labels): a model that saw the other candidates could approach it. On train
+events, and on the first event of each split, all three equal ``p_true``. The manifest records the
+AUC / GAUC / LogLoss of ``p_bayes`` on val and test under ``bayes`` (the ceiling of any model under the
+protocol), of ``p_bayes_split_items`` under ``bayes_split_items`` and of ``p_true`` under ``oracle`` (it
+knows the split's labels: not attainable).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from climber.data.schema import DataError, LabelRule, RawSource
 from climber.data.split import split_sizes
 from climber.eval import metrics
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEFAULTS = {"users": 2000, "events_per_user": 100, "items": 1000, "topics": 20, "seed": 0}  # quickstart size
 
 SCENARIOS = ("home", "search", "radio")
@@ -62,7 +68,7 @@ BAYES_CHUNK_USERS = 1_000  # users simulated at once (memory: simulations x user
 
 RAW_SCHEMA = pa.schema(
     [(c, pa.string()) for c in ("user", "item", "ts", "action", "scenario", "label", "item_topic")]
-    + [("p_true", pa.float64()), ("p_bayes", pa.float64())]
+    + [(c, pa.float64()) for c in ("p_true", "p_bayes", "p_bayes_split_items")]
 )
 
 
@@ -92,8 +98,27 @@ def _cumulative(probs: np.ndarray) -> np.ndarray:
 
 
 def _sample(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """One category per row of ``cdf`` (n, C) for uniforms ``u`` (n,)."""
-    return (cdf < u[:, None]).sum(axis=1)
+    """One category per row of ``cdf`` (n, C) for uniforms ``u`` (..., n): (..., n)."""
+    return (cdf < u[..., None]).sum(axis=-1)
+
+
+class _Mix:
+    """What a chunk's n users draw their events from: a scenario mix and a topic exposure per user,
+    an item uniform within its topic."""
+
+    def __init__(self, scenario_probs: np.ndarray, exposure: np.ndarray, topic: np.ndarray):
+        self.count = np.bincount(topic, minlength=exposure.shape[1])  # items of each topic
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])  # topic k: items_by_topic[start[k]:][:count[k]]
+        self.items_by_topic = np.argsort(topic, kind="stable")
+        self.nonempty = np.flatnonzero(self.count > 0)  # topics that hold items
+        self.scenario_cdf = _cumulative(scenario_probs)  # (n, 3)
+        self.topic_cdf = _cumulative(exposure[:, self.nonempty])  # (n, K'): resampling away from empty topics
+
+    def draw(self, rng: np.random.Generator, shape, users=slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Scenario ids and items, ``shape`` = (..., n') for the n' mix users ``users``."""
+        s = _sample(self.scenario_cdf[users], rng.random(shape))
+        k = self.nonempty[_sample(self.topic_cdf[users], rng.random(shape))]
+        return s, self.items_by_topic[self.start[k] + rng.integers(0, self.count[k])]
 
 
 def _chunk(rng: np.random.Generator, sim_rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray,
@@ -108,16 +133,9 @@ def _chunk(rng: np.random.Generator, sim_rng: np.random.Generator, n_events: np.
     snapshot = {name: (np.zeros((n, topics), np.int32), np.zeros((n, topics), np.int32),
                        np.full((n, WINDOW), -1, np.int64)) for name in split_start}
     rows = np.arange(n)
-    # topics that hold items, and their items: topic_items[start[k] : start[k] + count[k]]
-    count = np.bincount(topic, minlength=topics)
-    start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    topic_items = np.argsort(topic, kind="stable")
-    nonempty = np.flatnonzero(count > 0)
-
     pi = rng.dirichlet(np.full(topics, EXPOSURE_CONCENTRATION), size=n)  # (n, K)
     exposure = (1 - EXPLORATION) * pi + EXPLORATION / topics
-    topic_cdf = _cumulative(exposure[:, nonempty])  # (n, K'): resampling away from empty topics
-    scenario_cdf = _cumulative(rng.dirichlet(np.ones(len(SCENARIOS)), size=n))  # (n, 3)
+    mix = _Mix(rng.dirichlet(np.ones(len(SCENARIOS)), size=n), exposure, topic)
     ts0 = TS_START + rng.integers(0, TS_OFFSET_MAX, size=n)
 
     seen = np.zeros((n, topics), dtype=np.int32)
@@ -135,9 +153,8 @@ def _chunk(rng: np.random.Generator, sim_rng: np.random.Generator, n_events: np.
             at = np.flatnonzero((first == t) & (split_len[name] > 0))
             for saved, state in zip(snapshot[name], (seen, pos, recent)):
                 saved[at] = state[at]
-        s = _sample(scenario_cdf, rng.random(n))  # (n,)
-        k = nonempty[_sample(topic_cdf, rng.random(n))]  # (n,)
-        item = topic_items[start[k] + rng.integers(0, count[k])]  # (n,)
+        s, item = mix.draw(rng, n)  # (n,) each
+        k = topic[item]
         gap = 1 + np.floor(rng.exponential(GAP_MEAN, size=n)).astype(np.int64)  # seconds
 
         r = (pos[rows, k] + 1) / (seen[rows, k] + 2)
@@ -154,41 +171,51 @@ def _chunk(rng: np.random.Generator, sim_rng: np.random.Generator, n_events: np.
         out_label[:, t], out_p[:, t] = label, p
         out_action[:, t] = np.where(like, 2, label.astype(np.int8))  # index into ACTIONS
     out_ts = ts0[:, None] + np.cumsum(out_gap, axis=1)
-    out_bayes = out_p.copy()
-    for name, first in split_start.items():
-        idx = first[:, None] + np.arange(int(split_len[name].max(initial=0)))  # (n, J)
-        valid = idx < (first + split_len[name])[:, None]
-        idx = np.minimum(idx, T - 1)
-        event_topic, event_scenario = topic[np.take_along_axis(out_item, idx, 1)], np.take_along_axis(out_scenario, idx, 1)
-        expected = _expected_p(sim_rng, snapshot[name], first, event_topic, event_scenario,
-                               quality[np.take_along_axis(out_item, idx, 1)])
-        rows_, cols = np.nonzero(valid)
-        out_bayes[rows_, idx[rows_, cols]] = expected[rows_, cols]
-    return out_scenario, out_item, out_ts, out_label, out_action, out_p, out_bayes
+    out_bayes, out_bayes_items = out_p.copy(), out_p.copy()
+    for out, earlier in ((out_bayes_items, None), (out_bayes, mix)):
+        for name, first in split_start.items():
+            idx = first[:, None] + np.arange(int(split_len[name].max(initial=0)))  # (n, J)
+            valid = idx < (first + split_len[name])[:, None]
+            idx = np.minimum(idx, T - 1)
+            split_items, split_scenarios = np.take_along_axis(out_item, idx, 1), np.take_along_axis(out_scenario, idx, 1)
+            rows_, cols = np.nonzero(valid)
+            expected = _expected_p(sim_rng, snapshot[name], first, split_items, split_scenarios, topic, quality, earlier)
+            out[rows_, idx[rows_, cols]] = expected[rows_, cols]
+    return out_scenario, out_item, out_ts, out_label, out_action, out_p, out_bayes, out_bayes_items
 
 
-def _expected_p(rng: np.random.Generator, state, first: np.ndarray, topic: np.ndarray, scenario: np.ndarray,
-                quality: np.ndarray) -> np.ndarray:
-    """E[p_true] of each of a split's events given only the events before the split: the mean over
-    BAYES_SIMULATIONS label paths drawn from the generator's own dynamics. ``state`` = (seen, pos, recent)
-    at the split; ``first`` (n,) the index of the split's first event; topic / scenario / quality (n, J)
-    of the split's events in order. Returns (n, J)."""
-    n, J = topic.shape
+def _expected_p(rng: np.random.Generator, state, first: np.ndarray, item: np.ndarray, scenario: np.ndarray,
+                topic: np.ndarray, quality: np.ndarray, earlier: _Mix | None) -> np.ndarray:
+    """E[p_true] of each of a split's events given the events before the split and the event itself: the
+    mean over BAYES_SIMULATIONS paths of the split's earlier events, whose labels are drawn from the
+    generator's own dynamics. ``state`` = (seen, pos, recent) at the split; ``first`` (n,) the index of the
+    split's first event; item / scenario (n, J) the split's events in order; ``topic`` / ``quality`` the
+    item table. ``earlier`` None: the earlier events are the actual ones (only their labels are unknown);
+    a mix: they are drawn afresh from it (the event does not see the others). Returns (n, J)."""
+    n, J = item.shape
     out = np.empty((n, J))
     for lo in range(0, n, BAYES_CHUNK_USERS):
         part = slice(lo, min(lo + BAYES_CHUNK_USERS, n))
-        rows = np.arange(part.stop - part.start)
+        rows = np.arange(part.stop - part.start)[None]  # (1, n')
+        paths = np.arange(BAYES_SIMULATIONS)[:, None]  # (S, 1)
         seen, pos, recent = (np.repeat(a[part][None], BAYES_SIMULATIONS, axis=0) for a in state)  # (S, n', .)
+
+        def p_of(s, i):  # p_true of events (scenario s, item i), (S, n') or broadcastable, in the current state
+            k = topic[i]
+            r = (pos[paths, rows, k] + 1) / (seen[paths, rows, k] + 2)  # (S, n')
+            m = (recent == k[..., None]).any(axis=2).astype(np.float64)
+            return 1.0 / (1.0 + np.exp(-logit_of(s, r, m, quality[i])))
+
         for j in range(J):
-            k = topic[part, j]  # (n',)
-            r = (pos[:, rows, k] + 1) / (seen[:, rows, k] + 2)  # (S, n')
-            m = (recent == k[None, :, None]).any(axis=2).astype(np.float64)
-            p = 1.0 / (1.0 + np.exp(-logit_of(scenario[part, j][None], r, m, quality[part, j][None])))
-            out[part, j] = p.mean(axis=0)
-            label = rng.random(p.shape) < p
-            seen[:, rows, k] += 1
-            pos[:, rows, k] += label
-            recent[:, rows, (first[part] + j) % WINDOW] = np.where(label, k[None], -1)
+            s, i = scenario[part, j][None], item[part, j][None]  # (1, n')
+            out[part, j] = p_of(s, i).mean(axis=0)
+            if earlier is not None:  # the next event as seen from a later one: unknown, drawn from the mix
+                s, i = earlier.draw(rng, (BAYES_SIMULATIONS, part.stop - part.start), part)
+            label = rng.random((BAYES_SIMULATIONS, part.stop - part.start)) < p_of(s, i)
+            k = np.broadcast_to(topic[i], label.shape)
+            seen[paths, rows, k] += 1
+            pos[paths, rows, k] += label
+            recent[:, rows[0], (first[part] + j) % WINDOW] = np.where(label, k, -1)
     return out
 
 
@@ -205,7 +232,7 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
             ids = np.arange(first, min(first + CHUNK_USERS, users))
             rng, sim_rng = np.random.default_rng([seed, 2, first]), np.random.default_rng([seed, 3, first])
             counts = n_events[ids]
-            scenario, item, ts, label, action, p, p_bayes = _chunk(rng, sim_rng, counts, topic, quality, topics)
+            scenario, item, ts, label, action, p, p_bayes, p_bayes_items = _chunk(rng, sim_rng, counts, topic, quality, topics)
             keep = np.arange(scenario.shape[1])[None, :] < counts[:, None]  # (n, T), row-major = user-contiguous
             user_names = pa.array([f"u{u}" for u in ids])
             table = pa.table(
@@ -219,6 +246,7 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
                     "item_topic": topic_names.take(topic[item[keep]]),
                     "p_true": p[keep],
                     "p_bayes": p_bayes[keep],
+                    "p_bayes_split_items": p_bayes_items[keep],
                 },
                 schema=RAW_SCHEMA,
             )
@@ -298,11 +326,12 @@ def synthesize(
             frame=readers.scan_table(raw, columns=columns),
             label_rule=LabelRule.parse("label"),
             actions=ACTIONS,
-            numeric_columns=("p_true", "p_bayes"),
+            numeric_columns=("p_true", "p_bayes", "p_bayes_split_items"),
             files=(raw,),
         )
         return prepare(source, out, force=force, log=log,
-                       extra=lambda tmp: {"bayes": _bayes(tmp), "oracle": _bayes(tmp, "p_true"),
+                       extra=lambda tmp: {"bayes": _bayes(tmp), "bayes_split_items": _bayes(tmp, "p_bayes_split_items"),
+                                          "oracle": _bayes(tmp, "p_true"),
                                           "generator": generator})
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)

@@ -92,5 +92,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     result = evaluate_split(model, loader)
     out = {"run": str(run_dir), "split": split, "epoch": meta["epoch"], "fingerprint": manifest["fingerprint"],
            "metrics": result["metrics"]}
+    if "bayes" in manifest:  # synthetic data: the ceiling of any model under the protocol
+        out["bayes"] = manifest["bayes"][split]
     (run_dir / f"eval-{split}.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
