@@ -124,7 +124,7 @@ class _Mix:
 def _chunk(rng: np.random.Generator, sim_rng: np.random.Generator, n_events: np.ndarray, topic: np.ndarray,
            quality: np.ndarray, topics: int):
     """Events of one chunk of users as (n, T) arrays, T = max events; entries past a user's count unused.
-    ``rng`` draws the events, ``sim_rng`` the simulated label paths behind ``p_bayes``."""
+    ``rng`` draws the events, ``sim_rng`` the simulated paths behind ``p_bayes_split_items`` and ``p_bayes``."""
     n, T = len(n_events), int(n_events.max())
     n_val, n_test = split_sizes(n_events)
     split_start = {"val": n_events - n_test - n_val, "test": n_events - n_test}  # first event index of each split
