@@ -65,6 +65,19 @@ def test_labels_are_calibrated(data):
     assert abs(y.mean() - p.mean()) < 4 * std
 
 
+def _p_true(beta, seen, pos, recent_positive, quality):
+    """The generator's formula, written out: ``seen`` / ``pos`` the user's earlier events / positives in
+    the topic, ``recent_positive`` whether one of the last 3 events was a positive in it."""
+    r = (pos + 1) / (seen + 2)
+    return 1 / (1 + np.exp(-(beta * (4 * (r - 0.5) + 1.5 * float(recent_positive) - 0.5) + quality)))
+
+
+def _p_true_after(beta, quality, history, k, i):
+    """p_true of item i (topic k) after ``history`` [(topic, label), ...], oldest first."""
+    seen, pos = sum(1 for kk, _ in history if kk == k), sum(y for kk, y in history if kk == k)
+    return _p_true(beta, seen, pos, any(kk == k and y == 1 for kk, y in history[-3:]), quality[i])
+
+
 def test_p_true_is_the_logit_formula_of_the_observable_past(data):
     """Recompute r (lifetime topic positive rate) and m (recent positive in topic) event by event."""
     _, events = data
@@ -78,10 +91,8 @@ def test_p_true_is_the_logit_formula_of_the_observable_past(data):
             seen, pos, recent, last_user = {}, {}, [], user
         i = int(item[1:])
         k = int(topic[i])
-        r = (pos.get(k, 0) + 1) / (seen.get(k, 0) + 2)
-        m = float(any(kk == k and yy == 1 for kk, yy in recent[-3:]))
-        logit = beta[scen] * (4 * (r - 0.5) + 1.5 * m - 0.5) + quality[i]
-        expected[j] = 1 / (1 + np.exp(-logit))
+        expected[j] = _p_true(beta[scen], seen.get(k, 0), pos.get(k, 0), any(kk == k and yy for kk, yy in recent[-3:]),
+                              quality[i])
         seen[k] = seen.get(k, 0) + 1
         pos[k] = pos.get(k, 0) + label
         recent.append((k, label))
@@ -100,14 +111,6 @@ def test_p_bayes_is_p_true_where_nothing_is_hidden(data, column):
     assert np.mean(np.abs(hidden[column].to_numpy() - hidden["p_true"].to_numpy()) > 1e-3) > 0.2
     if column == "p_bayes":  # not knowing the earlier events' items is a different estimate from knowing them
         assert np.mean(np.abs(hidden[column].to_numpy() - hidden["p_bayes_split_items"].to_numpy()) > 1e-2) > 0.2
-
-
-def _p_true(beta, quality, history, k, i, scenario):
-    """The generator's p_true of item i (topic k) in ``scenario`` after ``history`` [(topic, label), ...]."""
-    seen = sum(1 for kk, _ in history if kk == k)
-    pos = sum(y for kk, y in history if kk == k)
-    m = float(any(kk == k and y == 1 for kk, y in history[-3:]))
-    return 1 / (1 + np.exp(-(beta[scenario] * (4 * ((pos + 1) / (seen + 2) - 0.5) + 1.5 * m - 0.5) + quality[i])))
 
 
 def test_p_bayes_split_items_matches_an_independent_simulation(data):
@@ -129,7 +132,7 @@ def test_p_bayes_split_items_matches_an_independent_simulation(data):
         for _ in range(sims):
             hist = list(past)
             for j, (i, sc, _) in enumerate(split_events):
-                p = _p_true(beta, quality, hist, int(topic[i]), i, sc)
+                p = _p_true_after(beta[sc], quality, hist, int(topic[i]), i)
                 total[j] += p
                 hist.append((int(topic[i]), int(rng.random() < p)))
         worst = max(worst, np.max(np.abs(total / sims - np.array([pb for *_, pb in split_events]))))
@@ -158,9 +161,7 @@ def test_p_bayes_matches_an_independent_simulation():
     rng, sims = np.random.default_rng(2), 3000
 
     def p_true(counts, window, i, s):  # counts {topic: [seen, pos]}, window: last 3 (topic if positive else -1)
-        seen_k, pos_k = counts[topic[i]]
-        m = 1.5 if topic[i] in window else 0.0
-        return 1 / (1 + np.exp(-(synthetic.BETA[s] * (4 * ((pos_k + 1) / (seen_k + 2) - 0.5) + m - 0.5) + quality[i])))
+        return _p_true(synthetic.BETA[s], *counts[topic[i]], topic[i] in window, quality[i])
 
     for u in range(3):
         for j in range(items.shape[1]):

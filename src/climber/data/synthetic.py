@@ -196,7 +196,8 @@ def _expected_p(rng: np.random.Generator, state, first: np.ndarray, item: np.nda
     out = np.empty((n, J))
     for lo in range(0, n, BAYES_CHUNK_USERS):
         part = slice(lo, min(lo + BAYES_CHUNK_USERS, n))
-        rows = np.arange(part.stop - part.start)[None]  # (1, n')
+        size = part.stop - part.start  # n'
+        rows = np.arange(size)[None]  # (1, n')
         paths = np.arange(BAYES_SIMULATIONS)[:, None]  # (S, 1)
         seen, pos, recent = (np.repeat(a[part][None], BAYES_SIMULATIONS, axis=0) for a in state)  # (S, n', .)
 
@@ -210,8 +211,8 @@ def _expected_p(rng: np.random.Generator, state, first: np.ndarray, item: np.nda
             s, i = scenario[part, j][None], item[part, j][None]  # (1, n')
             out[part, j] = p_of(s, i).mean(axis=0)
             if earlier is not None:  # the next event as seen from a later one: unknown, drawn from the mix
-                s, i = earlier.draw(rng, (BAYES_SIMULATIONS, part.stop - part.start), part)
-            label = rng.random((BAYES_SIMULATIONS, part.stop - part.start)) < p_of(s, i)
+                s, i = earlier.draw(rng, (BAYES_SIMULATIONS, size), part)
+            label = rng.random((BAYES_SIMULATIONS, size)) < p_of(s, i)
             k = np.broadcast_to(topic[i], label.shape)
             seen[paths, rows, k] += 1
             pos[paths, rows, k] += label
@@ -232,7 +233,8 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
             ids = np.arange(first, min(first + CHUNK_USERS, users))
             rng, sim_rng = np.random.default_rng([seed, 2, first]), np.random.default_rng([seed, 3, first])
             counts = n_events[ids]
-            scenario, item, ts, label, action, p, p_bayes, p_bayes_items = _chunk(rng, sim_rng, counts, topic, quality, topics)
+            scenario, item, ts, label, action, p, p_bayes, p_bayes_items = _chunk(
+                rng, sim_rng, counts, topic, quality, topics)
             keep = np.arange(scenario.shape[1])[None, :] < counts[:, None]  # (n, T), row-major = user-contiguous
             user_names = pa.array([f"u{u}" for u in ids])
             table = pa.table(
