@@ -24,6 +24,7 @@ import torch
 
 from climber.config import load_yaml, resolve
 from climber.data.prepare import load_manifest
+from climber.data.synthetic import ceiling_text
 from climber.models import DataInfo, build_model, flops_per_candidate
 
 METRICS = ("auc", "gauc", "logloss")
@@ -164,9 +165,7 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
               "columns are the means of the last epoch's test figures; MFLOPs / candidate is the analytic forward "
               "cost at full history lengths and train.candidates_per_row candidates per row.\n\n")
     if "bayes" in manifest:  # synthetic data: the ceiling of any model under the protocol
-        b = manifest["bayes"]["test"]
-        header += (f"Bayes-optimal test figures (attainable under the protocol): AUC {b['auc']:.4f}, "
-                   f"GAUC {b['gauc']:.4f}, LogLoss {b['logloss']:.4f}\n\n")
+        header += f"Test {ceiling_text(manifest['bayes']['test'])}\n\n"
     (out / "results.md").write_text(header + markdown(rows))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

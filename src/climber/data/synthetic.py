@@ -259,6 +259,12 @@ def _write_raw(path: Path, *, users: int, events_per_user: int, items: int, topi
     return total
 
 
+def ceiling_text(figures: dict) -> str:
+    """One line for a split's ``bayes`` figures (the manifest's), as the CLI and compare print them."""
+    return (f"Bayes-optimal (attainable under the protocol): AUC {figures['auc']:.4f}  GAUC {figures['gauc']:.4f}  "
+            f"LogLoss {figures['logloss']:.4f}")
+
+
 def _bayes(prepared: Path, column: str = "p_bayes") -> dict:
     """AUC / GAUC / LogLoss of ``column`` against the label, per evaluation split."""
     events = (
