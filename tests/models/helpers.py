@@ -1,7 +1,6 @@
 """Batch builders of the model tests: random tiny batches in the real format (left-padded histories,
-right-padded candidates) and the edits the checks make to them; plus two checks that several model test
-files share: the attention paths agree (Climber, Transformer), and history states are causal and ignore
-the candidates (Transformer, HSTU)."""
+right-padded candidates) and the edits the checks make to them; plus a check that several model test
+files share: history states are causal and ignore the candidates (Transformer, HSTU)."""
 
 from __future__ import annotations
 
@@ -124,15 +123,3 @@ def check_history_states(model, L: int) -> None:
         assert close(states[:, :t], changed[:, :t])
         assert not close(states[:, t], changed[:, t])
         assert not close(states[:, L:], changed[:, L:])
-
-
-def check_reference_and_sdpa_agree(ref, fast, batch: Batch) -> None:
-    """Two models that differ only in their attention path, given the same weights: equal logits and gradients."""
-    fast.load_state_dict(ref.state_dict())
-    a, b = ref.eval()(batch), fast.eval()(batch)
-    assert close(a, b)
-    a[batch.cand_mask].sum().backward()
-    b[batch.cand_mask].sum().backward()
-    grads = dict(fast.named_parameters())
-    for name, p in ref.named_parameters():
-        assert close(p.grad, grads[name].grad), name

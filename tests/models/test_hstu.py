@@ -55,7 +55,7 @@ def tiny_layer_input(seed=0):
     x = torch.randn(1, 6, 8)
     hist_mask = torch.tensor([[False, True, True, True]])
     mask = history_candidate_mask(hist_mask, torch.tensor([[True, True]]))  # (1, 6, 6)
-    pos = torch.tensor([[0, 1, 2, 3, 4, 4]])  # candidates right after the most recent event
+    pos = torch.tensor([0, 1, 2, 3, 4, 4])  # candidates right after the most recent event
     ts = torch.tensor([[0, 100, 130, 1000, 5000, 5100]])
     return model.layers[0], x, mask, pos, ts
 
@@ -75,7 +75,7 @@ def test_one_layer_matches_the_formulas():
             for j in range(6):
                 if not mask[0, i, j]:
                     continue
-                p_bucket = relative_position_bucket(pos[0, i] - pos[0, j], 32, MAX_LEN + 1)
+                p_bucket = relative_position_bucket(pos[i] - pos[j], 32, MAX_LEN + 1)
                 t_bucket = time_bucket(ts[0, i] - ts[0, j], 32)
                 rab = layer.rab.pos_bias[p_bucket, h] + layer.rab.time_bias[t_bucket, h]
                 AV[i, sl] += F.silu(Q[i, sl] @ K[j, sl] + rab) / n * V[j, sl]

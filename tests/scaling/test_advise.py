@@ -34,7 +34,8 @@ def test_recommends_the_best_predicted_point_at_equal_flops(sweep, capsys):
         if r["measured_logloss"] is not None:
             assert r["measured_logloss"] == pytest.approx(r["predicted_logloss"], abs=1e-9)
     assert out["recommended"] == min(table, key=lambda r: r["predicted_logloss"])
-    assert {(r["s"], r["l"]) for r in table} >= {(32, 2), (64, 1)}
+    points = {(r["s"], r["l"]) for r in table}
+    assert (32, 2) in points and {l for _, l in points} - {2}  # the budget's point and another depth
     assert not next(r for r in table if r["s"] < 16)["inside_sweep"]
     assert main(["scale", "advise", "--sweep", str(sweep), "--flops", str(budget)]) == 0
     assert "recommended" in capsys.readouterr().out

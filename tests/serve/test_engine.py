@@ -171,15 +171,15 @@ def test_scores_are_candidate_independent_and_a_cache_serves_many_calls():
 
 
 def count_queries(monkeypatch, engine) -> list[int]:
-    """Record the number of query tokens of every cached layer-stack run of ``engine``."""
+    """Record the number of history query tokens of every ``encode`` step that ``engine`` runs."""
     seen: list[int] = []
-    run = engine._path.run
+    encode = engine.model.encode
 
     def counting(b, x, *args):
         seen.append(x.shape[1])
-        return run(b, x, *args)
+        return encode(b, x, *args)
 
-    monkeypatch.setattr(engine._path, "run", counting)
+    monkeypatch.setattr(engine.model, "encode", counting)
     return seen
 
 

@@ -21,17 +21,19 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
+from climber.models.attention import FULL_SEQUENCE, Keys, Plan, check_attention, full_sequence_impl, kernel_for
 from climber.models.layers import (
-    IMPLS,
     IdEmbeddings,
     RelativeBias,
     Temperature,
     TransformerLayer,
-    cached_layers,
+    encode_layers,
     history_candidate_mask,
     history_candidate_positions,
     init_weights,
     same_side_mask,
+    score_layers,
+    structured_stack_flops,
     transformer_layer_flops,
 )
 
@@ -59,7 +61,7 @@ class ClimberConfig(ModelConfig):
     user_embedding: bool = False  # add a learned user vector to candidate tokens
     item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
-    attention: str = "sdpa"  # "reference" | "sdpa"
+    attention: str = "structured"  # "structured" | "tiled" | "flex" | "dense" | "reference" (climber.models.attention)
     attention_sink: bool = False  # a learned null key/value per head in every block's ATLs (count-aware attention)
     match_bias: bool = False  # ATL bias per head where query and key items share an item side feature value
     match_mask: bool = False  # a token attends only to events whose items share all its side values (SIM hard search)
@@ -71,8 +73,7 @@ class ClimberConfig(ModelConfig):
         names = [s["name"] for s in self.strategies]
         if len(set(names)) != len(names):
             raise ValueError(f"ClimberConfig.strategies: names must be unique, got {names}")
-        if self.attention not in IMPLS:
-            raise ValueError(f"ClimberConfig.attention: {self.attention!r} not one of {', '.join(IMPLS)}")
+        self.attention = check_attention("ClimberConfig", self.attention)
         if self.d_model % self.n_heads:
             raise ValueError(f"ClimberConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._at_least(1, "n_layers", "ffn_mult", "time_buckets")
@@ -88,13 +89,16 @@ class ClimberConfig(ModelConfig):
 
 class Block(nn.Module):
     """One MSE strategy: n_layers ATLs over [history_k ; candidates], then a final LayerNorm. The relative
-    bias and the temperature table (one entry per scenario) are shared by the block's layers."""
+    bias and the temperature table (one entry per scenario) are shared by the block's layers. Runs over
+    the full sequence (``forward``, the dense / reference oracles) or in the two structured steps
+    ``encode`` (history) and ``score`` (candidates)."""
 
     def __init__(self, cfg: ClimberConfig, num_scenarios: int, max_distance: int, match_features: int):
         super().__init__()
         d = cfg.d_model
         self.layers = nn.ModuleList(
-            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention, cfg.attention_sink)
+            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, full_sequence_impl(cfg.attention),
+                             cfg.attention_sink)
             for _ in range(cfg.n_layers)
         )
         if cfg.use_atl:
@@ -102,20 +106,43 @@ class Block(nn.Module):
                                          match_features if cfg.match_bias else 0)
             self.temperature = Temperature(num_scenarios + 1)
         self.use_atl, self.match_mask = cfg.use_atl, cfg.match_mask
+        self.uses_side = cfg.match_mask or (cfg.use_atl and cfg.match_bias and match_features > 0)
         self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, x, mask, pos, ts, scenario, side, past=None, return_kv: bool = False):
-        """The block over the query tokens x (B, N, d) that follow P cached tokens; past: per layer (k, v)
-        of those, each (B, H, P, dh), or None (P = 0); mask (B, N, P + N) bool; pos (1, P + N),
-        ts (B, P + N) and item side feature ids side (B, P + N, F) of all tokens; scenario (B, N) of the
-        queries -> (B, N, d), and with return_kv per layer the (k, v) of all P + N tokens."""
-        first = pos.shape[1] - x.shape[1]
+    def forward(self, x, mask, pos, ts, scenario, side):
+        """The block over a full sequence x (B, N, d): mask (B, N, N) bool; pos (1, N), ts (B, N), scenario
+        (B, N) and item side feature ids side (B, N, F) of the tokens -> (B, N, d)."""
         if self.match_mask:
-            mask = mask & same_side_mask(side, first)
-        bias = self.rel_bias(pos, ts, first, side) if self.use_atl else None  # (B, H, N, P + N)
+            mask = mask & same_side_mask(side)
+        bias = self.rel_bias(pos[0], ts, side) if self.use_atl else None  # (B, H, N, N)
         tau = self.temperature(scenario) if self.use_atl else None  # (B, N), by the query's scenario
-        x, kvs = cached_layers(self.layers, x, past, mask, bias, tau)
-        return (self.ln_f(x), kvs) if return_kv else self.ln_f(x)
+        for layer in self.layers:
+            x = layer(x, mask, bias, tau)
+        return self.ln_f(x)
+
+    def history_plan(self, keys: Keys, scenario: torch.Tensor, kernel: str) -> Plan:
+        """The plan of the last N history tokens (scenario (B, N)) over the history ``keys`` (B, P + N)."""
+        return Plan.history(keys.ts, keys.side if self.uses_side else None, keys.mask, keys.ts.shape[1] - scenario.shape[1],
+                            kernel, match_mask=self.match_mask, **self._atl(scenario))
+
+    def candidate_plan(self, history: Plan, cand_ts, cand_side, cand_scenario) -> Plan:
+        """The plan of the candidates (ts, side ids, scenario (B, C)) against the keys of ``history``."""
+        return Plan.candidates(history, cand_ts, cand_side if self.uses_side else None, **self._atl(cand_scenario))
+
+    def _atl(self, scenario) -> dict:
+        """ATL's relative bias and per-query temperature (by scenario), or neither without ATL."""
+        if not self.use_atl:
+            return {"tau": None, "rel_bias": None}
+        return {"tau": self.temperature(scenario), "rel_bias": self.rel_bias}
+
+    def encode(self, x, past, plan: Plan) -> list:
+        """History tokens x (B, N, d) after P cached ones (past: per layer (k, v), or None) -> per layer
+        the (k, v) of all P + N tokens."""
+        return encode_layers(self.layers, x, past, plan)
+
+    def score(self, x, kvs: list, plan: Plan) -> torch.Tensor:
+        """Candidate tokens x (B, C, d) against the history's per-layer (k, v) -> (B, C, d)."""
+        return self.ln_f(score_layers(self.layers, x, kvs, plan))
 
 
 class Climber(nn.Module):
@@ -132,7 +159,7 @@ class Climber(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, info.num_scenarios, max_distance, len(info.item_features))
                                     for _ in strategies)
         if cfg.use_bgf:
-            self.fusion = TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention)
+            self.fusion = TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, full_sequence_impl(cfg.attention))
             if cfg.use_atl:
                 self.fusion_temperature = Temperature(info.num_scenarios + 1)
             self.fusion_ln = nn.LayerNorm(d)
@@ -149,12 +176,18 @@ class Climber(nn.Module):
             self.action_out = nn.Linear(d, info.num_actions)
         self.apply(init_weights)
 
+    history_extends = True  # relative biases only: tokens appended to a cached history leave earlier K / V unchanged
+
+    def head_logits(self, states: list, batch: Batch) -> torch.Tensor:
+        """Click logits (B, C) from the candidates' states of each block (list of (B, C, d))."""
+        return self.fuse(torch.stack(states, dim=2), batch)["click"]
+
     def strategies(self) -> list[Strategy]:
         return self.cfg.block_strategies()
 
     def _block_input(self, seq: Subsequence, batch: Batch, cand: torch.Tensor):
         """Tokens, mask, positions, timestamps, scenarios and item side feature ids of [history ;
-        candidates] (N = L + C)."""
+        candidates] (N = L + C): the input of ``Block.forward``."""
         x = self.drop(torch.cat([self.emb.history(seq), cand], dim=1))  # (B, N, d)
         mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
         pos, ts = history_candidate_positions(seq, batch)  # (1, N), (B, N)
@@ -169,14 +202,49 @@ class Climber(nn.Module):
             cand = cand + self.emb.user(batch.user)[:, None]
         return cand
 
+    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:  # -> (B, L, d), before dropout
+        return self.emb.history(seq)
+
+    @property
+    def kernel(self) -> str:
+        """The structured kernel on the model's device ("tiled" | "flex")."""
+        return kernel_for(self.cfg.attention, self.cand_vec.device)
+
+    def encode(self, b: int, x: torch.Tensor, keys: Keys, scenario: torch.Tensor, past=None) -> list:
+        """Block b over history tokens x (B, N, d) (scenario (B, N)) that follow P cached ones (past: per
+        layer (k, v), or None); keys: the P + N history tokens -> per layer the (k, v) of all of them."""
+        block = self.blocks[b]
+        return block.encode(x, past, block.history_plan(keys, scenario, self.kernel))
+
+    def score(self, b: int, cand: torch.Tensor, kvs: list, keys: Keys, batch: Batch) -> torch.Tensor:
+        """Block b's candidate states (B, C, d): the candidate tokens cand (B, C, d) of ``batch`` against
+        the per-layer (k, v) of the history ``keys``."""
+        block = self.blocks[b]
+        history = block.history_plan(keys, keys.ts[:, :0], self.kernel)  # no history queries: the keys alone
+        plan = block.candidate_plan(history, batch.cand_ts, self.emb.item.side_ids(batch.cand_item),
+                                    batch.cand_scenario)
+        return block.score(cand, kvs, plan)
+
+    def keys(self, ts, item, mask) -> Keys:
+        """The history keys of a block from their ts, items and mask (B, M)."""
+        return Keys(ts, mask, self.emb.item.side_ids(item))
+
     def block_states(self, batch: Batch) -> list[torch.Tensor]:
-        """Final hidden states of every block over [history_k ; candidates]: list of (B, L_k + C, d).
-        History states never depend on the candidates (the KV-cacheable part)."""
+        """The candidates' final states of every block: list of (B, C, d). History states never depend on
+        the candidates (the KV-cacheable part)."""
         if len(batch.seqs) != len(self.blocks):
             names = [s.name for s in self.strategies()]
             raise ValueError(f"Climber: batch has {len(batch.seqs)} subsequences, model expects {len(names)} ({names})")
         cand = self.candidate_tokens(batch)  # (B, C, d)
-        return [block(*self._block_input(seq, batch, cand)) for block, seq in zip(self.blocks, batch.seqs)]
+        C = cand.shape[1]
+        if self.cfg.attention in FULL_SEQUENCE:
+            return [block(*self._block_input(seq, batch, cand))[:, -C:] for block, seq in zip(self.blocks, batch.seqs)]
+        states = []
+        for b, seq in enumerate(batch.seqs):
+            keys = self.keys(seq.ts, seq.item, seq.mask)
+            kvs = self.encode(b, self.drop(self.history_tokens(b, seq)), keys, seq.scenario)
+            states.append(self.score(b, self.drop(cand), kvs, keys, batch))
+        return states
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""
@@ -184,8 +252,7 @@ class Climber(nn.Module):
 
     def forward_tasks(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{"click": (B, C)} and, with action_heads, {"action": (B, C, num_actions)} logits."""
-        C = batch.cand_item.shape[1]
-        E = torch.stack([h[:, h.shape[1] - C :] for h in self.block_states(batch)], dim=2)  # (B, C, Nb, d)
+        E = torch.stack(self.block_states(batch), dim=2)  # (B, C, Nb, d)
         return self.fuse(E, batch)
 
     def fuse(self, E: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
@@ -210,14 +277,19 @@ class Climber(nn.Module):
         return out
 
     def flops(self, shape: SampleShape) -> int:
-        """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0).
-        Attention counts Q K^T and A V over the full (masked) N x N matrices, as computed."""
+        """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0), as
+        the configured attention path computes them: over the full (masked) N x N matrices (dense,
+        reference) or structured (``structured_stack_flops``)."""
         cfg, d = self.cfg, self.cfg.d_model
         if len(shape.lengths) != len(self.blocks):
             raise ValueError(f"Climber.flops: {len(shape.lengths)} lengths given, model has {len(self.blocks)} blocks")
         C, nb = shape.candidates, len(shape.lengths)
-        total = sum(cfg.n_layers * transformer_layer_flops(L + C, d, cfg.ffn_mult, cfg.attention_sink)
-                    for L in shape.lengths)
+        if cfg.attention in FULL_SEQUENCE:
+            total = sum(cfg.n_layers * transformer_layer_flops(L + C, d, cfg.ffn_mult, cfg.attention_sink)
+                        for L in shape.lengths)
+        else:
+            total = sum(structured_stack_flops(cfg.n_layers, L, C, d, cfg.ffn_mult, cfg.attention_sink)
+                        for L in shape.lengths)
         if cfg.use_bgf:
             total += C * (transformer_layer_flops(nb, d, cfg.ffn_mult) + 2 * 2 * nb * d * max(1, nb * d // 4))
             head_in = nb * d + d

@@ -1,15 +1,13 @@
-"""Shared building blocks: the one history subsequence of single-history models, the one mask builder
-of "single user, multiple items" sequences and the positions of their tokens, attention with bias /
-per-query temperature / mask (two paths that agree), feed-forward, pre-norm transformer layer (and its
-FLOPs), relative position and time buckets, learned relative bias, per-scenario temperature, id
-embeddings, weight init, masked mean and MLPs.
+"""Shared building blocks: the one history subsequence of single-history models, the full-sequence mask
+of "single user, multiple items" sequences (the dense oracle) and the positions of their tokens,
+attention with bias / per-query temperature / mask over a full sequence (two paths that agree), the
+structured two-step form of a layer stack (``encode_layers`` / ``score_layers``, see
+climber.models.attention), feed-forward, pre-norm transformer layer (and its FLOPs), relative position
+and time buckets, learned relative bias, per-scenario temperature, id embeddings, weight init, masked
+mean and MLPs.
 
-Layers also run "cached": with ``past`` the queries are the last N tokens only and the keys and values
-of the P tokens before them come from a cache; with ``return_kv=True`` the layer also returns the keys
-and values of all P + N tokens. Without either it is the plain forward (P = 0), the same code;
-``climber.serve.engine`` uses the cached form to score candidates against a user's cached history.
-
-Shapes: B batch, H heads, N tokens (queries), P cached tokens before them, d model width, dh = d / H.
+Shapes: B batch, H heads, N tokens (queries), M keys, L history slots, C candidates, d model width,
+dh = d / H.
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ from torch import nn
 
 from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
-
-IMPLS = ("reference", "sdpa")
+from climber.models.attention import QUERY_TILE, Plan, causal_tile_pairs
 
 
 def history_strategy(max_len: int) -> list[Strategy]:
@@ -38,38 +35,34 @@ def one_history(batch: Batch, model: str) -> Subsequence:
     return batch.seqs[0]
 
 
-def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor, first: int = 0) -> torch.Tensor:
+def history_candidate_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
     """Who may attend to whom over the tokens [history (L) ; candidates (C)]; True = may attend.
 
-    hist_mask (B, L) bool, cand_mask (B, C) bool -> (B, N - first, N) bool, N = L + C, rows are the
-    queries first .. N - 1 (all with first = 0; the uncached ones of a cached forward otherwise).
-    History token i sees real history tokens j <= i (so history states never depend on candidates);
-    candidate c sees every real history token and itself, never another candidate; padding keys are
-    hidden; every row keeps its own diagonal, so no row is empty (no NaN from an all -inf softmax).
+    hist_mask (B, L) bool, cand_mask (B, C) bool -> (B, N, N) bool, N = L + C. History token i sees real
+    history tokens j <= i (so history states never depend on candidates); candidate c sees every real
+    history token and itself, never another candidate; padding keys are hidden; every row keeps its own
+    diagonal, so no row is empty (no NaN from an all -inf softmax).
     """
     L, dev = hist_mask.shape[1], hist_mask.device
     N = L + cand_mask.shape[1]
-    q = torch.arange(first, N, device=dev)[:, None]  # (N - first, 1) query positions
+    q = torch.arange(N, device=dev)[:, None]  # (N, 1) query positions
     k = torch.arange(N, device=dev)[None]  # (1, N) key positions
     allowed = torch.where(q < L, k <= q, k < L)  # history: causal; candidates: the whole history
     real_key = torch.cat([hist_mask, cand_mask], dim=1)  # (B, N)
-    return (allowed[None] & real_key[:, None, :]) | (k == q)[None]  # (B, N - first, N)
+    return (allowed[None] & real_key[:, None, :]) | (k == q)[None]  # (B, N, N)
 
 
-def side_matches(side: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """side (B, N, F) item side feature ids of the tokens (0 = unknown, never matches) -> (B, N - first,
-    N, F) bool: query i (first .. N - 1) and key j hold the same known value of feature f."""
-    return (side[:, first:, None] == side[:, None]) & (side[:, None] > 0)
+def side_matches(q_side: torch.Tensor, k_side: torch.Tensor) -> torch.Tensor:
+    """Item side feature ids of queries q_side (B, N, F) and keys k_side (B, M, F) (0 = unknown, never
+    matches) -> (B, N, M, F) bool: query i and key j hold the same known value of feature f."""
+    return (q_side[:, :, None] == k_side[:, None]) & (k_side[:, None] > 0)
 
 
-def same_side_mask(side: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """side (B, N, F) item side feature ids of the tokens (0 = unknown) -> (B, N - first, N) bool: the
-    key's item shares every known side value of the query's item (queries first .. N - 1); each query
-    keeps its own diagonal."""
+def same_side_mask(side: torch.Tensor) -> torch.Tensor:
+    """side (B, N, F) item side feature ids of the tokens (0 = unknown) -> (B, N, N) bool: the key's item
+    shares every known side value of the query's item; each query keeps its own diagonal."""
     N = side.shape[1]
-    same = side_matches(side, first).all(dim=-1)
-    diagonal = torch.arange(first, N, device=side.device)[:, None] == torch.arange(N, device=side.device)[None]
-    return same | diagonal
+    return side_matches(side, side).all(dim=-1) | torch.eye(N, dtype=torch.bool, device=side.device)
 
 
 def history_candidate_positions(seq: Subsequence, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,18 +88,17 @@ def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: 
 
 def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """log2 buckets of a time gap in seconds (negatives clamp to 0): 0 -> 0, dt >= 1 -> 1 + floor(log2 dt),
-    capped at num_buckets - 1. dt (...) int64 -> (...) int64."""
-    dt = dt.clamp(min=0)
-    b = torch.floor(torch.log2(dt.clamp(min=1).double())).long() + 1
-    return b.masked_fill(dt == 0, 0).clamp(max=num_buckets - 1)
+    capped at num_buckets - 1. dt (...) int64 -> (...) int64. (The exponent of frexp is exactly
+    1 + floor(log2 dt) for dt >= 1 and 0 for dt = 0; float64 holds every gap below 2^53 exactly.)"""
+    return torch.frexp(dt.clamp(min=0).double()).exponent.long().clamp(max=num_buckets - 1)
 
 
-def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl: str = "sdpa"):
-    """Y = softmax((Q K^T / sqrt(dh) + bias) / tau) V over allowed keys.
+def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl: str = "dense"):
+    """Y = softmax((Q K^T / sqrt(dh) + bias) / tau) V over allowed keys, on a full (masked) score matrix.
 
     q (B, H, N, dh), k, v (B, H, M, dh); mask (B, N, M) bool, True = may attend (None: all); bias
     (B, H, N, M) float (None: 0); tau (B, N) positive temperature of each query (None: 1) -> (B, H, N, dh).
-    "reference" is an explicit matmul / masked_fill / softmax; "sdpa" calls scaled_dot_product_attention
+    "reference" is an explicit matmul / masked_fill / softmax; "dense" calls scaled_dot_product_attention
     with Q / tau and a float mask bias / tau (-inf where hidden), which is the same quantity.
     """
     if impl == "reference":
@@ -119,8 +111,8 @@ def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl
             scores = scores.masked_fill(~mask[:, None], float("-inf"))
         att = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
         return att @ v
-    if impl != "sdpa":
-        raise ValueError(f"attention impl {impl!r} not one of {', '.join(IMPLS)}")
+    if impl != "dense":
+        raise ValueError(f"full-sequence attention {impl!r} not one of reference, dense")
     attn_mask = None if mask is None else mask[:, None]  # (B, 1, N, M) bool: True takes part
     if bias is not None:
         attn_mask = bias if tau is None else bias / tau[:, None, :, None]
@@ -131,25 +123,41 @@ def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
-def cached_layers(layers, x: torch.Tensor, past, *args) -> tuple[torch.Tensor, list]:
-    """x (B, N, d) through ``layer(x, *args, past=past_i, return_kv=True)`` of each layer in turn; past:
-    one entry per layer (None: no cached tokens) -> (x (B, N, d), the (k, v) each layer returned)."""
+class Steps(nn.Module):
+    """A module with a full-sequence ``full`` and the structured steps ``encode`` and ``score``, run through
+    ``module(..., step=NAME)`` so that module hooks (e.g. the FLOP counter's split by module) see them."""
+
+    def forward(self, *args, step: str = "full", **kwargs):
+        return getattr(self, step)(*args, **kwargs)
+
+
+def encode_layers(layers, x: torch.Tensor, past, plan: Plan) -> list:
+    """The structured first step of a layer stack: history tokens x (B, N, d) that follow P cached ones
+    (past: per layer their (k, v), or None) through the ``encode`` step of each layer; the last layer only
+    projects keys and values. -> per layer the (k, v) of all P + N tokens."""
     kvs = []
     for i, layer in enumerate(layers):
-        x, kv = layer(x, *args, past=None if past is None else past[i], return_kv=True)
+        x, kv = layer(x, None if past is None else past[i], plan, last=i == len(layers) - 1, step="encode")
         kvs.append(kv)
-    return x, kvs
+    return kvs
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; bias, temperature and mask come from the caller (see ``attend``)."""
+def score_layers(layers, x: torch.Tensor, kvs: list, plan: Plan) -> torch.Tensor:
+    """The structured second step: candidate tokens x (B, C, d) through ``layer.score`` of each layer, as
+    queries against that layer's history (k, v) and their own key (the ``score`` step) -> (B, C, d)."""
+    for layer, kv in zip(layers, kvs):
+        x = layer(x, kv, plan, step="score")
+    return x
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, impl: str = "sdpa", sink: bool = False):
+
+class Attention(Steps):
+    """Multi-head self-attention; bias, temperature and mask come from the caller: over a full sequence
+    (``forward``, see ``attend``) or structured (``structured``, see climber.models.attention)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, impl: str = "dense", sink: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
-        if impl not in IMPLS:
-            raise ValueError(f"attention impl {impl!r} not one of {', '.join(IMPLS)}")
         self.n_heads, self.dropout, self.impl = n_heads, dropout, impl
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -160,24 +168,61 @@ class Attention(nn.Module):
         # with the pseudo-count e^(z0 - z), as a posterior mean shrinks a rate seen over few events.
         self.sink = nn.Parameter(torch.zeros(2, n_heads, 1, d_model // n_heads)) if sink else None
 
-    def forward(self, x, mask=None, bias=None, tau=None, past=None, return_kv: bool = False):
-        """x (B, N, d) the query tokens; past (k, v) each (B, H, P, dh) of the P tokens before them, or
-        None (P = 0); mask (B, N, P + N), bias (B, H, N, P + N), tau (B, N)
-        -> (B, N, d), and with return_kv the (k, v) of all P + N tokens, each (B, H, P + N, dh)."""
-        B, N, d = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, dh)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + N, dh)
+    def heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, N, m * d) -> (m, B, H, N, dh)
+        B, N, md = t.shape
+        d = self.proj.in_features
+        return t.view(B, N, md // d, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, N, d) -> q, k, v, each (B, H, N, dh)."""
+        return tuple(self.heads(self.qkv(x)))
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, N, d) -> k, v, each (B, H, N, dh): the keys and values alone (2/3 of the projection)."""
+        d = x.shape[-1]
+        return tuple(self.heads(F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:])))
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:  # (B, H, N, dh) -> (B, N, d): heads merged, projected
+        B, H, N, dh = y.shape
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, H * dh)))
+
+    def _sink(self, B: int):  # -> (k, v) each (B, H, 1, dh), or None
+        return None if self.sink is None else tuple(t.expand(B, -1, -1, -1) for t in self.sink)
+
+    def full(self, x, mask=None, bias=None, tau=None):
+        """x (B, N, d), mask (B, N, N), bias (B, H, N, N), tau (B, N) -> (B, N, d)."""
+        q, k, v = self.project(x)  # (B, H, N, dh) each
         p = self.dropout if self.training else 0.0
-        if self.sink is None:
-            y = attend(q, k, v, mask, bias, tau, p, self.impl)  # (B, H, N, dh)
-        else:  # the sink is key 0 of every query; the cache keeps only the tokens' own k, v
-            sk, sv = (t.expand(B, -1, -1, -1) for t in self.sink)  # (B, H, 1, dh) each
-            mask = None if mask is None else F.pad(mask, (1, 0), value=True)  # (B, N, 1 + P + N)
-            bias = None if bias is None else F.pad(bias, (1, 0))  # (B, H, N, 1 + P + N)
-            y = attend(q, torch.cat([sk, k], dim=2), torch.cat([sv, v], dim=2), mask, bias, tau, p, self.impl)
-        y = self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, d)))
-        return (y, (k, v)) if return_kv else y
+        sink = self._sink(x.shape[0])
+        if sink is not None:  # the sink is key 0 of every query
+            k, v = torch.cat([sink[0], k], dim=2), torch.cat([sink[1], v], dim=2)
+            mask = None if mask is None else F.pad(mask, (1, 0), value=True)  # (B, N, 1 + N)
+            bias = None if bias is None else F.pad(bias, (1, 0))  # (B, H, N, 1 + N)
+        return self.output(attend(q, k, v, mask, bias, tau, p, self.impl))
+
+    def encode(self, x, past, plan: Plan, last: bool = False):
+        """History queries x (B, N, d) after P cached tokens (past: their (k, v), each (B, H, P, dh), or
+        None) -> (out (B, N, d), or None when ``last``: only candidates read the last layer, so it projects
+        keys and values alone; the (k, v) of all P + N tokens)."""
+        if last:
+            return None, extend_kv(past, *self.project_kv(x))
+        q, k, v = self.project(x)
+        keys = extend_kv(past, k, v)
+        return self._structured(plan, q, k, v, keys), keys
+
+    def score(self, x, kv, plan: Plan) -> torch.Tensor:
+        """Candidate queries x (B, C, d) against the history's (k, v) (each (B, H, L, dh)) and their own
+        key -> (B, C, d)."""
+        return self._structured(plan, *self.project(x), kv)
+
+    def _structured(self, plan: Plan, q, k, v, keys) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        return self.output(plan.attend(q, k, v, *keys, dropout_p=p, sink=self._sink(q.shape[0])))
+
+
+def extend_kv(past, k, v):
+    """(k, v) of P cached tokens (each (B, H, P, dh), or None) followed by k, v (B, H, N, dh)."""
+    return (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
 
 
 class FeedForward(nn.Module):
@@ -191,11 +236,11 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(Steps):
     """Pre-norm residual layer: x = x + Attn(LN(x)); x = x + FFN(LN(x)). With bias and tau from the
     caller it is Climber's adaptive transformer layer (ATL); without them a standard layer."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, impl: str = "sdpa",
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, impl: str = "dense",
                  sink: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
@@ -203,20 +248,41 @@ class TransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
 
-    def forward(self, x, mask=None, bias=None, tau=None, past=None, return_kv: bool = False):
-        """The layer over the query tokens x (B, N, d) that follow P cached tokens: past, mask, bias and
-        tau as in ``Attention.forward`` -> (B, N, d), and with return_kv the (k, v) of all P + N tokens
-        (after LN + qkv)."""
-        a, kv = self.attn(self.ln1(x), mask, bias, tau, past=past, return_kv=True)
+    def full(self, x, mask=None, bias=None, tau=None):
+        """The layer over a full sequence x (B, N, d); mask, bias and tau as in ``Attention.full``."""
+        return self._residual(x, self.attn(self.ln1(x), mask, bias, tau))
+
+    def encode(self, x, past, plan: Plan, last: bool = False):
+        """History tokens x (B, N, d) after P cached ones -> (x (B, N, d), or None when ``last``; the
+        (k, v) of all P + N tokens), see ``Attention.encode``."""
+        a, kv = self.attn(self.ln1(x), past, plan, last, step="encode")
+        return (None if last else self._residual(x, a)), kv
+
+    def score(self, x, kv, plan: Plan) -> torch.Tensor:
+        """Candidate tokens x (B, C, d) against the history's (k, v) of this layer -> (B, C, d)."""
+        return self._residual(x, self.attn(self.ln1(x), kv, plan, step="score"))
+
+    def _residual(self, x, a):
         x = x + a
-        x = x + self.ffn(self.ln2(x))
-        return (x, kv) if return_kv else x
+        return x + self.ffn(self.ln2(x))
 
 
-def transformer_layer_flops(n: int, d: int, ffn_mult: int, sink: bool = False) -> int:
-    """Forward FLOPs of one ``TransformerLayer`` over n tokens: QKV and output projections, Q K^T and A V
-    over the full (masked) n x (n + sink) matrices, two FFN matmuls."""
-    return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * (n + sink) * d + 2 * 2 * n * d * ffn_mult * d
+def transformer_layer_flops(n: int, d: int, ffn_mult: int, sink: bool = False, pairs: int | None = None) -> int:
+    """Forward FLOPs of one ``TransformerLayer`` over n query tokens: QKV and output projections, Q K^T and
+    A V over ``pairs`` (query, key) scores (default n x n, the full masked matrix) plus the sink's, two FFN
+    matmuls."""
+    pairs = n * n if pairs is None else pairs
+    return 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * (pairs + n * sink) * d + 2 * 2 * n * d * ffn_mult * d
+
+
+def structured_stack_flops(n_layers: int, L: int, C: int, d: int, ffn_mult: int, sink: bool = False) -> int:
+    """Forward FLOPs of ``encode_layers`` + ``score_layers`` of a ``TransformerLayer`` stack over L history
+    tokens (all real) and C candidates, as the tiled kernel computes them: the history through every layer
+    but the last (causal tiles, ``causal_tile_pairs``), the last layer's K and V projections of the
+    history, and the candidates through every layer against the L history keys (their own key is an
+    elementwise product, not a matmul)."""
+    history = (n_layers - 1) * transformer_layer_flops(L, d, ffn_mult, sink, causal_tile_pairs(L)) + 2 * L * d * 2 * d
+    return history + n_layers * transformer_layer_flops(C, d, ffn_mult, sink, C * L)
 
 
 class RelativeBias(nn.Module):
@@ -234,16 +300,31 @@ class RelativeBias(nn.Module):
         self.time_bias = nn.Parameter(torch.zeros(time_buckets, n_heads))
         self.match_bias = nn.Parameter(torch.zeros(match_features, n_heads)) if match_features else None
 
-    def forward(self, pos: torch.Tensor, ts: torch.Tensor, first: int = 0, side=None) -> torch.Tensor:
-        """pos (B or 1, N) int64 positions, ts (B, N) int64 seconds of the keys; the queries are the keys
-        first .. N - 1; side (B, N, F) int64 side feature ids of the keys' items (0 = unknown, never
-        matches), needed with match_features -> (B, H, N - first, N)."""
-        rel_pos = relative_position_bucket(pos[:, first:, None] - pos[:, None, :], self.pos_buckets, self.max_distance)
-        rel_time = time_bucket(ts[:, first:, None] - ts[:, None, :], self.time_buckets)
-        bias = self.pos_bias[rel_pos] + self.time_bias[rel_time]  # (B, N - first, N, H)
+    def forward(self, pos: torch.Tensor, ts: torch.Tensor, side=None) -> torch.Tensor:
+        """The bias of a full sequence: pos (N,) int64 positions and ts (B, N) int64 seconds of its tokens;
+        side (B, N, F) int64 side feature ids of their items (0 = unknown), needed with match_features
+        -> (B, H, N, N)."""
+        return self.pairs(pos, ts, pos, ts, side, side)
+
+    def pairs(self, q_pos, q_ts, k_pos, k_ts, q_side=None, k_side=None) -> torch.Tensor:
+        """Queries at q_pos (N,) with q_ts (B, N), keys at k_pos (M,) with k_ts (B, M); side ids q_side
+        (B, N, F), k_side (B, M, F) with match_features -> (B, H, N, M). One gather from the table of
+        (position bucket, time bucket) sums."""
+        rel_pos = relative_position_bucket(q_pos[:, None] - k_pos[None], self.pos_buckets, self.max_distance)  # (N, M)
+        rel_time = time_bucket(q_ts[:, :, None] - k_ts[:, None], self.time_buckets)  # (B, N, M)
+        table = (self.pos_bias[:, None] + self.time_bias[None]).flatten(0, 1)  # (pos_buckets * time_buckets, H)
+        bias = F.embedding(rel_pos * self.time_buckets + rel_time, table)  # (B, N, M, H)
         if self.match_bias is not None:
-            bias = bias + side_matches(side, first).to(bias.dtype) @ self.match_bias
+            bias = bias + side_matches(q_side, k_side).to(bias.dtype) @ self.match_bias
         return bias.permute(0, 3, 1, 2)
+
+    def on_itself(self, side=None) -> torch.Tensor:
+        """The bias of each query towards its own key (distance 0, gap 0, every known side value shared):
+        side (B, N, F) with match_features, else None -> (B, H, N), or (1, H, 1) without side features."""
+        bias = (self.pos_bias[0] + self.time_bias[0])[None, None]  # (1, 1, H)
+        if self.match_bias is not None:
+            bias = bias + (side > 0).to(bias.dtype) @ self.match_bias  # (B, N, H)
+        return bias.permute(0, 2, 1)
 
 
 class Temperature(nn.Module):

@@ -22,18 +22,20 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
+from climber.models.attention import FULL_SEQUENCE, Keys, Plan, check_attention, full_sequence_impl, kernel_for
 from climber.models.layers import (
     candidate_logits,
-    IMPLS,
     IdEmbeddings,
     TransformerLayer,
-    cached_layers,
+    encode_layers,
     history_candidate_mask,
     history_strategy,
     init_weights,
     mlp,
     mlp_flops,
     one_history,
+    score_layers,
+    structured_stack_flops,
     transformer_layer_flops,
 )
 
@@ -46,15 +48,14 @@ class TransformerConfig(ModelConfig):
     ffn_mult: int = 4
     dropout: float = 0.1
     max_len: int = 64  # the most recent events kept (one recency subsequence); size of the position table
-    attention: str = "sdpa"  # "reference" | "sdpa"
+    attention: str = "structured"  # "structured" | "tiled" | "flex" | "dense" | "reference" (climber.models.attention)
 
     def __post_init__(self):
         self._at_least(1, "d_model", "n_heads", "n_layers", "ffn_mult", "max_len")
         if self.d_model % self.n_heads:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._dropout_in_range()
-        if self.attention not in IMPLS:
-            raise ValueError(f"TransformerConfig.attention: {self.attention!r} not one of {', '.join(IMPLS)}")
+        self.attention = check_attention("TransformerConfig", self.attention)
 
 
 class Transformer(nn.Module):
@@ -66,16 +67,23 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len + 1, d)  # 0: candidates; k: the k-th most recent event
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
-            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attention) for _ in range(cfg.n_layers)
+            TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, full_sequence_impl(cfg.attention))
+            for _ in range(cfg.n_layers)
         )
         self.ln_f = nn.LayerNorm(d)
         self.head = mlp([2 * d, d, 1], cfg.dropout, act=nn.GELU)  # [candidate state ; item emb] -> logit
         self.apply(init_weights)
 
+    history_extends = False  # absolute positions count back from the most recent event: an appended event moves every token
+
+    def head_logits(self, states: list, batch: Batch) -> torch.Tensor:
+        """Click logits (B, C) from the candidates' states of each block (list of (B, C, d))."""
+        return candidate_logits(self.head, states[0], self.emb, batch)
+
     def strategies(self) -> list[Strategy]:
         return history_strategy(self.cfg.max_len)
 
-    def history_tokens(self, seq: Subsequence) -> torch.Tensor:
+    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:
         """History tokens (B, L, d): item + action + scenario + pos[k], k = 1 for the most recent event (so
         every token changes when an event is appended)."""
         L, dev = seq.item.shape[1], seq.item.device
@@ -85,33 +93,58 @@ class Transformer(nn.Module):
     def candidate_tokens(self, batch: Batch) -> torch.Tensor:  # -> (B, C, d)
         return self.emb.candidate(batch) + self.pos_emb.weight[0]
 
-    def layer_stack(self, x, past, mask):
-        """The layers and the final LayerNorm over tokens x (B, N, d) that follow P cached tokens; past:
-        per layer (k, v) of those, or None (P = 0); mask (B, N, P + N)
-        -> (B, N, d), per layer (k, v) of all P + N tokens."""
-        x, kvs = cached_layers(self.layers, x, past, mask)
-        return self.ln_f(x), kvs
+    def keys(self, ts, item, mask) -> Keys:
+        return Keys(ts, mask)
+
+    def encode(self, b: int, x: torch.Tensor, keys: Keys, scenario: torch.Tensor, past=None) -> list:
+        """History tokens x (B, N, d) after P cached ones (past: per layer (k, v), or None); keys: all
+        P + N -> per layer the (k, v) of all of them."""
+        plan = Plan.history(keys.ts, None, keys.mask, keys.ts.shape[1] - x.shape[1], self._kernel())
+        return encode_layers(self.layers, x, past, plan)
+
+    def score(self, b: int, cand: torch.Tensor, kvs: list, keys: Keys, batch: Batch) -> torch.Tensor:
+        """Candidate states (B, C, d): candidate tokens cand (B, C, d) against the history's per-layer (k, v)."""
+        history = Plan.history(keys.ts, None, keys.mask, keys.ts.shape[1], self._kernel())
+        return self.ln_f(score_layers(self.layers, cand, kvs, Plan.candidates(history, batch.cand_ts, None)))
+
+    def _kernel(self) -> str:
+        return kernel_for(self.cfg.attention, self.pos_emb.weight.device)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
-        """Final states over [history ; candidates]: (B, L + C, d). History states never depend on the
-        candidates nor on later history events (the KV-cacheable part)."""
+        """Final states over [history ; candidates] of the full-sequence path: (B, L + C, d). History states
+        never depend on the candidates nor on later history events (the KV-cacheable part)."""
+        seq = self._history(batch)
+        x = self.drop(torch.cat([self.history_tokens(0, seq), self.candidate_tokens(batch)], dim=1))  # (B, N, d)
+        mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.ln_f(x)
+
+    def _history(self, batch: Batch) -> Subsequence:
         seq = one_history(batch, "Transformer")
         L = seq.item.shape[1]
         if L > self.cfg.max_len and seq.mask[:, : L - self.cfg.max_len].any():
             raise ValueError(f"Transformer: a history has more than max_len={self.cfg.max_len} real events")
-        x = self.drop(torch.cat([self.history_tokens(seq), self.candidate_tokens(batch)], dim=1))  # (B, N, d)
-        mask = history_candidate_mask(seq.mask, batch.cand_mask)  # (B, N, N)
-        return self.layer_stack(x, None, mask)[0]
+        return seq
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""
-        return candidate_logits(self.head, self.hidden_states(batch), self.emb, batch)
+        if self.cfg.attention in FULL_SEQUENCE:
+            return candidate_logits(self.head, self.hidden_states(batch), self.emb, batch)
+        seq = self._history(batch)
+        keys = self.keys(seq.ts, seq.item, seq.mask)
+        kvs = self.encode(0, self.drop(self.history_tokens(0, seq)), keys, seq.scenario)
+        states = self.score(0, self.drop(self.candidate_tokens(batch)), kvs, keys, batch)  # (B, C, d)
+        return self.head_logits([states], batch)
 
     def flops(self, shape: SampleShape) -> int:
-        """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0).
-        Attention counts Q K^T and A V over the full (masked) N x N matrices, as computed."""
+        """Analytic forward FLOPs of one row (2 m n k per matmul; lookups and elementwise ops count 0), as
+        the configured attention path computes them (see ``Climber.flops``)."""
         if len(shape.lengths) != 1:
             raise ValueError(f"Transformer.flops: {len(shape.lengths)} lengths given, model has one history")
-        d, n = self.cfg.d_model, shape.lengths[0] + shape.candidates
-        layers = self.cfg.n_layers * transformer_layer_flops(n, d, self.cfg.ffn_mult)
+        cfg, d, L, C = self.cfg, self.cfg.d_model, shape.lengths[0], shape.candidates
+        if cfg.attention in FULL_SEQUENCE:
+            layers = cfg.n_layers * transformer_layer_flops(L + C, d, cfg.ffn_mult)
+        else:
+            layers = structured_stack_flops(cfg.n_layers, L, C, d, cfg.ffn_mult)
         return layers + shape.candidates * mlp_flops([2 * d, d, 1])

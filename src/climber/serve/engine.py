@@ -49,7 +49,6 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import ResolvedStrategy, resolve, select
 from climber.models.climber import Climber
 from climber.models.hstu import HSTU
-from climber.models.layers import candidate_logits, history_candidate_mask
 from climber.models.transformer import Transformer
 
 EVENT_FIELDS = ("item", "action", "scenario", "ts", "label")
@@ -140,74 +139,7 @@ class UserCache:
         return self.history.nbytes + sum(b.nbytes for b in self.blocks if b is not None)
 
 
-class _ClimberPath:
-    """Climber: one cached layer stack per MSE block; candidate tokens shared by the blocks."""
-
-    extends = True  # relative biases only: appended tokens leave earlier states unchanged
-    kv_token_dim = 2  # k, v (B, H, n, dh)
-
-    def __init__(self, model: Climber):
-        self.model = model
-
-    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:  # -> (1, n, d)
-        return self.model.emb.history(seq)
-
-    def candidate_tokens(self, batch: Batch) -> torch.Tensor:  # -> (1, C, d)
-        return self.model.candidate_tokens(batch)
-
-    def run(self, b, x, past, mask, pos, ts, scenario, item):
-        side = self.model.emb.item.side_ids(item)  # (B, P + N, F)
-        return self.model.blocks[b](x, mask, pos, ts, scenario, side, past=past, return_kv=True)
-
-    def logits(self, states: list, batch: Batch) -> torch.Tensor:  # states: per block (1, C, d) -> (1, C)
-        return self.model.fuse(torch.stack(states, dim=2), batch)["click"]
-
-
-class _TransformerPath:
-    """Transformer: one cached layer stack; no bias or temperature."""
-
-    extends = False  # absolute positions count back from the most recent event: an append moves every token
-    kv_token_dim = 2
-
-    def __init__(self, model: Transformer):
-        self.model = model
-
-    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:
-        return self.model.history_tokens(seq)
-
-    def candidate_tokens(self, batch: Batch) -> torch.Tensor:
-        return self.model.candidate_tokens(batch)
-
-    def run(self, b, x, past, mask, pos, ts, scenario, item):
-        return self.model.layer_stack(x, past, mask)
-
-    def logits(self, states: list, batch: Batch) -> torch.Tensor:
-        return candidate_logits(self.model.head, states[0], self.model.emb, batch)
-
-
-class _HSTUPath:
-    """HSTU: one cached stack of HSTU layers (their K and V after SiLU(f1(LN(x))))."""
-
-    extends = True
-    kv_token_dim = 1  # k, v (B, n, d)
-
-    def __init__(self, model: HSTU):
-        self.model = model
-
-    def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:
-        return self.model.emb.history(seq)
-
-    def candidate_tokens(self, batch: Batch) -> torch.Tensor:
-        return self.model.emb.candidate(batch)
-
-    def run(self, b, x, past, mask, pos, ts, scenario, item):
-        return self.model.layer_stack(x, past, mask, pos, ts)
-
-    def logits(self, states: list, batch: Batch) -> torch.Tensor:
-        return candidate_logits(self.model.head, states[0], self.model.emb, batch)
-
-
-CACHED_PATHS = {Climber: _ClimberPath, Transformer: _TransformerPath, HSTU: _HSTUPath}
+CACHED_MODELS = (Climber, Transformer, HSTU)  # models with the structured encode / score steps
 
 
 def _pad(t: torch.Tensor, size: int, left: bool, dim: int = -1) -> torch.Tensor:
@@ -296,16 +228,16 @@ class Engine:
 
     def __init__(self, model: nn.Module, max_cache_bytes: int = 256 * 2**20, fallback: bool = True):
         """fallback: serve a model without a cached path by full recompute (False: ValueError)."""
-        path = CACHED_PATHS.get(type(model))
+        cached = isinstance(model, CACHED_MODELS)
         name = type(model).__name__
-        if path is None and not fallback:
-            known = ", ".join(c.__name__ for c in CACHED_PATHS)
+        if not cached and not fallback:
+            known = ", ".join(c.__name__ for c in CACHED_MODELS)
             raise ValueError(f"{name} has no KV-cached path (models with one: {known}) and fallback=False")
         if not (hasattr(model, "strategies") and hasattr(model, "info")):
             raise ValueError(f"{name} is not a climber model: the engine needs model.strategies() and model.info")
         self.model = model.eval()
         self.info = model.info
-        self._path = None if path is None else path(model)
+        self._cached = cached
         self.strategies: list[ResolvedStrategy] = resolve(model.strategies(), self.info.actions, self.info.scenarios)
         self.device = next(model.parameters()).device
         self.store = LRUStore(max_cache_bytes)
@@ -315,7 +247,7 @@ class Engine:
     @property
     def caches_kv(self) -> bool:
         """True when the history's K/V are cached; False: full recompute at every score."""
-        return self._path is not None
+        return self._cached
 
     def get(self, user: int) -> UserCache | None:
         return self.store.get(user)
@@ -349,63 +281,38 @@ class Engine:
         """Click logits (C,) float32, on the model's device, of C candidates of the cache's user (1-d
         integer tensors or arrays of equal length); equal to ``model(batch)`` for the batch the data
         pipeline builds for these candidates after the cached history."""
-        if self._path is None:
-            batch = self.batch(cache.history, cand_item, cand_scenario, cand_ts)
-            return self.model(batch)[0].float() if batch.cand_item.shape[1] else torch.zeros(0, device=self.device)
-        batch = self._candidates(cache.user, cand_item, cand_scenario, cand_ts)
-        C = batch.cand_item.shape[1]
-        if C == 0:
-            return torch.zeros(0, device=self.device)
-        first_ts = int(batch.cand_ts[0, 0])
-        cand = self._path.candidate_tokens(batch)  # (1, C, d)
-        states = []
-        for b, (r, block) in enumerate(zip(self.strategies, cache.blocks)):
-            if block is None:  # kind window: its selection depends on the first candidate's ts
-                block = self._run_history(b, None, cache.history, self._select(r, cache.history, first_ts))
-            n = block.ts.shape[1]
-            mask = history_candidate_mask(torch.ones(1, n, dtype=torch.bool, device=self.device), batch.cand_mask,
-                                          first=n)  # (1, C, n + C): the history and itself
-            pos = torch.cat([torch.arange(n, device=self.device), torch.full((C,), n, device=self.device)])[None]
-            ts = torch.cat([block.ts, batch.cand_ts], dim=1)  # (1, n + C)
-            item = torch.cat([block.item, batch.cand_item], dim=1)  # (1, n + C)
-            states.append(self._path.run(b, cand, block.kv, mask, pos, ts, batch.cand_scenario, item)[0])  # (1, C, d)
-        return self._path.logits(states, batch)[0].float()
+        return self.score_many([(cache, cand_item, cand_scenario, cand_ts)])[0]
 
     @torch.inference_mode()
     def score_many(self, requests: list) -> list[torch.Tensor]:
         """Several requests, each (cache, cand_item, cand_scenario, cand_ts), of any users, in one padded
-        forward (dynamic batching) -> per request its logits (C_r,), equal to ``score`` of each: histories
+        forward (dynamic batching) -> per request its logits (C_r,), equal to scoring each alone: histories
         are left-padded and candidates right-padded, and the padding is masked out."""
         out = [torch.zeros(0, device=self.device)] * len(requests)
         todo = [i for i, (_, item, *_) in enumerate(requests) if len(item)]
-        if len(todo) <= 1:  # nothing to batch: the unpadded path
-            return [self.score(*request) if i in todo else o for i, (request, o) in enumerate(zip(requests, out))]
-        if self._path is None:
+        if not todo:
+            return out
+        if not self._cached:
             batch = _stack([self.batch(requests[i][0].history, *requests[i][1:]) for i in todo])
             logits = self.model(batch).float()  # (R, C_max)
         else:
             batch = _stack([self._candidates(requests[i][0].user, *requests[i][1:]) for i in todo])  # (R, C_max)
             caches = [requests[i][0] for i in todo]
-            cand = self._path.candidate_tokens(batch)  # (R, C_max, d)
+            cand = self.model.candidate_tokens(batch)  # (R, C_max, d)
             states = []
             for b, r in enumerate(self.strategies):
-                blocks = [c.blocks[b] if c.blocks[b] is not None else
+                blocks = [c.blocks[b] if c.blocks[b] is not None else  # kind window: depends on the first candidate
                           self._run_history(b, None, c.history, self._select(r, c.history, int(first)))
                           for c, first in zip(caches, batch.cand_ts[:, 0].tolist())]
+                # left padding keeps every relative position: event i of n_r at n - n_r + i, candidates at n
                 n = max(len(blk.index) for blk in blocks)
                 real = torch.stack([_pad(torch.ones(len(blk.index), dtype=torch.bool, device=self.device), n, left=True)
                                     for blk in blocks])  # (R, n)
-                ts, item = (torch.cat([torch.cat([_pad(getattr(blk, f), n, left=True) for blk in blocks]), cand_f], dim=1)
-                            for f, cand_f in (("ts", batch.cand_ts), ("item", batch.cand_item)))  # (R, n + C) each
-                dim = self._path.kv_token_dim
-                kv = [tuple(torch.cat([_pad(blk.kv[layer][j], n, left=True, dim=dim) for blk in blocks])
-                            for j in (0, 1)) for layer in range(len(blocks[0].kv))]
-                mask = history_candidate_mask(real, batch.cand_mask, first=n)  # (R, C, n + C)
-                C = batch.cand_item.shape[1]
-                # left padding keeps every relative position: event i of n_r at n - n_r + i, candidates at n
-                pos = torch.cat([torch.arange(n, device=self.device), torch.full((C,), n, device=self.device)])[None]
-                states.append(self._path.run(b, cand, kv, mask, pos, ts, batch.cand_scenario, item)[0])  # (R, C, d)
-            logits = self._path.logits(states, batch).float()  # (R, C_max)
+                ts, item = (torch.cat([_pad(getattr(blk, f), n, left=True) for blk in blocks]) for f in ("ts", "item"))
+                kv = [tuple(torch.cat([_pad(blk.kv[layer][j], n, left=True, dim=2) for blk in blocks]) for j in (0, 1))
+                      for layer in range(len(blocks[0].kv))]  # per layer (k, v), each (R, H, n, dh)
+                states.append(self.model.score(b, cand, kv, self.model.keys(ts, item, real), batch))  # (R, C, d)
+            logits = self.model.head_logits(states, batch).float()  # (R, C_max)
         for row, i in enumerate(todo):
             out[i] = logits[row, :len(requests[i][1])]
         return out
@@ -432,11 +339,11 @@ class Engine:
             index = select(r, history, n)
             keep.append(index)
             old = None if prev is None else prev.blocks[b]
-            if self._path is None:
+            if not self._cached:
                 blocks.append(None)
             elif old is not None and len(old.index) == len(index) and np.array_equal(old.index, index):
                 blocks.append(old)
-            elif (old is not None and self._path.extends and len(old.index) < len(index)
+            elif (old is not None and self.model.history_extends and len(old.index) < len(index)
                   and np.array_equal(old.index, index[: len(old.index)])):
                 blocks.append(self._run_history(b, old, history, index))
                 self.extended_blocks += 1
@@ -452,14 +359,10 @@ class Engine:
         them when old is None) run as queries against old's K/V and their own."""
         P = 0 if old is None else len(old.index)
         new = self._subsequence(history, index[P:])  # (1, N)
-        N = new.item.shape[1]
         ts = new.ts if old is None else torch.cat([old.ts, new.ts], dim=1)  # (1, P + N)
         item = new.item if old is None else torch.cat([old.item, new.item], dim=1)  # (1, P + N)
-        all_real = torch.ones(1, P + N, dtype=torch.bool, device=self.device)
-        mask = history_candidate_mask(all_real, all_real[:, :0], first=P)  # (1, N, P + N): causal
-        pos = torch.arange(P + N, device=self.device)[None]
-        x = self._path.history_tokens(b, new)  # (1, N, d)
-        _, kv = self._path.run(b, x, None if old is None else old.kv, mask, pos, ts, new.scenario, item)
+        keys = self.model.keys(ts, item, torch.ones_like(ts, dtype=torch.bool))
+        kv = self.model.encode(b, self.model.history_tokens(b, new), keys, new.scenario, None if old is None else old.kv)
         return BlockCache(index, ts, item, kv)
 
     def _select(self, r: ResolvedStrategy, history: UserHistory, first_ts: int) -> np.ndarray:
