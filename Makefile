@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 CONSTRAINTS := constraints.txt
 
-.PHONY: quickstart test install install-dev clean
+.PHONY: quickstart test gpu-check install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ quickstart: install
 
 test: install-dev
 	$(PY) -m pytest
+
+# on a machine with a CUDA GPU: structured attention on the GPU against the CPU oracle, flex against tiled,
+# a two-epoch bf16 training, eval and bench on the GPU (skipped, with the reason, without one)
+gpu-check: install-dev
+	$(PY) -m pytest -m gpu -rs tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -66,3 +66,21 @@ def test_bench_serve_report(model, capsys):
         assert main(["bench", "serve", "--lengths", "12", "--candidates", "3", "--requests", "1", "--json",
                      *[x for s in TINY_CLIMBER for x in ("--set", s)]]) == 0
         assert json.loads(capsys.readouterr().out)["benchmark"] == "serve"
+
+
+def test_bench_attention_report(capsys):
+    """Each path in its own process: the same FLOPs formula per path (structured counts fewer), ratios
+    against the last path, clear errors on an unknown path or several candidate counts."""
+    assert main(["bench", "attention", "--lengths", "16,32", "--candidates", "4", "--rows", "2", "--steps", "1",
+                 "--threads", "1", "--json", *[x for s in TINY_CLIMBER for x in ("--set", s)]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["history"] for r in out["results"]] == [16, 32] and out["paths"] == ["structured", "dense"]
+    for r in out["results"]:
+        s, d = r["structured"], r["dense"]
+        assert s["flops"] < d["flops"]  # no candidate x candidate scores, last layer candidates only
+        assert r["structured_speedup"] == pytest.approx(d["seconds"] / s["seconds"])
+        assert s["peak_rss_mb"] > 0 and s["step_peak_mb"] >= 0
+    assert main(["bench", "attention", "--paths", "structured,flash"]) == 2
+    assert "'flash' not one of structured" in capsys.readouterr().err
+    assert main(["bench", "attention", "--candidates", "4,8"]) == 2
+    assert "one --candidates value" in capsys.readouterr().err

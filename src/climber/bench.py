@@ -20,15 +20,17 @@ INFO = DataInfo(num_users=1_000, num_items=2_000, actions=("skip", "play", "like
                 scenarios=("home", "search", "radio"))  # small tables: the dense embedding gradients stay cheap
 
 
-def gemm_peak(n: int = 1024, seconds: float = 1.0) -> float:
-    """Measured fp32 FLOP/s of an n x n x n matmul on the current torch threads (best of repeated runs)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best, end = float("inf"), time.perf_counter() + seconds
+def gemm_peak(n: int = 1024, seconds: float = 1.0, device="cpu") -> float:
+    """Measured fp32 FLOP/s of an n x n x n matmul on ``device`` (CPU: the current torch threads; best of
+    repeated runs; 4096 x 4096 on CUDA)."""
+    from climber.devices import resolve_device
+
+    device = resolve_device(str(device))
+    n = 4096 if device.type == "cuda" else n
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best, end = min(_latencies(lambda: a @ b, 1)), time.perf_counter() + seconds  # one warm-up first
     while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, *_latencies(lambda: a @ b, 1, warmup=0))
     return 2 * n**3 / best
 
 
@@ -68,8 +70,11 @@ def single_item_rows(batch: Batch) -> Batch:
     return dataclasses.replace(single, **per_candidate)
 
 
-def bench_model(model_name: str, overrides: list[str], length: int | None) -> torch.nn.Module:
-    """The preset of ``model_name`` with every subsequence length set to ``length`` (None: as it is)."""
+def bench_model(model_name: str, overrides: list[str], length: int | None, device="cpu") -> torch.nn.Module:
+    """The preset of ``model_name`` with every subsequence length set to ``length`` (None: as it is), on
+    ``device`` (a name for climber.devices.resolve_device)."""
+    from climber.devices import resolve_device
+
     cfg = resolve(model_name, None, overrides)
     model_cfg = dict(cfg.model_config)
     if length is not None and ("strategies" in model_cfg or cfg.model == "climber"):
@@ -77,7 +82,7 @@ def bench_model(model_name: str, overrides: list[str], length: int | None) -> to
         model_cfg["strategies"] = [{**s.to_dict(), "length": length} for s in model.strategies()]
     elif length is not None:
         model_cfg["max_len"] = length
-    return build_model(cfg.model, model_cfg, INFO)
+    return build_model(cfg.model, model_cfg, INFO).to(resolve_device(str(device)))
 
 
 def _rate(flops: float, seconds: float, peak: float) -> dict:
@@ -92,17 +97,17 @@ def _time_steps(step, steps: int, warmup: int) -> float:
 
 def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=(8, 64), rows: int = 2,
                 steps: int = 3, warmup: int = 1, overrides: list[str] | None = None, compile: bool = False,
-                peak: float | None = None, log=print) -> dict:
+                peak: float | None = None, log=print, device="cpu") -> dict:
     """Forward + backward throughput (candidates scored per second) of the two sample forms over
     history length x candidates per user. A "multi" step is ``rows`` users x C candidates; the "single"
     step scores the same rows x C candidates as rows x C one-candidate rows."""
-    peak = peak or gemm_peak()
+    peak = peak or gemm_peak(device=device)
     results = []
     for L in lengths:
-        model = bench_model(model_name, list(overrides or []), L).train()
+        model = bench_model(model_name, list(overrides or []), L, device).train()
         run = torch.compile(model, dynamic=False) if compile else model  # static: one graph per batch shape
         for C in candidates:
-            batch = random_batch(tuple(s.length for s in model.strategies()), rows, C)
+            batch = random_batch(tuple(s.length for s in model.strategies()), rows, C).to(next(model.parameters()).device)
             entry = {"history": L, "candidates": C, "rows": rows}
             for form, b, shape in (("multi", batch, C), ("single", single_item_rows(batch), 1)):
                 def step():
@@ -156,6 +161,8 @@ def _latencies(fn, requests: int, warmup: int = 1) -> list[float]:
     for _ in range(requests):
         t0 = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels are asynchronous: time them to the end
         out.append(time.perf_counter() - t0)
     return out
 
@@ -184,7 +191,8 @@ def per_candidate_scorer(model, batch: Batch, max_elements: int = 2**26):
 
 
 def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidates=(16, 128, 512),
-                requests: int = 20, overrides: list[str] | None = None, peak: float | None = None, log=print) -> dict:
+                requests: int = 20, overrides: list[str] | None = None, peak: float | None = None, log=print,
+                device="cpu") -> dict:
     """Latency per scoring request of one user with C candidates after L history events, three ways in
     the same run: from the engine's KV cache (``climber.serve.engine``); a full forward of the same
     "single user, multiple items" batch (history encoded again, candidates as extra tokens); and, where it
@@ -193,10 +201,10 @@ def bench_serve(model_name: str = "climber", lengths=(256, 1024, 4096), candidat
     selects about L / 2 of them). Encoding the cache is timed on its own (once per L)."""
     from climber.serve.engine import Engine, UserHistory
 
-    peak = peak or gemm_peak()
+    peak = peak or gemm_peak(device=device)
     results = []
     for L in lengths:
-        model = bench_model(model_name, list(overrides or []), L).eval()
+        model = bench_model(model_name, list(overrides or []), L, device).eval()
         engine = Engine(model)
         g = torch.Generator().manual_seed(L)
         history = UserHistory(user=1, item=torch.randint(1, INFO.num_items + 1, (L,), generator=g),

@@ -85,13 +85,28 @@ def _data_shard(args) -> None:
     print(f"wrote {info['shards']} shards ({sum(info['rows']):,} events, {sum(info['users']):,} users) to {out}")
 
 
+def _device(args) -> str | None:
+    """--device, checked against this machine (a ConfigError, exit 2, when it lacks it); None if not given."""
+    if args.device is not None:
+        from climber.devices import resolve_device
+
+        resolve_device(args.device)
+    return args.device
+
+
+def _overrides(args) -> list[str]:
+    """--set items, and train.device from --device when given."""
+    device = _device(args)
+    return [*(args.set or []), *([f"train.device={device}"] if device else [])]
+
+
 def _train_argv(args) -> list[str]:
     """This ``climber train`` command line without --nproc: what each launched process runs."""
     argv = ["train", "--data", args.data, "--out", args.out]
     for flag, value in (("--model", args.model), ("--config", args.config), ("--shards", args.shards)):
         if value:
             argv += [flag, value]
-    for item in args.set or []:
+    for item in _overrides(args):
         argv += ["--set", item]
     return argv + [flag for flag, on in (("--resume", args.resume), ("--no-progress", args.no_progress),
                                          ("--json", args.json)) if on]
@@ -104,7 +119,7 @@ def _train(args) -> None:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    cfg = resolve(args.model, Path(args.config) if args.config else None, args.set or [])
+    cfg = resolve(args.model, Path(args.config) if args.config else None, _overrides(args))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
@@ -147,7 +162,8 @@ def _checkpoint_epoch(path: Path) -> int:
 def _eval(args) -> None:
     from climber.eval.evaluate import evaluate_run
 
-    out = evaluate_run(Path(args.run), Path(args.data) if args.data else None, split=args.split)
+    out = evaluate_run(Path(args.run), Path(args.data) if args.data else None, split=args.split,
+                       device=_device(args) or "auto")
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -170,7 +186,7 @@ def _compare(args) -> None:
 
     entries = [Entry.parse(t) for t in args.models.split(",") if t.strip()]
     command = _command_line("compare")
-    compare(Path(args.data), entries, args.seeds, Path(args.out), args.set or [], command)
+    compare(Path(args.data), entries, args.seeds, Path(args.out), _overrides(args), command)
 
 
 def _flops(args) -> None:
@@ -234,7 +250,7 @@ def _tune(args) -> None:
 
     entries = [Entry.parse(t) for t in args.models.split(",") if t.strip()]
     command = _command_line("tune")
-    tune(Path(args.data), entries, args.trials, Path(args.out), Path(args.configs), args.set or [], command,
+    tune(Path(args.data), entries, args.trials, Path(args.out), Path(args.configs), _overrides(args), command,
          seed=args.seed)
 
 
@@ -262,7 +278,20 @@ def _bench(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *_: None) if args.json else print
-    grid = dict(lengths=_csv_ints(args.lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log)
+    grid = dict(lengths=_csv_ints(args.lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,
+                device=_device(args) or "auto")
+    if args.bench_command == "attention":
+        from climber import bench_attention
+        from climber.models.attention import check_attention
+
+        paths = [check_attention("--paths: model", p.strip()) for p in args.paths.split(",") if p.strip()]
+        if len(grid["candidates"]) != 1:
+            raise ConfigError(f"bench attention: one --candidates value, got {args.candidates!r}")
+        out = bench_attention.bench_attention(args.model, args.mode, grid["lengths"], grid["candidates"][0], args.rows,
+                                              paths, args.steps, args.threads, grid["overrides"], log=log,
+                                              device=grid["device"])
+        print(json.dumps(out, indent=2) if args.json else "\n" + bench_attention.markdown(out))
+        return
     if args.bench_command == "train":
         out = bench.bench_train(args.model, rows=args.rows, steps=args.steps, compile=args.compile, **grid)
     else:
@@ -289,6 +318,7 @@ def _bench_http(args) -> None:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEVICE_HELP = "auto (CUDA when available, else CPU; the default), cpu, cuda, cuda:N or mps"
 
 
 def _serve(args) -> None:
@@ -302,7 +332,7 @@ def _serve(args) -> None:
         raise ValueError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
                          f"${args.api_key_env} (clients send it as X-API-Key) or pass --no-auth")
     service = Service(Path(args.run), args.data and Path(args.data), args.store and Path(args.store),
-                      cache_bytes=int(args.cache_mb * 2**20))
+                      cache_bytes=int(args.cache_mb * 2**20), device=_device(args) or "auto")
     app = create_app(service, api_key=key, max_candidates=args.max_candidates, max_events=args.max_events,
                      batch_window_ms=None if args.no_batching else args.batch_window_ms, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_kb * 1024)
@@ -371,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=int, default=1,
                     help="processes on this machine (DDP/FSDP; docs/distributed.md): torchrun --standalone for you")
     tr.add_argument("--shards", help="`climber data shard` dir for several processes (default: cut into the run dir)")
+    tr.add_argument("--device", help=DEVICE_HELP)
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a run's best checkpoint")
@@ -378,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="prepared dir (default: the one the run was trained on)")
     ev.add_argument("--split", default="test", choices=["val", "test"])
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--device", help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
 
     co = sub.add_parser("compare", help="train several models over seeds; table of mean ± std test figures")
@@ -387,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seeds", type=int, default=3)
     co.add_argument("--out", required=True, help="folder for the run dirs and results.{md,csv,json}")
     co.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every model (repeatable)")
+    co.add_argument("--device", help=DEVICE_HELP)
     co.set_defaults(func=_compare)
 
     fl = sub.add_parser("flops", help="analytic and measured FLOPs per row, split by module kind, parameters")
@@ -430,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", required=True, help="folder for the trial run dirs and tuning.{md,json}")
     tu.add_argument("--configs", default="configs/tuned", help="where the winners' configs go (<label>.yaml)")
     tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every trial (repeatable)")
+    tu.add_argument("--device", help=DEVICE_HELP)
     tu.set_defaults(func=_tune)
 
     qs = sub.add_parser("quickstart", help="synthesise (or prepare) data, train a small Climber, evaluate, report")
@@ -442,18 +476,26 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench_command", required=True)
     bt = bench.add_parser("train", help='forward + backward samples/s: "single user, multiple items" vs single item')
     bs = bench.add_parser("serve", help="scoring latency p50/p99: KV-cached history vs full recompute")
-    for b, lengths, cands in ((bt, "64,256,512", "8,64"), (bs, "256,1024,4096", "16,128,512")):
+    ba = bench.add_parser("attention", help="long histories: attention paths side by side (time, MFU, peak memory), "
+                                            "each point in a fresh process")
+    for b, lengths, cands in ((bt, "64,256,512", "8,64"), (bs, "256,1024,4096", "16,128,512"), (ba, "512,2048", "64")):
         b.add_argument("--model", default="climber", help="model or preset name (default: climber)")
         b.add_argument("--lengths", default=lengths, help=f"history lengths, comma separated (default {lengths})")
         b.add_argument("--candidates", default=cands, help=f"candidates per user, comma separated (default {cands})")
         b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         b.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override, e.g. model.attention=reference")
         b.add_argument("--json", action="store_true", help="print the results as JSON")
+        b.add_argument("--device", help=DEVICE_HELP)
         b.set_defaults(func=_bench)
     bt.add_argument("--rows", type=int, default=2, help="users per step")
     bt.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
     bt.add_argument("--compile", action="store_true", help="torch.compile the model first")
     bs.add_argument("--requests", type=int, default=20, help="timed requests per point")
+    ba.add_argument("--mode", default="train", choices=["train", "forward"], help="training steps or forwards")
+    ba.add_argument("--rows", type=int, default=8, help="users per step")
+    ba.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
+    ba.add_argument("--paths", default="structured,dense",
+                    help="model.attention values, comma separated; ratios are against the last (default structured,dense)")
     bh = bench.add_parser("http", help="load on the real HTTP service over loopback, with and without dynamic batching")
     bh.add_argument("--run", required=True, help="a `climber train` run dir")
     bh.add_argument("--requests", type=int, default=2000, help="score requests per concurrency level")
@@ -482,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-batch", type=int, default=32, help="requests per batched forward at most")
     se.add_argument("--no-batching", action="store_true", help="one forward per score request")
     se.add_argument("--log-level", default="warning", help="uvicorn log level")
+    se.add_argument("--device", help=DEVICE_HELP)
     se.set_defaults(func=_serve)
 
     mo = sub.add_parser("models", help="list registered models and presets")

@@ -41,8 +41,12 @@ class TrainConfig:
     patience: int = 3  # epochs without a better val AUC before stopping
     eval_batch_size: int = 64
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N | mps; climber.devices
+    precision: str = "fp32"  # fp32 | bf16 (autocast forward; refused on a CPU without native bf16)
     tensorboard: bool = False
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
+    workers: int = -1  # processes collating batches beside training; 0 = none; -1 = auto (climber.data.loader.auto_workers)
+    bucket: bool = True  # train batches of rows with similar history lengths: less padding, same rows per epoch
     # several processes (torchrun; docs/distributed.md): batch_size is the global batch, split over them
     parallel: str = "ddp"  # "ddp": a model replica per process | "fsdp": parameters, grads, optimizer state sharded
     shard_embedding_rows: int = 0  # ddp: split embedding tables of at least this many rows across processes (0 = off)
@@ -57,6 +61,10 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.workers < -1:
+            raise ConfigError(f"train.workers must be >= 0 (or -1 for auto), got {self.workers}")
         if self.shard_embedding_rows < 0:
             raise ConfigError(f"train.shard_embedding_rows must be >= 0, got {self.shard_embedding_rows}")
         for name in ("aux_weight", "rank_weight"):

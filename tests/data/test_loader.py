@@ -143,3 +143,53 @@ def test_movielens_100k_epoch_covers_the_train_split(tmp_path):
     assert len(batches) == len(train)
     assert sum(b.num_candidates for b in batches) == manifest["splits"]["train"]["rows"]
     assert max(b.seqs[0].mask.shape[1] for b in batches) == 256
+
+
+def padding(batches: list[Batch]) -> float:
+    padded, slots = (sum(x) for x in zip(*(b.history_slots() for b in batches)))
+    return padded / slots
+
+
+def test_bucketed_batches_are_the_same_rows_with_less_padding_fresh_each_epoch(prepared):
+    plain = loader(prepared, "train", seed=3, batch_size=4)
+    bucketed = loader(prepared, "train", seed=3, batch_size=4, bucket=True)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        bucketed.set_epoch(epoch)
+        a, b = list(plain), list(bucketed)
+        assert rows(a) == rows(b) and len(a) == len(b) == len(bucketed)  # the same rows, as many batches
+        assert padding(b) < padding(a)
+        assert same(b, list(bucketed))  # deterministic per (seed, epoch)
+    bucketed.set_epoch(0)
+    first = list(bucketed)
+    bucketed.set_epoch(1)
+    assert not same(first, list(bucketed))
+    assert not same(first, list(loader(prepared, "train", seed=4, batch_size=4, bucket=True)))
+
+
+def test_bucketing_needs_shuffled_rows(prepared):
+    with pytest.raises(ValueError, match="bucket needs shuffle"):
+        loader(prepared, "val", bucket=True)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_worker_processes_give_the_batches_of_one_process_in_order(prepared, split):
+    kw = {"seed": 2, "batch_size": 3, "users_per_chunk": 7, "bucket": split == "train"}
+    one = loader(prepared, split, **kw)
+    two = loader(prepared, split, workers=2, **kw)
+    for epoch in (0, 1):
+        one.set_epoch(epoch)
+        two.set_epoch(epoch)
+        assert same(list(one), list(two))
+
+
+def test_pad_multiple_rounds_subsequences_up_and_keeps_the_events(prepared):
+    plain, padded = list(loader(prepared, "val")), list(loader(prepared, "val", pad_multiple=8))
+    assert rows(plain) == rows(padded)
+    for b in padded:
+        assert all(s.mask.shape[1] % 8 == 0 for s in b.seqs)
+
+
+def test_auto_workers_leaves_small_machines_one_process():
+    assert loader_module.auto_workers(2) == 0 and loader_module.auto_workers(1) == 0
+    assert loader_module.auto_workers(3) == 2 and loader_module.auto_workers(16) == 2

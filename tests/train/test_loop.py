@@ -29,13 +29,18 @@ def weights(run_dir, name="last"):
 
 def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
     cfg = resolve("climber-tiny", None, TINY)
-    metrics = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False).fit()
+    trainer = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False)
+    metrics = trainer.fit()
     run = tmp_path / "run"
     for name in ("config.yaml", "fingerprint.json", "epochs.jsonl", "metrics.json", "predictions.parquet",
                  "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
         assert (run / name).exists(), name
     epochs = [json.loads(x) for x in (run / "epochs.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    for e in epochs:  # the history padding of the epoch's batches, recounted
+        trainer.train_loader.set_epoch(e["epoch"])
+        padded, slots = np.sum([b.history_slots() for b in trainer.train_loader], axis=0)
+        assert e["padding"] == round(padded / slots, 4)
     assert metrics["best"]["epoch"] == int(np.argmax([e["val"]["auc"] for e in epochs]))
     pred = pl.read_parquet(run / "predictions.parquet")
     assert {"user", "item", "label", "score", "user_raw", "item_raw"} <= set(pred.columns)
@@ -80,6 +85,14 @@ def test_cli_train_eval_and_errors(data, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 2
     assert "not a prepared data dir" in capsys.readouterr().err
     assert main(args[:-3] + ["--out", str(tmp_path / "r3"), "--set", "train.bogus=1"]) == 2
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main(args[:-3] + ["--out", str(tmp_path / "r4"), "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip().endswith("no CUDA GPU is available (torch "
+                                                        f"{torch.__version__}, CUDA build: no); use --device cpu or auto")
+        assert not (tmp_path / "r4").exists()
+    assert main(args[:-3] + ["--out", str(tmp_path / "r5"), "--device", "tpu"]) == 2
+    assert "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -21,8 +21,12 @@ class Subsequence:
     ts: torch.Tensor  # (B, L) int64 seconds, 0 at padding
     mask: torch.Tensor  # (B, L) bool, True = real event
 
+    def apply(self, fn) -> "Subsequence":
+        """``fn`` applied to every tensor."""
+        return Subsequence(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
     def to(self, device) -> "Subsequence":
-        return Subsequence(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self.apply(lambda t: t.to(device))
 
 
 @dataclass
@@ -36,11 +40,18 @@ class Batch:
     label: torch.Tensor  # (B, C) float32, 0 at padding
     cand_action: torch.Tensor  # (B, C) int64 dense action id: a training TARGET (multi-task heads), never an input
 
+    def apply(self, fn) -> "Batch":
+        """``fn`` applied to every tensor, subsequences included."""
+        moved = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name != "seqs"}
+        return Batch(seqs=[s.apply(fn) for s in self.seqs], **moved)
+
     def to(self, device) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in moved.items()}
-        moved["seqs"] = [s.to(device) for s in self.seqs]
-        return Batch(**moved)
+        return self.apply(lambda t: t.to(device))
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (what DataLoader's ``pin_memory`` calls), for fast copies to
+        CUDA; fields may also be numpy arrays (a batch on its way from a loader's worker process)."""
+        return self.apply(lambda t: torch.as_tensor(t).pin_memory())
 
     def take(self, rows) -> "Batch":
         """The rows ``rows`` (an index tensor, list or slice) of every field, subsequences included."""
@@ -51,3 +62,8 @@ class Batch:
     @property
     def num_candidates(self) -> int:
         return int(self.cand_mask.sum())
+
+    def history_slots(self) -> tuple[int, int]:
+        """(padding, all) history token slots, summed over the subsequences: B * L_k each."""
+        slots = sum(s.mask.numel() for s in self.seqs)
+        return slots - sum(int(s.mask.sum()) for s in self.seqs), slots

@@ -6,6 +6,17 @@ without reading events. Each chunk is then read on its own (only the row groups 
 the columns samples need, in record batches), turned into rows, shuffled, and cut into batches.
 Randomness (chunk order, train run offsets, row order) comes from (seed, epoch) only.
 
+``bucket`` (train): the shuffled rows of a chunk are sorted by history length (:func:`history_lengths`,
+summed over the strategies) within windows of BUCKET_BATCHES batches, cut into batches, and the
+chunk's batches are shuffled; a batch holds rows of similar length and pads little, the number of
+batches is unchanged, and the batches still change with the epoch (which rows share a window, ties,
+batch order). Eval splits keep user order: predictions come out in the order of their rows.
+
+``workers`` > 0 collate in DataLoader worker processes (one intra-op thread each), worker w of W
+making batches w, w + W, ...: the DataLoader fetches from the workers in turn, so the batches and
+their order are those of ``workers=0`` (every worker reads each chunk and draws its rows; only the
+collating is split).
+
 With ``shards`` (a rank's files of ``climber data shard``, see climber.train.distributed) the loader
 reads those files instead of events.parquet; a chunk never spans two files, and its randomness comes
 from (seed, epoch, shard number, chunk of the file), so it does not depend on which rank reads it.
@@ -13,6 +24,7 @@ from (seed, epoch, shard number, chunk of the file), so it does not depend on wh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,6 +32,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from climber.data.batch import Batch
 from climber.data.prepare import load_manifest
@@ -29,14 +43,27 @@ from climber.data.samples import (
     UserEvents,
     check_mode,
     check_split,
+    Rows,
     collate,
     count_rows,
+    history_lengths,
     make_rows,
 )
 from climber.data.schema import DataError
 from climber.data.sequences import Strategy, resolve
 
 READ_BATCH_ROWS = 1 << 16  # rows per parquet record batch while reading a chunk
+BUCKET_BATCHES = 64  # bucket: rows are sorted by history length within windows of this many batches
+PREFETCH_BATCHES = 2  # batches each worker process collates ahead (DataLoader prefetch_factor)
+
+
+def auto_workers(cpus: int | None = None) -> int:
+    """Worker processes for ``workers=-1``: none on 1-2 cores, else min(2, cores - 1).
+
+    WORKERS_MEASUREMENT
+    """
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    return 0 if cpus <= 2 else min(2, cpus - 1)
 
 
 class SampleLoader:
@@ -44,6 +71,9 @@ class SampleLoader:
 
     A batch holds up to ``batch_size`` rows of one chunk, each with up to ``candidates_per_row``
     candidates (mode "multi") or one (mode "single"). Call :meth:`set_epoch` before each epoch.
+    ``bucket`` groups rows of similar history length (needs ``shuffle``); ``pad_multiple`` left-pads
+    every subsequence to a multiple of that many events; ``workers`` collate in that many processes
+    (-1: :func:`auto_workers`); ``pin_memory`` puts batches in page-locked memory (for CUDA).
     """
 
     def __init__(
@@ -59,19 +89,29 @@ class SampleLoader:
         shuffle: bool | None = None,
         users_per_chunk: int = 200_000,
         shards: dict[int, Path] | None = None,
+        bucket: bool = False,
+        pad_multiple: int = 1,
+        workers: int = 0,
+        pin_memory: bool = False,
     ):
         check_split(split)
         check_mode(mode)
         for name, value in (("batch_size", batch_size), ("candidates_per_row", candidates_per_row),
-                            ("users_per_chunk", users_per_chunk)):
+                            ("users_per_chunk", users_per_chunk), ("pad_multiple", pad_multiple)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if workers < -1:
+            raise ValueError(f"workers must be >= 0 (or -1 for auto), got {workers}")
         manifest = load_manifest(prepared_dir)
         # {shard number: file}; the whole data set is one file, keyed None (the RNG keys of before shards)
         self.files = {None: Path(prepared_dir) / "events.parquet"} if shards is None else dict(sorted(shards.items()))
         self.split, self.mode, self.seed = split, mode, seed
         self.batch_size, self.candidates_per_row = batch_size, candidates_per_row
         self.shuffle = split == "train" if shuffle is None else shuffle
+        if bucket and not self.shuffle:
+            raise ValueError("bucket needs shuffle (unshuffled batches stay in user order)")
+        self.bucket, self.pad_multiple, self.pin_memory = bucket, pad_multiple, pin_memory
+        self.workers = auto_workers() if workers == -1 else workers
         self.resolved = resolve(strategies, manifest["actions"], manifest["scenarios"])
         self.epoch = 0
 
@@ -104,20 +144,78 @@ class SampleLoader:
         return sum(-(-self._num_rows(k) // self.batch_size) for k in range(len(self._counts)))
 
     def __iter__(self) -> Iterator[Batch]:
+        """The epoch's batches, collated in ``workers`` processes (0: in this one)."""
+        loader = DataLoader(_EpochBatches(self), batch_size=None, num_workers=self.workers,
+                            pin_memory=self.pin_memory, worker_init_fn=_one_thread,
+                            prefetch_factor=PREFETCH_BATCHES if self.workers else None)
+        return map(_as_tensors, loader)
+
+    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[Batch]:
+        """The epoch's batches j with j % workers == worker, in order (all of them by default)."""
         files = {shard: pq.ParquetFile(path) for shard, path in self.files.items()}
+        j = 0  # the epoch's batches before this chunk's
         for chunk in self._chunk_order():
-            if self._num_rows(chunk) == 0:  # e.g. only users too short for val / test
+            count = -(-self._num_rows(chunk) // self.batch_size)
+            mine = [i for i in range(count) if (j + i) % workers == worker]
+            j += count
+            if not mine:  # e.g. only users too short for val / test
                 continue
-            shard, start, stop = self._file_rows[chunk]
-            events = UserEvents.from_table(_read_rows(files[shard], start, stop))
-            if not np.array_equal(events.split_counts(), self._counts[chunk]):
-                raise DataError(f"{self.files[shard]}: events are not sorted by user; re-run `climber data prepare`")
-            rng = self._rng(chunk)
-            rows = make_rows(events, self.split, self.candidates_per_row, self.mode, rng)
-            if self.shuffle:
-                rows = rows.take(rng.permutation(len(rows)))
-            for i in range(0, len(rows), self.batch_size):
-                yield collate(events, rows.take(slice(i, i + self.batch_size)), self.resolved)
+            events, batches = self._chunk_batches(chunk, files)
+            for i in mine:
+                yield collate(events, batches[i], self.resolved, self.pad_multiple)
+
+    def _chunk_batches(self, chunk: int, files: dict) -> tuple[UserEvents, list[Rows]]:
+        """The events of a chunk and the rows of each of its batches, in the epoch's order."""
+        shard, start, stop = self._file_rows[chunk]
+        events = UserEvents.from_table(_read_rows(files[shard], start, stop))
+        if not np.array_equal(events.split_counts(), self._counts[chunk]):
+            raise DataError(f"{self.files[shard]}: events are not sorted by user; re-run `climber data prepare`")
+        rng = self._rng(chunk)
+        rows = make_rows(events, self.split, self.candidates_per_row, self.mode, rng)
+        if self.shuffle:
+            rows = rows.take(rng.permutation(len(rows)))
+        if self.bucket:
+            rows = rows.take(_sort_in_windows(history_lengths(events, rows, self.resolved),
+                                              BUCKET_BATCHES * self.batch_size))
+        batches = [rows.take(slice(i, i + self.batch_size)) for i in range(0, len(rows), self.batch_size)]
+        if self.bucket:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return events, batches
+
+
+class _EpochBatches(IterableDataset):
+    """A loader's batches of its current epoch as the dataset of a DataLoader: in worker w of W, the
+    batches w, w + W, ... (the DataLoader takes one from each worker in turn, so they come out in order).
+
+    A worker sends its batches with numpy arrays for tensors: pickled through the pipe, they cost far
+    less than torch's shared memory, one file per tensor (ML-100k train epoch, 186 batches of 32 rows,
+    one worker: 0.6 s against 3.3 s).
+    """
+
+    def __init__(self, loader: SampleLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        if info is None:
+            return self.loader.batches()
+        return (b.apply(torch.Tensor.numpy) for b in self.loader.batches(info.id, info.num_workers))
+
+
+def _as_tensors(batch: Batch) -> Batch:
+    """A batch from a worker (numpy arrays; pinned tensors with ``pin_memory``) as tensors, zero-copy."""
+    return batch.apply(torch.as_tensor)
+
+
+def _one_thread(worker: int) -> None:
+    """DataLoader worker_init_fn: one intra-op thread per worker, so workers and training share the cores."""
+    torch.set_num_threads(1)
+
+
+def _sort_in_windows(lengths: np.ndarray, window: int) -> np.ndarray:
+    """(R,) permutation sorting rows by ``lengths`` (R,) within consecutive windows of ``window`` rows;
+    ties keep their order (stable)."""
+    return np.lexsort((lengths, np.arange(len(lengths)) // window))
 
 
 def _user_split_counts(path: Path) -> tuple[np.ndarray, np.ndarray]:

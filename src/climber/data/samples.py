@@ -7,6 +7,7 @@
 - :func:`make_rows`: the rows of one split (PROTOCOL.md). Mode "multi" ("single user, multiple
   items") puts up to C candidates in a row; mode "single" one.
 - :func:`collate`: rows -> :class:`~climber.data.batch.Batch`, one Subsequence per resolved strategy.
+- :func:`history_lengths`: the history events a row selects, what length bucketing sorts by.
 """
 
 from __future__ import annotations
@@ -187,18 +188,28 @@ def make_rows(
     return Rows(user=user, cut=cut, start=start, count=hi - lo)
 
 
-def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]) -> Batch:
+def history_lengths(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]) -> np.ndarray:
+    """(R,) int64: the events each row's subsequences select, summed over the strategies (no padding)."""
+    first, cuts = _first_and_cuts(events, rows)
+    total = np.zeros(len(rows), dtype=np.int64)
+    for r in resolved:
+        lo, hi = events.selector(r).ranges(first, cuts)
+        total += hi - lo
+    return total
+
+
+def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy], pad_multiple: int = 1) -> Batch:
     """A Batch of B = len(rows) rows: subsequences left-padded to the longest selection in the batch
-    (most recent event last), candidates right-padded to the most candidates of a row; ids 0 at padding."""
-    first = events.offsets[rows.user]  # (B,) global position of each row's user's first event
-    cuts = first + rows.cut  # (B,)
+    (most recent event last), rounded up to a multiple of ``pad_multiple``; candidates right-padded to
+    the most candidates of a row; ids 0 at padding."""
+    first, cuts = _first_and_cuts(events, rows)
     width = max(1, int(rows.count.max(initial=0)))
     slots = np.arange(width)  # (C,)
     cand_mask = slots < rows.count[:, None]  # (B, C)
     cand = np.where(cand_mask, (first + rows.start)[:, None] + slots, 0)  # (B, C) global positions
     seqs = []
     for r in resolved:
-        index, mask = events.selector(r).gather(first, cuts)  # (B, L) each
+        index, mask = events.selector(r).gather(first, cuts, pad_multiple)  # (B, L) each
         seqs.append(Subsequence(
             item=_take(events.item, index, mask),
             action=_take(events.action, index, mask),
@@ -216,6 +227,12 @@ def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]
         label=_take(events.label, cand, cand_mask).float(),
         cand_action=_take(events.action, cand, cand_mask),
     )
+
+
+def _first_and_cuts(events: UserEvents, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) global position of each row's user's first event, (B,) of its first candidate (the cut)."""
+    first = events.offsets[rows.user]
+    return first, first + rows.cut
 
 
 def _take(column: np.ndarray, index: np.ndarray, mask: np.ndarray) -> torch.Tensor:

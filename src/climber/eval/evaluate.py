@@ -54,9 +54,12 @@ def with_raw_ids(pred: pl.DataFrame, data_dir: Path) -> pl.DataFrame:
     return pred
 
 
-def load_run_model(run_dir: Path, which: str = "best") -> tuple[torch.nn.Module, dict]:
+def load_run_model(run_dir: Path, which: str = "best", device="cpu") -> tuple[torch.nn.Module, dict]:
     """The model of a run dir with the weights of its ``which`` ("best" | "last") checkpoint, in eval
-    mode, and the checkpoint's metadata (model, model_config, data_info, fingerprint, epoch)."""
+    mode on ``device`` (a name for climber.devices.resolve_device, or a torch.device; the checkpoint holds
+    CPU tensors, whatever device trained it), and the checkpoint's metadata (model, model_config,
+    data_info, fingerprint, epoch)."""
+    from climber.devices import resolve_device
     from climber.models import DataInfo, build_model
     from climber.train import checkpoint
 
@@ -67,18 +70,19 @@ def load_run_model(run_dir: Path, which: str = "best") -> tuple[torch.nn.Module,
     meta = checkpoint.read_meta(ckpt)
     model = build_model(meta["model"], meta["model_config"], DataInfo.from_dict(meta["data_info"]))
     checkpoint.load(ckpt, model)
-    return model.eval(), meta
+    return model.to(resolve_device(str(device))).eval(), meta
 
 
-def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", log=print) -> dict:
-    """Load a run's best checkpoint and evaluate it on ``split`` of ``data_dir`` (default: the run's data)."""
+def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", log=print, device="cpu") -> dict:
+    """Load a run's best checkpoint onto ``device`` and evaluate it on ``split`` of ``data_dir`` (default:
+    the run's data)."""
     from climber.config import load_yaml
     from climber.data.loader import SampleLoader
     from climber.data.prepare import load_manifest
     from climber.models import DataInfo
 
     run_dir = Path(run_dir)
-    model, meta = load_run_model(run_dir)
+    model, meta = load_run_model(run_dir, device=device)
     cfg = load_yaml(run_dir / "config.yaml")
     data_dir = Path(data_dir or cfg["data"])
     manifest = load_manifest(data_dir)

@@ -31,6 +31,7 @@ from climber.models.layers import (
     history_candidate_mask,
     history_candidate_positions,
     init_weights,
+    Steps,
     same_side_mask,
     score_layers,
     structured_stack_flops,
@@ -87,10 +88,10 @@ class ClimberConfig(ModelConfig):
         return [Strategy(name="full", kind="recency", length=max(s.length for s in given))]
 
 
-class Block(nn.Module):
+class Block(Steps):
     """One MSE strategy: n_layers ATLs over [history_k ; candidates], then a final LayerNorm. The relative
     bias and the temperature table (one entry per scenario) are shared by the block's layers. Runs over
-    the full sequence (``forward``, the dense / reference oracles) or in the two structured steps
+    the full sequence (``full``, the dense / reference oracles) or in the two structured steps
     ``encode`` (history) and ``score`` (candidates)."""
 
     def __init__(self, cfg: ClimberConfig, num_scenarios: int, max_distance: int, match_features: int):
@@ -109,7 +110,7 @@ class Block(nn.Module):
         self.uses_side = cfg.match_mask or (cfg.use_atl and cfg.match_bias and match_features > 0)
         self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, x, mask, pos, ts, scenario, side):
+    def full(self, x, mask, pos, ts, scenario, side):
         """The block over a full sequence x (B, N, d): mask (B, N, N) bool; pos (1, N), ts (B, N), scenario
         (B, N) and item side feature ids side (B, N, F) of the tokens -> (B, N, d)."""
         if self.match_mask:
@@ -120,29 +121,28 @@ class Block(nn.Module):
             x = layer(x, mask, bias, tau)
         return self.ln_f(x)
 
-    def history_plan(self, keys: Keys, scenario: torch.Tensor, kernel: str) -> Plan:
+    def encode(self, x, past, keys: Keys, scenario: torch.Tensor, kernel: str) -> list:
+        """History tokens x (B, N, d) (scenario (B, N)) after P cached ones (past: per layer (k, v), or
+        None); keys: the P + N history tokens -> per layer the (k, v) of all of them."""
+        return encode_layers(self.layers, x, past, self._history_plan(keys, scenario, kernel))
+
+    def score(self, x, kvs: list, keys: Keys, cand_ts, cand_side, cand_scenario, kernel: str) -> torch.Tensor:
+        """Candidate tokens x (B, C, d) (ts, side ids, scenario (B, C)) against the per-layer (k, v) of
+        the history ``keys`` -> (B, C, d)."""
+        history = self._history_plan(keys, keys.ts[:, :0], kernel)  # no history queries: the keys alone
+        plan = Plan.candidates(history, cand_ts, cand_side if self.uses_side else None, **self._atl(cand_scenario))
+        return self.ln_f(score_layers(self.layers, x, kvs, plan))
+
+    def _history_plan(self, keys: Keys, scenario: torch.Tensor, kernel: str) -> Plan:
         """The plan of the last N history tokens (scenario (B, N)) over the history ``keys`` (B, P + N)."""
         return Plan.history(keys.ts, keys.side if self.uses_side else None, keys.mask, keys.ts.shape[1] - scenario.shape[1],
                             kernel, match_mask=self.match_mask, **self._atl(scenario))
-
-    def candidate_plan(self, history: Plan, cand_ts, cand_side, cand_scenario) -> Plan:
-        """The plan of the candidates (ts, side ids, scenario (B, C)) against the keys of ``history``."""
-        return Plan.candidates(history, cand_ts, cand_side if self.uses_side else None, **self._atl(cand_scenario))
 
     def _atl(self, scenario) -> dict:
         """ATL's relative bias and per-query temperature (by scenario), or neither without ATL."""
         if not self.use_atl:
             return {"tau": None, "rel_bias": None}
         return {"tau": self.temperature(scenario), "rel_bias": self.rel_bias}
-
-    def encode(self, x, past, plan: Plan) -> list:
-        """History tokens x (B, N, d) after P cached ones (past: per layer (k, v), or None) -> per layer
-        the (k, v) of all P + N tokens."""
-        return encode_layers(self.layers, x, past, plan)
-
-    def score(self, x, kvs: list, plan: Plan) -> torch.Tensor:
-        """Candidate tokens x (B, C, d) against the history's per-layer (k, v) -> (B, C, d)."""
-        return self.ln_f(score_layers(self.layers, x, kvs, plan))
 
 
 class Climber(nn.Module):
@@ -213,17 +213,13 @@ class Climber(nn.Module):
     def encode(self, b: int, x: torch.Tensor, keys: Keys, scenario: torch.Tensor, past=None) -> list:
         """Block b over history tokens x (B, N, d) (scenario (B, N)) that follow P cached ones (past: per
         layer (k, v), or None); keys: the P + N history tokens -> per layer the (k, v) of all of them."""
-        block = self.blocks[b]
-        return block.encode(x, past, block.history_plan(keys, scenario, self.kernel))
+        return self.blocks[b](x, past, keys, scenario, self.kernel, step="encode")
 
     def score(self, b: int, cand: torch.Tensor, kvs: list, keys: Keys, batch: Batch) -> torch.Tensor:
         """Block b's candidate states (B, C, d): the candidate tokens cand (B, C, d) of ``batch`` against
         the per-layer (k, v) of the history ``keys``."""
-        block = self.blocks[b]
-        history = block.history_plan(keys, keys.ts[:, :0], self.kernel)  # no history queries: the keys alone
-        plan = block.candidate_plan(history, batch.cand_ts, self.emb.item.side_ids(batch.cand_item),
-                                    batch.cand_scenario)
-        return block.score(cand, kvs, plan)
+        return self.blocks[b](cand, kvs, keys, batch.cand_ts, self.emb.item.side_ids(batch.cand_item),
+                              batch.cand_scenario, self.kernel, step="score")
 
     def keys(self, ts, item, mask) -> Keys:
         """The history keys of a block from their ts, items and mask (B, M)."""

@@ -107,7 +107,7 @@ class Service:
     """The model of a run dir, the vocabularies and label rule of its data, the engine and the store."""
 
     def __init__(self, run_dir: Path, data_dir: Path | None = None, store_path: Path | None = None,
-                 cache_bytes: int = 256 * 2**20, log=print):
+                 cache_bytes: int = 256 * 2**20, log=print, device="cpu"):
         from climber.config import load_yaml
         from climber.data.prepare import load_manifest
         from climber.data.schema import LabelRule
@@ -115,7 +115,7 @@ class Service:
         from climber.models import DataInfo
 
         run_dir = Path(run_dir)
-        model, meta = load_run_model(run_dir)
+        model, meta = load_run_model(run_dir, device=device)
         data_dir = Path(data_dir or load_yaml(run_dir / "config.yaml")["data"])
         if not (data_dir / "manifest.json").exists():
             raise ValueError(f"{data_dir}: no prepared data (its vocabularies map raw ids); pass --data DIR")

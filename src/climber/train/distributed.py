@@ -48,6 +48,7 @@ from climber.data.batch import Batch
 from climber.data.prepare import load_manifest
 from climber.data.samples import COLUMNS
 from climber.data.schema import DataError
+from climber.devices import autocast
 
 FAULT_ENV = "CLIMBER_FAULT"  # "RANK:STEP": that rank SIGKILLs itself after global step STEP (tests)
 
@@ -269,8 +270,9 @@ class Parallel:
     """``model`` spread over the ranks of ``dist``: the training step, gradient clipping, lock-stepped
     evaluation batches, and the full (one-process layout) state for checkpoints."""
 
-    def __init__(self, model: nn.Module, dist: Dist, loss_fn, strategy: str = "ddp", shard_embedding_rows: int = 0):
-        self.model, self.dist = model, dist
+    def __init__(self, model: nn.Module, dist: Dist, loss_fn, strategy: str = "ddp", shard_embedding_rows: int = 0,
+                 precision: str = "fp32"):
+        self.model, self.dist, self.precision = model, dist, precision
         self.strategy = strategy if dist.world > 1 else "none"
         self.sharded: dict[str, RowShardedEmbedding] = {}  # module name -> table split by rows
         model.to(dist.device)
@@ -311,7 +313,8 @@ class Parallel:
         if self.dist.device.type != "cpu":
             batch = batch.to(self.dist.device)
         n = batch.num_candidates
-        loss = self.train_module(batch)
+        with autocast(self.dist.device, self.precision):
+            loss = self.train_module(batch)
         if self.dist.world == 1:
             loss.backward()
         else:

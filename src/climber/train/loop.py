@@ -37,6 +37,7 @@ from tqdm import tqdm
 from climber.config import ConfigError, RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
+from climber.devices import check_precision, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
 from climber.train import checkpoint, distributed
@@ -86,8 +87,9 @@ class Trainer:
     def __init__(self, run_dir: Path, data_dir: Path, cfg: RunConfig, log=print, progress: bool = True,
                  dist: Dist | None = None, shards: Path | None = None):
         self.run_dir, self.data_dir, self.cfg, self.log, self.progress = Path(run_dir), Path(data_dir), cfg, log, progress
-        self.dist = dist = dist or Dist()
         tc = cfg.train
+        self.dist = dist = dist or Dist(device=resolve_device(tc.device))
+        check_precision(tc.precision, dist.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -101,15 +103,17 @@ class Trainer:
         if dist.world > 1:
             batch_size = distributed.rank_batch_size(tc.batch_size, dist.world)
             files = distributed.rank_shards(dist, self.data_dir, shards, self.run_dir, log)
-        self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=batch_size,
-                                         candidates_per_row=c, mode=tc.mode, seed=tc.seed, shards=files)
+        feed = {"workers": tc.workers, "pin_memory": dist.device.type == "cuda"}  # collate processes; pinned for CUDA
+        self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=batch_size, candidates_per_row=c,
+                                         mode=tc.mode, seed=tc.seed, shards=files, bucket=tc.bucket, **feed)
         self.eval_loaders = {
             split: SampleLoader(self.data_dir, split, strategies, batch_size=tc.eval_batch_size,
-                                candidates_per_row=tc.candidates_per_row, mode="multi", seed=tc.seed, shards=files)
+                                candidates_per_row=tc.candidates_per_row, mode="multi", seed=tc.seed, shards=files,
+                                **feed)
             for split in ("val", "test")
         }
         loss_fn = functools.partial(training_loss, aux_weight=tc.aux_weight, rank_weight=tc.rank_weight)
-        self.parallel = Parallel(self.model, dist, loss_fn, tc.parallel, tc.shard_embedding_rows)
+        self.parallel = Parallel(self.model, dist, loss_fn, tc.parallel, tc.shard_embedding_rows, tc.precision)
         if tc.ema and self.parallel.splits_parameters:
             raise ConfigError("train.ema needs whole weights on every process: use train.parallel=ddp "
                               "without train.shard_embedding_rows")
@@ -206,12 +210,13 @@ class Trainer:
             if bad_epochs >= tc.patience:
                 break
             t0 = time.time()
-            loss, samples, step = self._train_epoch(epoch, step)
+            loss, samples, step, padding = self._train_epoch(epoch, step)
             train_s = time.time() - t0
             with self._averaged():
                 val = self._evaluate("val")["metrics"]
             record = {"epoch": epoch, "step": step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                       "train_seconds": round(train_s, 2), "samples_per_s": round(samples / max(train_s, 1e-9), 1),
+                      "padding": round(padding, 4),
                       "epoch_seconds": round(time.time() - t0, 2), "world_size": self.dist.world, "val": val}
             if val["auc"] > best["val_auc"]:
                 best, bad_epochs = {"epoch": epoch, "val_auc": val["auc"]}, 0
@@ -229,7 +234,8 @@ class Trainer:
                 for k in ("auc", "gauc", "logloss"):
                     writer.add_scalar(f"val/{k}", val[k], epoch)
             self.log(f"epoch {epoch}: loss {loss:.4f}  val auc {val['auc']:.4f} gauc {val['gauc']:.4f} "
-                     f"logloss {val['logloss']:.4f}  ({record['epoch_seconds']:.1f}s, {record['samples_per_s']:.0f} samples/s)"
+                     f"logloss {val['logloss']:.4f}  ({record['epoch_seconds']:.1f}s, {record['samples_per_s']:.0f} samples/s, "
+                     f"padding {padding:.1%})"
                      + ("  *best" if best["epoch"] == epoch else ""))
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 raise KeyboardInterrupt(f"stopped after epoch {epoch} (simulated kill)")
@@ -237,13 +243,14 @@ class Trainer:
             writer.close()
         return self.finish()
 
-    def _train_epoch(self, epoch: int, step: int) -> tuple[float, int, int]:
-        """One epoch -> (mean train loss, candidates trained on, global step), summed over the ranks."""
+    def _train_epoch(self, epoch: int, step: int) -> tuple[float, int, int, float]:
+        """One epoch -> (mean train loss, candidates trained on, global step, padding fraction of the
+        history token slots of its batches), summed over the ranks."""
         tc = self.cfg.train
         self.model.train()
         self.train_loader.set_epoch(epoch)
         steps = self.dist.min_int(len(self.train_loader))  # every rank takes as many steps as the one with fewest
-        total_loss, total_n = 0.0, 0
+        total_loss, total_n, padded, slots = 0.0, 0, 0, 0
         deadline = time.time() + tc.max_epoch_minutes * 60 if tc.max_epoch_minutes else None
         bar = tqdm(itertools.islice(self.train_loader, steps), total=steps, desc=f"epoch {epoch}", unit="batch",
                    disable=not self.progress, leave=False, dynamic_ncols=True,
@@ -253,6 +260,8 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
             self.optimizer.zero_grad(set_to_none=True)
+            batch_padded, batch_slots = batch.history_slots()
+            padded, slots = padded + batch_padded, slots + batch_slots
             loss, n = self.parallel.backward(batch)
             if tc.grad_clip:
                 self.parallel.clip_grad_norm(tc.grad_clip)
@@ -267,8 +276,8 @@ class Trainer:
                             samples_s=f"{total_n * self.dist.world / (time.time() - t0):.0f}")  # estimate
             if deadline is not None and self.dist.any(time.time() > deadline):
                 break
-        total_loss, total_n = self.dist.sum(total_loss, total_n)
-        return total_loss / max(total_n, 1), int(total_n), step
+        total_loss, total_n, padded, slots = self.dist.sum(total_loss, total_n, padded, slots)
+        return total_loss / max(total_n, 1), int(total_n), step, padded / max(slots, 1)
 
     def _averaged(self):
         """Context in which the model holds its averaged weights (when train.ema is on)."""
