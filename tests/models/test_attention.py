@@ -125,3 +125,23 @@ def test_no_tensor_of_n_by_n_elements_in_the_structured_path(path, quadratic, mo
         model(batch).sum().backward()
     N = 512 + 32
     assert (seen.largest >= N * N) == quadratic, seen.largest
+
+
+@pytest.mark.slow
+def test_flex_kernel_equals_the_tiled_kernel_in_inference():
+    """FlexAttention (compiled through inductor on the CPU; forward only in torch 2.13): the same logits as
+    the tiled kernel, with relative bias, temperature, side-match bias, match mask and sink, on padded,
+    empty and full histories. Histories of 5 and 8 events: every query / key block is padded to 128."""
+    for case in ("climber-match-bias", "climber-match-mask", "climber-sink", "transformer"):
+        tiled, flex = build(case, "tiled").eval(), build(case, "flex").eval()
+        flex.load_state_dict(tiled.state_dict())
+        for batch in batches(tiled):
+            with torch.inference_mode():
+                got, want = flex(batch), tiled(batch)
+            assert close(got, want), (case, (got - want).abs().max())
+
+
+def test_flex_kernel_refuses_training_on_the_cpu():
+    model = build("climber", "flex").train()
+    with pytest.raises(ValueError, match="no CPU backward"):
+        model(batch_for(model, B=2, C=2))

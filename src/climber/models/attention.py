@@ -126,11 +126,11 @@ class Plan:
         """q, k_self, v_self (B, H, N, dh) the queries and their own keys and values; k, v (B, H, M, dh) the
         keys of the plan; sink (k, v) each (B, H, 1, dh): a key every query sees with bias 0, or None
         -> (B, H, N, dh)."""
-        if self.kernel == "flex":
+        if self.kernel == "flex" and not self.pointwise and not dropout_p:  # else: not a softmax score_mod
             from climber.models.flex import flex_attend
 
             return flex_attend(self, q, k_self, v_self, k, v, sink)
-        if self.kernel != "tiled":
+        if self.kernel not in ("tiled", "flex"):
             raise ValueError(f"attention kernel {self.kernel!r} not one of tiled, flex")
         return self._tiled(q, k_self, v_self, k, v, dropout_p, sink)
 

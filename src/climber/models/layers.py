@@ -285,6 +285,24 @@ def structured_stack_flops(n_layers: int, L: int, C: int, d: int, ffn_mult: int,
     return history + n_layers * transformer_layer_flops(C, d, ffn_mult, sink, C * L)
 
 
+class TableRows(torch.autograd.Function):
+    """table[index] for a small table (R, H) and many indices (...): the rows' gradient is one index_add_.
+    (F.embedding's backward sorts the indices on the CPU: 36% of a climber-small training step at history
+    2,048, against about 1% this way.)"""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # -> (..., H)
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return F.embedding(index, table)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])  # (n, H)
+        return flat.new_zeros(ctx.rows, flat.shape[1]).index_add_(0, index.reshape(-1), flat), None
+
+
 class RelativeBias(nn.Module):
     """f_b: per-head learned biases of the bucketed relative position plus the bucketed relative time
     gap (query minus key), HSTU / T5 style, and with ``match_features`` F > 0 a per-head bias for each
@@ -313,7 +331,7 @@ class RelativeBias(nn.Module):
         rel_pos = relative_position_bucket(q_pos[:, None] - k_pos[None], self.pos_buckets, self.max_distance)  # (N, M)
         rel_time = time_bucket(q_ts[:, :, None] - k_ts[:, None], self.time_buckets)  # (B, N, M)
         table = (self.pos_bias[:, None] + self.time_bias[None]).flatten(0, 1)  # (pos_buckets * time_buckets, H)
-        bias = F.embedding(rel_pos * self.time_buckets + rel_time, table)  # (B, N, M, H)
+        bias = TableRows.apply(table, rel_pos * self.time_buckets + rel_time)  # (B, N, M, H)
         if self.match_bias is not None:
             bias = bias + side_matches(q_side, k_side).to(bias.dtype) @ self.match_bias
         return bias.permute(0, 3, 1, 2)
