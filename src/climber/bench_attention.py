@@ -82,7 +82,7 @@ def bench_attention(model_name: str = "climber", mode: str = "train", lengths=(5
         base = entry[paths[-1]]
         for path in paths[:-1]:
             entry[f"{path}_speedup"] = base["seconds"] / entry[path]["seconds"]
-            entry[f"{path}_step_memory_ratio"] = entry[path]["step_peak_mb"] / max(base["step_peak_mb"], 1e-9)
+            entry[f"{path}_step_memory_ratio"] = entry[path]["step_peak_mb"] / max(base["step_peak_mb"], 1.0)
         results.append(entry)
     return {"benchmark": "attention", "model": model_name, "mode": mode, "paths": list(paths),
             "overrides": list(overrides or []), "threads": threads, "gemm_peak_flop_per_s": peak, "results": results}

@@ -183,13 +183,6 @@ def test_worker_processes_give_the_batches_of_one_process_in_order(prepared, spl
         assert same(list(one), list(two))
 
 
-def test_pad_multiple_rounds_subsequences_up_and_keeps_the_events(prepared):
-    plain, padded = list(loader(prepared, "val")), list(loader(prepared, "val", pad_multiple=8))
-    assert rows(plain) == rows(padded)
-    for b in padded:
-        assert all(s.mask.shape[1] % 8 == 0 for s in b.seqs)
-
-
 def test_auto_workers_leaves_small_machines_one_process():
     assert loader_module.auto_workers(2) == 0 and loader_module.auto_workers(1) == 0
     assert loader_module.auto_workers(3) == 2 and loader_module.auto_workers(16) == 2

@@ -15,7 +15,7 @@ from helpers import INFO, close, make_batch, replace
 
 from climber.data.sequences import Strategy
 from climber.models.climber import Climber, ClimberConfig
-from climber.models.layers import attend, history_candidate_mask, relative_position_bucket, time_bucket
+from climber.models.layers import RelativeBias, attend, history_candidate_mask, relative_position_bucket, time_bucket
 
 STRATS = [{"name": "recent", "kind": "recency", "length": 5}, {"name": "pos", "kind": "positive", "length": 8}]
 
@@ -139,6 +139,12 @@ def test_bucket_functions():
     assert b[:16].tolist() == list(range(16))  # exact for small distances
     assert (b.diff() >= 0).all() and b.max() == 31 and b[-1] == 31
     assert relative_position_bucket(torch.tensor([-3]), 32, 256).item() == 0
+    # against an independent computation: 1 + floor(log2 dt) from float64's exponent, around every power of 2
+    powers = 2 ** torch.arange(45)
+    gaps = torch.cat([powers - 1, powers, powers + 1, torch.randint(0, 2**45, (1000,))])
+    assert torch.equal(time_bucket(gaps, 40), torch.frexp(gaps.double()).exponent.long().clamp(max=39))
+    # the lookup table of RelativeBias: the same buckets, beyond max_distance too
+    assert torch.equal(RelativeBias(2, 32, 8, 256).position_buckets(rel - 5), relative_position_bucket(rel - 5, 32, 256))
 
 
 def test_temperature_changes_only_its_scenario():

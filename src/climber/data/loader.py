@@ -71,8 +71,7 @@ class SampleLoader:
 
     A batch holds up to ``batch_size`` rows of one chunk, each with up to ``candidates_per_row``
     candidates (mode "multi") or one (mode "single"). Call :meth:`set_epoch` before each epoch.
-    ``bucket`` groups rows of similar history length (needs ``shuffle``); ``pad_multiple`` left-pads
-    every subsequence to a multiple of that many events; ``workers`` collate in that many processes
+    ``bucket`` groups rows of similar history length (needs ``shuffle``); ``workers`` collate in that many processes
     (-1: :func:`auto_workers`); ``pin_memory`` puts batches in page-locked memory (for CUDA).
     """
 
@@ -90,14 +89,13 @@ class SampleLoader:
         users_per_chunk: int = 200_000,
         shards: dict[int, Path] | None = None,
         bucket: bool = False,
-        pad_multiple: int = 1,
         workers: int = 0,
         pin_memory: bool = False,
     ):
         check_split(split)
         check_mode(mode)
         for name, value in (("batch_size", batch_size), ("candidates_per_row", candidates_per_row),
-                            ("users_per_chunk", users_per_chunk), ("pad_multiple", pad_multiple)):
+                            ("users_per_chunk", users_per_chunk)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if workers < -1:
@@ -110,7 +108,7 @@ class SampleLoader:
         self.shuffle = split == "train" if shuffle is None else shuffle
         if bucket and not self.shuffle:
             raise ValueError("bucket needs shuffle (unshuffled batches stay in user order)")
-        self.bucket, self.pad_multiple, self.pin_memory = bucket, pad_multiple, pin_memory
+        self.bucket, self.pin_memory = bucket, pin_memory
         self.workers = auto_workers() if workers == -1 else workers
         self.resolved = resolve(strategies, manifest["actions"], manifest["scenarios"])
         self.epoch = 0
@@ -162,7 +160,7 @@ class SampleLoader:
                 continue
             events, batches = self._chunk_batches(chunk, files)
             for i in mine:
-                yield collate(events, batches[i], self.resolved, self.pad_multiple)
+                yield collate(events, batches[i], self.resolved)
 
     def _chunk_batches(self, chunk: int, files: dict) -> tuple[UserEvents, list[Rows]]:
         """The events of a chunk and the rows of each of its batches, in the epoch's order."""

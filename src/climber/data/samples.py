@@ -198,10 +198,9 @@ def history_lengths(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedS
     return total
 
 
-def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy], pad_multiple: int = 1) -> Batch:
+def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]) -> Batch:
     """A Batch of B = len(rows) rows: subsequences left-padded to the longest selection in the batch
-    (most recent event last), rounded up to a multiple of ``pad_multiple``; candidates right-padded to
-    the most candidates of a row; ids 0 at padding."""
+    (most recent event last), candidates right-padded to the most candidates of a row; ids 0 at padding."""
     first, cuts = _first_and_cuts(events, rows)
     width = max(1, int(rows.count.max(initial=0)))
     slots = np.arange(width)  # (C,)
@@ -209,7 +208,7 @@ def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]
     cand = np.where(cand_mask, (first + rows.start)[:, None] + slots, 0)  # (B, C) global positions
     seqs = []
     for r in resolved:
-        index, mask = events.selector(r).gather(first, cuts, pad_multiple)  # (B, L) each
+        index, mask = events.selector(r).gather(first, cuts)  # (B, L) each
         seqs.append(Subsequence(
             item=_take(events.item, index, mask),
             action=_take(events.action, index, mask),

@@ -131,14 +131,14 @@ class Selector:
             lo, hi = np.searchsorted(self.positions, first), np.searchsorted(self.positions, cuts)
         return np.maximum(lo, hi - self.strategy.length), hi
 
-    def gather(self, starts: np.ndarray, cuts: np.ndarray, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, starts: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(index, mask), each (B, L): global event positions, left-padded (most recent event last).
 
-        L is the longest selection among the rows (at least 1, at most the strategy's length), rounded up
-        to a multiple of ``multiple``; padded slots have mask False and an arbitrary valid index.
+        L is the longest selection among the rows (at least 1, at most the strategy's length); padded
+        slots have mask False and an arbitrary valid index.
         """
         lo, hi = self.ranges(starts, cuts)
-        width = -(-max(1, int((hi - lo).max(initial=0))) // multiple) * multiple
+        width = max(1, int((hi - lo).max(initial=0)))
         src = hi[:, None] - width + np.arange(width)  # (B, L) index into positions, most recent last
         mask = src >= lo[:, None]
         src = np.where(mask, src, 0)  # padding points at slot 0

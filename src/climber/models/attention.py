@@ -162,9 +162,10 @@ class Plan:
     def _tile(self, q, k_self, v_self, k, v, a, b, lo, hi, dropout_p, sink) -> torch.Tensor:
         """Queries a .. b - 1 (q (B, H, T, dh)) against keys lo .. hi - 1 (k, v (B, H, K, dh)) and their own
         keys -> (B, H, T, dh)."""
-        scale = 1.0 if self.pointwise else 1.0 / math.sqrt(q.shape[-1])
-        s = q @ k.transpose(-2, -1) * scale  # (B, H, T, K)
-        s_self = (q * k_self).sum(dim=-1) * scale  # (B, H, T)
+        if not self.pointwise:
+            q = q / math.sqrt(q.shape[-1])  # scaled here, (T, dh), rather than the (T, K) scores
+        s = q @ k.transpose(-2, -1)  # (B, H, T, K)
+        s_self = (q * k_self).sum(dim=-1)  # (B, H, T)
         if self.rel_bias is not None:
             s = s + self.rel_bias.pairs(self.q_pos[a:b], self.q_ts[:, a:b], self.k_pos[lo:hi], self.k_ts[:, lo:hi],
                                         *self._sides(a, b, lo, hi))
@@ -179,7 +180,7 @@ class Plan:
             return w @ v + (F.silu(s_self) / self.pointwise)[..., None] * v_self
         columns = [s, s_self[..., None]]
         if sink is not None:
-            columns.append(q @ sink[0].transpose(-2, -1) * scale)  # (B, H, T, 1), bias 0
+            columns.append(q @ sink[0].transpose(-2, -1))  # (B, H, T, 1), bias 0
         z = torch.cat(columns, dim=-1)  # (B, H, T, K + 1 [+ 1])
         if self.tau is not None:
             z = z / self.tau[:, None, a:b, None]  # before the mask: no inf in the temperature's gradient

@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from climber.models.layers import relative_position_bucket
-
 BLOCK = 128
 _compiled = None
 
@@ -68,7 +66,6 @@ def flex_attend(plan, q, k_self, v_self, k, v, sink) -> torch.Tensor:
     bias = plan.rel_bias
     if bias is not None:
         table = (bias.pos_bias[:, None] + bias.time_bias[None]).flatten(0, 1)  # (P * T, H)
-        pos_bucket = relative_position_bucket(torch.arange(Sp, device=q.device), bias.pos_buckets, bias.max_distance)
         time_buckets = bias.time_buckets
     sides = plan.q_side is not None
     if sides:
@@ -81,7 +78,7 @@ def flex_attend(plan, q, k_self, v_self, k, v, sink) -> torch.Tensor:
         if bias is not None:
             dt = (q_ts[b, qi] - k_ts[b, kv]).clamp(min=0)
             t = sum((dt >= (1 << e)).to(torch.int64) for e in range(time_buckets - 1))  # 1 + floor(log2 dt), capped
-            p = pos_bucket[(q_pos[qi] - k_pos[kv]).clamp(min=0)]  # distances <= M < Sp
+            p = bias.bucket_of_distance[(q_pos[qi] - k_pos[kv]).clamp(0, bias.max_distance)]
             z = z + torch.where(kv == sink_at, 0.0, table[p * time_buckets + t, h])
         hide = hidden[b, kv]
         if sides:

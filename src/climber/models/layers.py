@@ -88,9 +88,11 @@ def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: 
 
 def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """log2 buckets of a time gap in seconds (negatives clamp to 0): 0 -> 0, dt >= 1 -> 1 + floor(log2 dt),
-    capped at num_buckets - 1. dt (...) int64 -> (...) int64. (The exponent of frexp is exactly
-    1 + floor(log2 dt) for dt >= 1 and 0 for dt = 0; float64 holds every gap below 2^53 exactly.)"""
-    return torch.frexp(dt.clamp(min=0).double()).exponent.long().clamp(max=num_buckets - 1)
+    capped at num_buckets - 1. dt (...) int64 -> (...) int64: the number of powers of two 1, 2, 4, ...,
+    2^(num_buckets - 2) that are <= dt, by binary search in integers (exact for every gap)."""
+    powers = torch.bitwise_left_shift(torch.ones(num_buckets - 1, dtype=dt.dtype, device=dt.device),
+                                      torch.arange(num_buckets - 1, device=dt.device))
+    return torch.bucketize(dt, powers, right=True)
 
 
 def attend(q, k, v, mask=None, bias=None, tau=None, dropout_p: float = 0.0, impl: str = "dense"):
@@ -317,6 +319,11 @@ class RelativeBias(nn.Module):
         self.pos_bias = nn.Parameter(torch.zeros(pos_buckets, n_heads))
         self.time_bias = nn.Parameter(torch.zeros(time_buckets, n_heads))
         self.match_bias = nn.Parameter(torch.zeros(match_features, n_heads)) if match_features else None
+        # the position bucket of every distance 0 .. max_distance (larger ones share the last): a lookup
+        # per (query, key) pair instead of a log per pair; derived, so not in checkpoints
+        distances = torch.arange(self.max_distance + 1)
+        self.register_buffer("bucket_of_distance", relative_position_bucket(distances, pos_buckets, self.max_distance),
+                             persistent=False)
 
     def forward(self, pos: torch.Tensor, ts: torch.Tensor, side=None) -> torch.Tensor:
         """The bias of a full sequence: pos (N,) int64 positions and ts (B, N) int64 seconds of its tokens;
@@ -328,13 +335,17 @@ class RelativeBias(nn.Module):
         """Queries at q_pos (N,) with q_ts (B, N), keys at k_pos (M,) with k_ts (B, M); side ids q_side
         (B, N, F), k_side (B, M, F) with match_features -> (B, H, N, M). One gather from the table of
         (position bucket, time bucket) sums."""
-        rel_pos = relative_position_bucket(q_pos[:, None] - k_pos[None], self.pos_buckets, self.max_distance)  # (N, M)
+        rel_pos = self.position_buckets(q_pos[:, None] - k_pos[None])  # (N, M)
         rel_time = time_bucket(q_ts[:, :, None] - k_ts[:, None], self.time_buckets)  # (B, N, M)
         table = (self.pos_bias[:, None] + self.time_bias[None]).flatten(0, 1)  # (pos_buckets * time_buckets, H)
         bias = TableRows.apply(table, rel_pos * self.time_buckets + rel_time)  # (B, N, M, H)
         if self.match_bias is not None:
             bias = bias + side_matches(q_side, k_side).to(bias.dtype) @ self.match_bias
         return bias.permute(0, 3, 1, 2)
+
+    def position_buckets(self, distance: torch.Tensor) -> torch.Tensor:
+        """relative_position_bucket of query minus key positions distance (...) int64 -> (...) int64."""
+        return self.bucket_of_distance[distance.clamp(0, self.max_distance)]
 
     def on_itself(self, side=None) -> torch.Tensor:
         """The bias of each query towards its own key (distance 0, gap 0, every known side value shared):
