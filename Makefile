@@ -27,7 +27,7 @@ test: install-dev
 # on a machine with a CUDA GPU: structured attention on the GPU against the CPU oracle, flex against tiled,
 # a two-epoch bf16 training, eval and bench on the GPU (skipped, with the reason, without one)
 gpu-check: install-dev
-	$(PY) -m pytest -m gpu -rs tests/test_gpu.py
+	$(PY) -m pytest -m gpu -rs -s tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,22 +1,29 @@
 """Long histories: attention paths side by side in one run (``climber bench attention``).
 
-For each history length and each path (default: the structured default against the dense oracle), one
-training step (forward + backward of ``rows`` users x C candidates) or one forward, timed after a warm-up,
-with its peak memory. Every measurement runs in a fresh process, so the peak resident set size (RSS) of
-one cannot hide another's; ``step_peak_mb`` is how far the steps raised it above the process's peak after
-the model and the batch were built (on CUDA: the peak of allocated memory over the steps). Every subsequence of the model is set to the history length. MFU is
-the analytic FLOPs of the path (``model.flops``, training = 3 x forward) per second over the measured
-fp32 GEMM peak.
+For each history length, the paths (default: the structured default against the dense oracle) run one
+training step each (forward + backward of ``rows`` users x C candidates) or one forward. Time: one
+fresh process builds a model per path on the same batch and, after a warm-up step of each, times them in
+turns, ``steps`` rounds (the median per path): a slow spell of a shared machine then slows every path
+alike rather than one. Memory: one fresh process per path runs one step with glibc's
+MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors go back to the system at once and the peak resident
+set size (RSS) follows the live tensors rather than the allocator's high-water mark (that allocator is
+too slow to time with); ``step_peak_mb`` is how far the step raised the peak above what the model and
+the batch held (on CUDA: the peak of allocated memory over the step). Every subsequence of the model is
+set to the history length. MFU is the analytic FLOPs of the path (``model.flops``, training = 3 x
+forward) per second over the measured fp32 GEMM peak.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
+import time
 
 import torch
 
-from climber.bench import _latencies, _percentile, bench_model, gemm_peak, random_batch
+from climber.bench import _percentile, bench_model, gemm_peak, random_batch
+from climber.devices import flush_denormals
 from climber.models import SampleShape
 
 MODES = ("train", "forward")
@@ -26,12 +33,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def measure(job: dict) -> dict:
-    """One (path, length) point in this process: {"seconds", "samples_per_s", "peak_rss_mb", "step_peak_mb",
-    "flops"}."""
-    torch.set_num_threads(job["threads"])
-    model = bench_model(job["model"], [f"model.attention={job['attention']}", *job["overrides"]], job["length"],
-                        job["device"])
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(job: dict, path: str):
+    """(step function, its FLOPs, device) of ``path`` at the job's point."""
+    model = bench_model(job["model"], [f"model.attention={path}", *job["overrides"]], job["length"], job["device"])
     device = next(model.parameters()).device
     lengths = tuple(s.length for s in model.strategies())
     batch = random_batch(lengths, job["rows"], job["candidates"]).to(device)
@@ -45,40 +54,81 @@ def measure(job: dict) -> dict:
         else:
             with torch.inference_mode():
                 model(batch)
+        _sync(device)
 
+    flops = (3 if train else 1) * job["rows"] * model.flops(SampleShape(lengths, job["candidates"]))
+    return step, flops, device
+
+
+def time_paths(job: dict) -> dict:
+    """{path: {"seconds", "flops"}}: the paths' steps timed in turns in this process."""
+    torch.set_num_threads(job["threads"])
+    flush_denormals()
+    steps = {path: _step(job, path) for path in job["paths"]}
+    times = {path: [] for path in steps}
+    for step, _, _ in steps.values():
+        step()  # warm-up
+    for _ in range(job["steps"]):
+        for path, (step, _, _) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[path].append(time.perf_counter() - t0)
+    return {path: {"seconds": _percentile(times[path], 0.5), "flops": steps[path][1]} for path in steps}
+
+
+def peak_memory(job: dict) -> dict:
+    """{"peak_rss_mb", "step_peak_mb"} of one step of ``job["path"]`` in this process."""
+    torch.set_num_threads(job["threads"])
+    flush_denormals()
+    step, _, device = _step(job, job["path"])
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) / 2**20 if cuda else _peak_rss_mb()
-    seconds = _percentile(_latencies(step, job["steps"], warmup=1), 0.5)
-    flops = (3 if train else 1) * job["rows"] * model.flops(SampleShape(lengths, job["candidates"]))
+    step()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb()
-    return {"seconds": seconds, "samples_per_s": job["rows"] * job["candidates"] / seconds,
-            "peak_rss_mb": _peak_rss_mb(), "step_peak_mb": peak - before, "flops": flops}
+    return {"peak_rss_mb": _peak_rss_mb(), "step_peak_mb": peak - before}
+
+
+def _in_fresh_process(fn, job: dict, env: dict | None = None) -> dict:
+    """fn(job) in a new (spawned) Python process, with ``env`` added to its environment."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, (job,))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def bench_attention(model_name: str = "climber", mode: str = "train", lengths=(512, 2048), candidates: int = 64,
                     rows: int = 8, paths=("structured", "dense"), steps: int = 3, threads: int = 0,
                     overrides: list[str] | None = None, peak: float | None = None, log=print, device="cpu") -> dict:
-    """Each path at each length, in fresh processes, one at a time; ratios against the last path."""
+    """Each length's paths timed in turns in one fresh process, their memory in one process each; ratios
+    against the last path."""
     if mode not in MODES:
         raise ValueError(f"bench attention: mode {mode!r} not one of {', '.join(MODES)}")
     threads = threads or torch.get_num_threads()
     peak = peak or gemm_peak(device=device)
-    spawn = multiprocessing.get_context("spawn")
     results = []
     for L in lengths:
         entry = {"history": L, "candidates": candidates, "rows": rows}
+        job = {"model": model_name, "length": L, "candidates": candidates, "rows": rows, "mode": mode,
+               "steps": steps, "threads": threads, "overrides": list(overrides or []), "device": str(device),
+               "paths": list(paths)}
+        timed = _in_fresh_process(time_paths, job)
         for path in paths:
-            job = {"model": model_name, "attention": path, "length": L, "candidates": candidates, "rows": rows,
-                   "mode": mode, "steps": steps, "threads": threads, "overrides": list(overrides or []),
-                   "device": str(device)}
-            with spawn.Pool(1) as pool:
-                r = pool.apply(measure, (job,))
+            r = timed[path]
+            r.update(_in_fresh_process(peak_memory, {**job, "path": path}, env={"MALLOC_MMAP_THRESHOLD_": "65536"}))
+            r["samples_per_s"] = rows * candidates / r["seconds"]
             r["mfu"] = r["flops"] / r["seconds"] / peak
             entry[path] = r
             log(f"  history {L:5d} {path:>10}: {r['seconds'] * 1e3:9.1f} ms/step  {r['samples_per_s']:8.0f} samples/s  "
-                f"MFU {r['mfu']:.1%}  peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['step_peak_mb']:.0f} in the steps)")
+                f"MFU {r['mfu']:.1%}  peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['step_peak_mb']:.0f} in the step)")
         base = entry[paths[-1]]
         for path in paths[:-1]:
             entry[f"{path}_speedup"] = base["seconds"] / entry[path]["seconds"]

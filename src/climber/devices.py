@@ -8,6 +8,7 @@
   refuse rather than crawl.
 - :func:`autocast`: the forward's autocast context for a precision (bf16 matmuls, fp32 weights and
   optimizer state; nothing for fp32).
+- :func:`flush_denormals`: subnormal floats as zero on the CPU (faster; set by every command).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def resolve_device(name: str = "auto") -> torch.device:
                               f"numbered from 0")
         return torch.device(name)
     raise ConfigError(f"device must be {DEVICES}, got {name!r}")
+
+
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero on the CPU (x86 FTZ / DAZ). The exp of masked or far-below-max
+    attention scores and tiny gradients land there and take a microcode slow path: an ML-100k Climber
+    training step took 139 ms without and 94 ms with this (docs/benchmarks.md). Numbers below 1.2e-38
+    become 0; set once per process (command line, Trainer, benchmark processes)."""
+    torch.set_flush_denormal(True)
 
 
 def native_bf16(device: torch.device) -> bool:

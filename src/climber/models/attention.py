@@ -28,10 +28,13 @@ with one of two kernels:
   more column of the softmax. Under autograd a large tile set is checkpointed (recomputed in backward),
   so the memory held for backward grows with the history length, not with its square.
 - ``flex``: ``torch.nn.attention.flex_attention`` with the bias and temperature in a ``score_mod`` and the
-  structure in a ``block_mask`` (compiled; no backward on CPU in torch 2.13).
+  structure in a ``block_mask`` (climber.models.flex; compiled; no backward on CPU in torch 2.13; HSTU's
+  pointwise attention and attention dropout run tiled).
 
-``model.attention`` selects the path: "structured" (the default: the kernel measured fastest on the
-model's device, docs/benchmarks.md), "tiled", "flex", or the full-sequence oracles "dense" (the
+``model.attention`` selects the path: "structured" (the default: the tiled kernel on every device; on
+the CPU flex has no backward and its forward was 1.3x faster at history 1,024 and slower at 4,096,
+docs/benchmarks.md; on CUDA it is not measured yet, so it is opt-in), "tiled", "flex", or the
+full-sequence oracles "dense" (the
 [history ; candidates] sequence with an N x N mask through scaled_dot_product_attention) and "reference"
 (the same as an explicit matmul). "sdpa", the earlier name of "dense", is still read.
 """
@@ -66,13 +69,13 @@ def full_sequence_impl(attention: str) -> str:
     return attention if attention in FULL_SEQUENCE else "dense"
 
 
-def kernel_for(attention: str, device: torch.device) -> str:
-    """The kernel of the structured steps under path ``attention`` on ``device``: "structured" picks tiled
-    on CPU (FlexAttention has no CPU backward and compiles per shape; measured in docs/benchmarks.md) and
-    flex on CUDA; the full-sequence oracles run their structured steps (the serving engine's) tiled."""
-    if attention == "structured":
-        return "flex" if device.type == "cuda" else "tiled"
-    return "tiled" if attention in FULL_SEQUENCE else attention
+def kernel_for(attention: str) -> str:
+    """The kernel of the structured steps under path ``attention``: "structured" is the tiled kernel on
+    every device until flex is measured faster on one (see the module doc); the full-sequence oracles run
+    their structured steps (the serving engine's) tiled."""
+    if attention == "structured" or attention in FULL_SEQUENCE:
+        return "tiled"
+    return attention
 
 
 @dataclass

@@ -207,8 +207,8 @@ class Climber(nn.Module):
 
     @property
     def kernel(self) -> str:
-        """The structured kernel on the model's device ("tiled" | "flex")."""
-        return kernel_for(self.cfg.attention, self.cand_vec.device)
+        """The kernel of the structured steps ("tiled" | "flex")."""
+        return kernel_for(self.cfg.attention)
 
     def encode(self, b: int, x: torch.Tensor, keys: Keys, scenario: torch.Tensor, past=None) -> list:
         """Block b over history tokens x (B, N, d) (scenario (B, N)) that follow P cached ones (past: per

@@ -171,7 +171,7 @@ class HSTU(nn.Module):
         return self.ln_f(score_layers(self.layers, cand, kvs, plan))
 
     def _plan(self, keys: Keys, past: int) -> Plan:
-        kernel = kernel_for(self.cfg.attention, self.ln_f.weight.device)
+        kernel = kernel_for(self.cfg.attention)
         return Plan.history(keys.ts, None, keys.mask, past, kernel, pointwise=float(self.cfg.max_len))
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:

@@ -108,7 +108,7 @@ class Transformer(nn.Module):
         return self.ln_f(score_layers(self.layers, cand, kvs, Plan.candidates(history, batch.cand_ts, None)))
 
     def _kernel(self) -> str:
-        return kernel_for(self.cfg.attention, self.pos_emb.weight.device)
+        return kernel_for(self.cfg.attention)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Final states over [history ; candidates] of the full-sequence path: (B, L + C, d). History states

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from climber.config import ConfigError, RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
-from climber.devices import check_precision, resolve_device
+from climber.devices import check_precision, flush_denormals, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
 from climber.train import checkpoint, distributed
@@ -90,6 +90,7 @@ class Trainer:
         tc = cfg.train
         self.dist = dist = dist or Dist(device=resolve_device(tc.device))
         check_precision(tc.precision, dist.device)
+        flush_denormals()
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
