@@ -7,8 +7,8 @@ turns, ``steps`` rounds (the median per path): a slow spell of a shared machine 
 alike rather than one. Memory: one fresh process per path runs one step with glibc's
 MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors go back to the system at once and the peak resident
 set size (RSS) follows the live tensors rather than the allocator's high-water mark (that allocator is
-too slow to time with); ``step_peak_mb`` is how far the step raised the peak above what the model and
-the batch held (on CUDA: the peak of allocated memory over the step). Every subsequence of the model is
+too slow to time with); ``step_peak_mb`` is the peak RSS of the step above the RSS just before it, with
+the model and the batch built (on CUDA: the peak of allocated memory over the step). Every subsequence of the model is
 set to the history length. MFU is the analytic FLOPs of the path (``model.flops``, training = 3 x
 forward) per second over the measured fp32 GEMM peak.
 """
@@ -31,6 +31,12 @@ MODES = ("train", "forward")
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _rss_mb() -> float:
+    """The resident set size now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -84,7 +90,7 @@ def peak_memory(job: dict) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device) / 2**20 if cuda else _peak_rss_mb()
+    before = torch.cuda.memory_allocated(device) / 2**20 if cuda else _rss_mb()
     step()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb()
     return {"peak_rss_mb": _peak_rss_mb(), "step_peak_mb": peak - before}
