@@ -176,6 +176,19 @@ def _eval(args) -> None:
             print(f"{args.split} {ceiling_text(out['bayes'])}; gap in AUC {out['bayes']['auc'] - m['auc']:.4f}")
 
 
+def _floor(args) -> None:
+    from climber.eval.floor import item_rate_floor
+
+    out = item_rate_floor(Path(args.data), args.split)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    m = out["metrics"]
+    print(f"{args.split} floor (item train positive rate, no training): AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  "
+          f"LogLoss {m['logloss']:.4f}  ({out['candidates']:,} candidates, "
+          f"{out['unseen_item_fraction']:.1%} of them items unseen in train)")
+
+
 def _command_line(subcommand: str) -> str:
     """The command as typed, for the result files (a placeholder when not run as ``climber``)."""
     return "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else f"climber {subcommand} ..."
@@ -411,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--device", help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
+
+    fo = sub.add_parser("floor", help="the no-training floor: candidates scored by their item's train positive rate")
+    fo.add_argument("--data", required=True, help="prepared dir")
+    fo.add_argument("--split", default="test", choices=["val", "test"])
+    fo.add_argument("--json", action="store_true")
+    fo.set_defaults(func=_floor)
 
     co = sub.add_parser("compare", help="train several models over seeds; table of mean ± std test figures")
     co.add_argument("--data", required=True, help="prepared dir")

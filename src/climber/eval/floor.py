@@ -1,0 +1,38 @@
+"""The floor that needs no training (issue 21): every candidate of a split scored by its item's positive
+rate in the train split, smoothed towards the train split's global rate,
+
+    p(item) = (positives of item + PRIOR_EVENTS x global rate) / (events of item + PRIOR_EVENTS),
+
+so an item unseen in train gets the global rate. A ranker's GAUC below this floor ranks a user's
+candidates worse than their popularity does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from climber.data.samples import check_split
+from climber.eval.metrics import all_metrics
+
+PRIOR_EVENTS = 10.0  # weight of the global rate, in events
+
+
+def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:
+    """{"metrics": protocol metrics of the floor on ``split``, "candidates", "unseen_item_fraction":
+    candidates whose item has no train event, "prior_events"}."""
+    check_split(split)
+    events = pl.read_parquet(Path(prepared_dir) / "events.parquet", columns=["user", "item", "label", "split"])
+    train = events.filter(pl.col("split") == "train")
+    rate = float(train["label"].mean())
+    per_item = train.group_by("item").agg(pl.col("label").sum().alias("positives"), pl.len().alias("events"))
+    cand = (events.filter(pl.col("split") == split)
+            .join(per_item, on="item", how="left")
+            .with_columns(pl.col("positives").fill_null(0), pl.col("events").fill_null(0)))
+    p = ((cand["positives"] + PRIOR_EVENTS * rate) / (cand["events"] + PRIOR_EVENTS)).to_numpy()
+    logit = np.log(p) - np.log1p(-p)
+    return {"metrics": all_metrics(cand["user"].to_numpy(), cand["label"].to_numpy(), logit),
+            "candidates": cand.height, "unseen_item_fraction": float((cand["events"] == 0).mean()),
+            "prior_events": PRIOR_EVENTS}
