@@ -189,6 +189,16 @@ def _floor(args) -> None:
           f"{out['unseen_item_fraction']:.1%} of them items unseen in train)")
 
 
+def _robustness(args) -> None:
+    from climber.robustness import MEMBERS, run_suite
+
+    members = [m.strip() for m in (args.members or ",".join(MEMBERS)).split(",") if m.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    run_suite(Path(args.out), models, args.seeds, members, Path(args.ml100k), Path(args.taobao), _overrides(args),
+              _command_line("robustness"))
+    print(f"wrote {Path(args.out) / 'robustness.md'}")
+
+
 def _command_line(subcommand: str) -> str:
     """The command as typed, for the result files (a placeholder when not run as ``climber``)."""
     return "climber " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("climber") else f"climber {subcommand} ..."
@@ -424,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--device", help=DEVICE_HELP)
     ev.set_defaults(func=_eval)
+
+    ro = sub.add_parser("robustness", help="the robustness suite (docs/results/robustness.md): floor and compare "
+                                           "on five data sets, one table")
+    ro.add_argument("--out", required=True, help="folder for the prepared members, the runs and robustness.{md,json}")
+    ro.add_argument("--models", default="climber,dlrm", help="comma separated entries, as for compare")
+    ro.add_argument("--seeds", type=int, default=3)
+    ro.add_argument("--members", help="comma separated subset of the members (default: all five)")
+    ro.add_argument("--ml100k", default="../shared/data/ml-100k", help="folder with MovieLens-100k's u.data (and items.csv)")
+    ro.add_argument("--taobao", default="../shared/data/taobao-userbehavior-sample",
+                    help="folder with the Taobao UserBehavior slice")
+    ro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
+    ro.add_argument("--device", help=DEVICE_HELP)
+    ro.set_defaults(func=_robustness)
 
     fo = sub.add_parser("floor", help="the no-training floor: candidates scored by their item's train positive rate")
     fo.add_argument("--data", required=True, help="prepared dir")

@@ -105,6 +105,8 @@ def summarise(results: list[dict]) -> list[dict]:
             best = [r["best"]["test"][m] for r in rs]
             row[m], row[f"{m}_std"] = float(np.mean(best)), float(np.std(best))
             row[f"last_{m}"] = float(np.mean([r["last"]["test"][m] for r in rs]))
+        for m in ("auc", "gauc"):  # what a choice between models or settings may look at
+            row[f"val_{m}"] = float(np.mean([r["best"]["val"][m] for r in rs]))
         rows.append(row)
     return rows
 

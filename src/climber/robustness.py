@@ -1,0 +1,114 @@
+"""The robustness suite of issue 21 (design: docs/results/robustness.md): five data sets built from
+sources on this machine, the no-training floor and ``climber compare`` on each, one table.
+
+    climber robustness --out runs/robust --models climber,dlrm --seeds 3
+
+Members: ``ml100k-side`` (MovieLens-100k with its genre / decade side features), ``ml100k-ids`` (ids
+only), ``ml100k-sparse`` (ids only, a random 70% of the users, every (user, item) pair re-mapped to one of
+5 aliases of the item drawn at random: :func:`item_sparse`), ``taobao`` (the UserBehavior slice) and
+``synth-sparse`` (a synthetic log of 20,000 items and 50 events per user). Prepared dirs and runs are
+kept under OUT and skipped when present, so an interrupted suite resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from climber.compare import Entry, compare
+from climber.data.schema import DataError, RawSource
+
+MEMBERS = ("ml100k-side", "ml100k-ids", "ml100k-sparse", "taobao", "synth-sparse")
+SPARSE = {"keep_users": 0.7, "aliases": 5, "seed": 0}
+SYNTH_SPARSE = {"users": 2000, "events_per_user": 50, "items": 20000, "topics": 20, "seed": 0}
+
+
+def ids_only(source: RawSource) -> RawSource:
+    """``source`` without its item side features (the ``item_*`` columns)."""
+    keep = [c for c in source.frame.collect_schema().names() if not c.startswith("item_")]
+    return dataclasses.replace(source, name=f"{source.name} (ids only)", frame=source.frame.select(keep))
+
+
+def item_sparse(source: RawSource, keep_users: float, aliases: int, seed: int) -> RawSource:
+    """A random ``keep_users`` share of the users (sorted by raw id, then drawn), each (user, item) pair's
+    item replaced by ``item#k``, k drawn uniformly from 0 .. aliases - 1 once per pair: as many events per
+    kept user, the same sequences of tastes, ``aliases`` times sparser items."""
+    frame = ids_only(source).frame.collect()
+    rng = np.random.default_rng(seed)
+    users = frame["user"].unique().sort()
+    kept = users.filter(pl.Series(rng.random(len(users)) < keep_users))
+    frame = frame.filter(pl.col("user").is_in(kept.implode()))
+    pairs = frame.select("user", "item").unique().sort("user", "item")
+    pairs = pairs.with_columns(pl.Series("alias", rng.integers(0, aliases, len(pairs))).cast(pl.Utf8))
+    frame = (frame.join(pairs, on=["user", "item"], how="left")
+             .with_columns((pl.col("item") + "#" + pl.col("alias")).alias("item")).drop("alias"))
+    note = f"item-sparse: {keep_users:.0%} of users (seed {seed}), items split into {aliases} aliases per user pair"
+    return dataclasses.replace(source, name=f"{source.name} (item-sparse)", frame=frame.lazy(),
+                               notes=[*source.notes, note])
+
+
+def build_member(name: str, out: Path, ml100k: Path, taobao: Path, log=print) -> Path:
+    """The prepared dir of suite member ``name`` under ``out`` (built once)."""
+    from climber.data.datasets import load_dataset
+    from climber.data.prepare import prepare
+    from climber.data.synthetic import synthesize
+
+    if name not in MEMBERS:
+        raise ValueError(f"robustness: member {name!r} not one of {', '.join(MEMBERS)}")
+    data = Path(out) / "data" / name
+    if (data / "manifest.json").exists():
+        return data
+    log(f"[{name}] preparing {data}")
+    if name == "synth-sparse":
+        synthesize(data, **SYNTH_SPARSE, force=True, log=log)
+        return data
+    if name == "taobao":
+        source = load_dataset("taobao-userbehavior", taobao)
+    else:
+        source = load_dataset("movielens-100k", ml100k)
+        if name == "ml100k-ids":
+            source = ids_only(source)
+        elif name == "ml100k-sparse":
+            source = item_sparse(source, **SPARSE)
+    prepare(source, data, force=True, log=log)
+    return data
+
+
+def run_suite(out: Path, models: list[str], seeds: int, members=MEMBERS, ml100k: Path = Path("../shared/data/ml-100k"),
+              taobao: Path = Path("../shared/data/taobao-userbehavior-sample"), extra: list[str] | None = None,
+              command: str = "climber robustness", log=print) -> list[dict]:
+    """Every member: its floor and ``compare`` of ``models`` over ``seeds``; writes OUT/robustness.{md,json}."""
+    from climber.eval.floor import item_rate_floor
+
+    out = Path(out)
+    entries = [Entry.parse(m) for m in models]
+    rows = []
+    for name in members:
+        try:
+            data = build_member(name, out, ml100k, taobao, log)
+        except DataError as e:
+            raise DataError(f"robustness member {name}: {e}") from None
+        floor = item_rate_floor(data)
+        rows.append({"member": name, "model": "floor (item train positive rate)", "seeds": 0, **floor["metrics"],
+                     "unseen_item_fraction": floor["unseen_item_fraction"]})
+        for r in compare(data, entries, seeds, out / "runs" / name, list(extra or []), command, log=log):
+            rows.append({"member": name, **r})
+    (out / "robustness.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    (out / "robustness.md").write_text(markdown(rows))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| member | model | seeds | test AUC | test GAUC | test LogLoss | val AUC | val GAUC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(m):
+            return f"{r[m]:.4f}" + (f" ± {r[f'{m}_std']:.4f}" if f"{m}_std" in r else "")
+        val = [f"{r[k]:.4f}" if k in r else "-" for k in ("val_auc", "val_gauc")]
+        lines.append(f"| {r['member']} | {r['model']} | {r['seeds']} | {cell('auc')} | {cell('gauc')} | "
+                     f"{cell('logloss')} | {' | '.join(val)} |")
+    return "\n".join(lines) + "\n"
