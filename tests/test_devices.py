@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from climber.config import ConfigError
-from climber.devices import autocast, check_precision, native_bf16, resolve_device
+from climber.devices import autocast, check_precision, flushed_denormals, native_bf16, resolve_device
 from climber.models import build_model
 from models.helpers import INFO, make_batch
 
@@ -57,3 +57,10 @@ def test_structured_attention_runs_under_bf16_autocast_close_to_fp32(name):
     got.float()[batch.cand_mask].sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_subnormals_flush_to_zero_only_within_the_context():
+    tiny = torch.tensor([1e-40])  # a float32 subnormal
+    with flushed_denormals():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() > 0.0  # IEEE again, for whatever runs next in this process

@@ -23,7 +23,7 @@ import time
 import torch
 
 from climber.bench import _percentile, bench_model, gemm_peak, random_batch
-from climber.devices import flush_denormals
+from climber.devices import flushed_denormals
 from climber.models import SampleShape
 
 MODES = ("train", "forward")
@@ -54,13 +54,17 @@ def _step(job: dict, path: str):
     model.train(train)
 
     def step():
+        with flushed_denormals():
+            run()
+        _sync(device)
+
+    def run():
         if train:
             model.zero_grad(set_to_none=True)
             model(batch)[batch.cand_mask].sum().backward()
         else:
             with torch.inference_mode():
                 model(batch)
-        _sync(device)
 
     flops = (3 if train else 1) * job["rows"] * model.flops(SampleShape(lengths, job["candidates"]))
     return step, flops, device
@@ -69,7 +73,6 @@ def _step(job: dict, path: str):
 def time_paths(job: dict) -> dict:
     """{path: {"seconds", "flops"}}: the paths' steps timed in turns in this process."""
     torch.set_num_threads(job["threads"])
-    flush_denormals()
     steps = {path: _step(job, path) for path in job["paths"]}
     times = {path: [] for path in steps}
     for step, _, _ in steps.values():
@@ -85,7 +88,6 @@ def time_paths(job: dict) -> dict:
 def peak_memory(job: dict) -> dict:
     """{"peak_rss_mb", "step_peak_mb"} of one step of ``job["path"]`` in this process."""
     torch.set_num_threads(job["threads"])
-    flush_denormals()
     step, _, device = _step(job, job["path"])
     cuda = device.type == "cuda"
     if cuda:

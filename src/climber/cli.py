@@ -577,11 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command not in ("data", "models"):
-            from climber.devices import flush_denormals
+        from climber.devices import flushed_denormals
 
-            flush_denormals()
-        args.func(args)
+        with flushed_denormals():
+            args.func(args)
     except USER_ERRORS as e:
         if os.environ.get("CLIMBER_DEBUG"):
             raise

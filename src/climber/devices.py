@@ -8,7 +8,7 @@
   refuse rather than crawl.
 - :func:`autocast`: the forward's autocast context for a precision (bf16 matmuls, fp32 weights and
   optimizer state; nothing for fp32).
-- :func:`flush_denormals`: subnormal floats as zero on the CPU (faster; set by every command).
+- :func:`flushed_denormals`: subnormal floats as zero on the CPU within (faster; every command uses it).
 """
 
 from __future__ import annotations
@@ -48,12 +48,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise ConfigError(f"device must be {DEVICES}, got {name!r}")
 
 
-def flush_denormals() -> None:
-    """Treat subnormal floats as zero on the CPU (x86 FTZ / DAZ). The exp of masked or far-below-max
-    attention scores and tiny gradients land there and take a microcode slow path: an ML-100k Climber
-    training step took 139 ms without and 94 ms with this (docs/benchmarks.md). Numbers below 1.2e-38
-    become 0; set once per process (command line, Trainer, benchmark processes)."""
+@contextlib.contextmanager
+def flushed_denormals():
+    """Within: subnormal floats count as zero on the CPU (x86 FTZ / DAZ; restored to IEEE on exit). The exp
+    of masked or far-below-max attention scores and tiny gradients land there and take a microcode slow
+    path: an ML-100k Climber training step took 139 ms without and 94 ms with this. Numbers below 1.2e-38
+    become 0. The state is per thread (threads started within inherit it) and also holds for Python and
+    numpy floats, so it is scoped: every ``climber`` command, ``Trainer.fit``, the benchmark steps."""
     torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def native_bf16(device: torch.device) -> bool:

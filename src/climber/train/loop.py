@@ -37,7 +37,7 @@ from tqdm import tqdm
 from climber.config import ConfigError, RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
-from climber.devices import check_precision, flush_denormals, resolve_device
+from climber.devices import check_precision, flushed_denormals, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
 from climber.train import checkpoint, distributed
@@ -90,7 +90,6 @@ class Trainer:
         tc = cfg.train
         self.dist = dist = dist or Dist(device=resolve_device(tc.device))
         check_precision(tc.precision, dist.device)
-        flush_denormals()
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -183,7 +182,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
-        """Train to the end (or early stop). ``stop_after_epoch`` simulates a kill, for tests."""
+        """Train to the end (or early stop). ``stop_after_epoch`` simulates a kill, for tests. Subnormal
+        floats count as zero meanwhile (climber.devices.flushed_denormals)."""
+        with flushed_denormals():
+            return self._fit(resume, stop_after_epoch)
+
+    def _fit(self, resume: bool, stop_after_epoch: int | None) -> dict:
         tc = self.cfg.train
         last = self.run_dir / "checkpoints" / "last.safetensors"
         start_epoch, step, best, bad_epochs = 0, 0, {"epoch": -1, "val_auc": -1.0}, 0
