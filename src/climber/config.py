@@ -45,6 +45,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast forward; refused on a CPU without native bf16)
     tensorboard: bool = False
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
+    item_dropout: float = 0.0  # training rows' item ids -> 0 (unknown) with this probability (issue 21)
     workers: int = -1  # processes collating batches beside training; 0 = none; -1 = auto (climber.data.loader.auto_workers)
     bucket: bool = True  # train batches of rows with similar history lengths: less padding, same rows per epoch
     # several processes (torchrun; docs/distributed.md): batch_size is the global batch, split over them
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0.0 <= self.item_dropout < 1.0:
+            raise ConfigError(f"train.item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.workers < -1:
             raise ConfigError(f"train.workers must be >= 0 (or -1 for auto), got {self.workers}")
         if self.shard_embedding_rows < 0:

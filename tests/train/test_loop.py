@@ -52,7 +52,7 @@ def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
     assert json.loads((run / "fingerprint.json").read_text()) == metrics["fingerprint"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.ema=0.9"]])
+@pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"]])
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, extra):
     cfg = resolve("climber-tiny", None, TINY + extra)
     full = Trainer(tmp_path / "full", data, cfg, log=lambda *_: None, progress=False).fit()

@@ -265,6 +265,8 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
             self.optimizer.zero_grad(set_to_none=True)
+            if tc.item_dropout:
+                batch = batch.with_items_dropped(tc.item_dropout)
             batch_padded, batch_slots = batch.history_slots()
             padded, slots = padded + batch_padded, slots + batch_slots
             loss, n = self.parallel.backward(batch)
