@@ -25,7 +25,7 @@ def gemm_peak(n: int = 1024, seconds: float = 1.0, device="cpu") -> float:
     repeated runs; 4096 x 4096 on CUDA)."""
     from climber.devices import resolve_device
 
-    device = resolve_device(str(device))
+    device = resolve_device(device)
     n = 4096 if device.type == "cuda" else n
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best, end = min(_latencies(lambda: a @ b, 1)), time.perf_counter() + seconds  # one warm-up first
@@ -82,7 +82,7 @@ def bench_model(model_name: str, overrides: list[str], length: int | None, devic
         model_cfg["strategies"] = [{**s.to_dict(), "length": length} for s in model.strategies()]
     elif length is not None:
         model_cfg["max_len"] = length
-    return build_model(cfg.model, model_cfg, INFO).to(resolve_device(str(device)))
+    return build_model(cfg.model, model_cfg, INFO).to(resolve_device(device))
 
 
 def _rate(flops: float, seconds: float, peak: float) -> dict:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
-import time
 
 import torch
 
-from climber.bench import _percentile, bench_model, gemm_peak, random_batch
+from climber.bench import _latencies, _percentile, bench_model, gemm_peak, random_batch
 from climber.devices import flushed_denormals
 from climber.models import SampleShape
 
@@ -39,11 +38,6 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step(job: dict, path: str):
     """(step function, its FLOPs, device) of ``path`` at the job's point."""
     model = bench_model(job["model"], [f"model.attention={path}", *job["overrides"]], job["length"], job["device"])
@@ -55,16 +49,12 @@ def _step(job: dict, path: str):
 
     def step():
         with flushed_denormals():
-            run()
-        _sync(device)
-
-    def run():
-        if train:
-            model.zero_grad(set_to_none=True)
-            model(batch)[batch.cand_mask].sum().backward()
-        else:
-            with torch.inference_mode():
-                model(batch)
+            if train:
+                model.zero_grad(set_to_none=True)
+                model(batch)[batch.cand_mask].sum().backward()
+            else:
+                with torch.inference_mode():
+                    model(batch)
 
     flops = (3 if train else 1) * job["rows"] * model.flops(SampleShape(lengths, job["candidates"]))
     return step, flops, device
@@ -79,9 +69,7 @@ def time_paths(job: dict) -> dict:
         step()  # warm-up
     for _ in range(job["steps"]):
         for path, (step, _, _) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[path].append(time.perf_counter() - t0)
+            times[path] += _latencies(step, 1, warmup=0)  # synchronised on CUDA
     return {path: {"seconds": _percentile(times[path], 0.5), "flops": steps[path][1]} for path in steps}
 
 

@@ -85,19 +85,15 @@ def _data_shard(args) -> None:
     print(f"wrote {info['shards']} shards ({sum(info['rows']):,} events, {sum(info['users']):,} users) to {out}")
 
 
-def _device(args) -> str | None:
-    """--device, checked against this machine (a ConfigError, exit 2, when it lacks it); None if not given."""
-    if args.device is not None:
-        from climber.devices import resolve_device
-
-        resolve_device(args.device)
-    return args.device
-
-
 def _overrides(args) -> list[str]:
-    """--set items, and train.device from --device when given."""
-    device = _device(args)
-    return [*(args.set or []), *([f"train.device={device}"] if device else [])]
+    """--set items, and train.device from --device when given (checked against this machine now: a
+    ConfigError, exit 2, before any run starts)."""
+    if args.device is None:
+        return list(args.set or [])
+    from climber.devices import resolve_device
+
+    resolve_device(args.device)
+    return [*(args.set or []), f"train.device={args.device}"]
 
 
 def _train_argv(args) -> list[str]:
@@ -163,7 +159,7 @@ def _eval(args) -> None:
     from climber.eval.evaluate import evaluate_run
 
     out = evaluate_run(Path(args.run), Path(args.data) if args.data else None, split=args.split,
-                       device=_device(args) or "auto")
+                       device=args.device or "auto")
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -302,7 +298,7 @@ def _bench(args) -> None:
         torch.set_num_threads(args.threads)
     log = (lambda *_: None) if args.json else print
     grid = dict(lengths=_csv_ints(args.lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,
-                device=_device(args) or "auto")
+                device=args.device or "auto")
     if args.bench_command == "attention":
         from climber import bench_attention
         from climber.models.attention import check_attention
@@ -355,7 +351,7 @@ def _serve(args) -> None:
         raise ValueError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
                          f"${args.api_key_env} (clients send it as X-API-Key) or pass --no-auth")
     service = Service(Path(args.run), args.data and Path(args.data), args.store and Path(args.store),
-                      cache_bytes=int(args.cache_mb * 2**20), device=_device(args) or "auto")
+                      cache_bytes=int(args.cache_mb * 2**20), device=args.device or "auto")
     app = create_app(service, api_key=key, max_candidates=args.max_candidates, max_events=args.max_events,
                      batch_window_ms=None if args.no_batching else args.batch_window_ms, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_kb * 1024)

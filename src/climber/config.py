@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A configuration the user can fix; printed as one line."""
 
 
+PRECISIONS = ("fp32", "bf16")  # train.precision; climber.devices.check_precision checks the hardware
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
@@ -62,8 +65,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.item_dropout < 1.0:
             raise ConfigError(f"train.item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.workers < -1:

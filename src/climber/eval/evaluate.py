@@ -70,7 +70,7 @@ def load_run_model(run_dir: Path, which: str = "best", device="cpu") -> tuple[to
     meta = checkpoint.read_meta(ckpt)
     model = build_model(meta["model"], meta["model_config"], DataInfo.from_dict(meta["data_info"]))
     checkpoint.load(ckpt, model)
-    return model.to(resolve_device(str(device))).eval(), meta
+    return model.to(resolve_device(device)).eval(), meta
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test", log=print, device="cpu") -> dict:

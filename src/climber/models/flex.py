@@ -65,7 +65,7 @@ def flex_attend(plan, q, k_self, v_self, k, v, sink) -> torch.Tensor:
     sink_at = torch.tensor(M + N if sink is not None else -1, device=q.device)
     bias = plan.rel_bias
     if bias is not None:
-        table = (bias.pos_bias[:, None] + bias.time_bias[None]).flatten(0, 1)  # (P * T, H)
+        table = bias.pair_table()  # (P * T, H)
         time_buckets = bias.time_buckets
     sides = plan.q_side is not None
     if sides:

@@ -337,11 +337,15 @@ class RelativeBias(nn.Module):
         (position bucket, time bucket) sums."""
         rel_pos = self.position_buckets(q_pos[:, None] - k_pos[None])  # (N, M)
         rel_time = time_bucket(q_ts[:, :, None] - k_ts[:, None], self.time_buckets)  # (B, N, M)
-        table = (self.pos_bias[:, None] + self.time_bias[None]).flatten(0, 1)  # (pos_buckets * time_buckets, H)
-        bias = TableRows.apply(table, rel_pos * self.time_buckets + rel_time)  # (B, N, M, H)
+        bias = TableRows.apply(self.pair_table(), rel_pos * self.time_buckets + rel_time)  # (B, N, M, H)
         if self.match_bias is not None:
             bias = bias + side_matches(q_side, k_side).to(bias.dtype) @ self.match_bias
         return bias.permute(0, 3, 1, 2)
+
+    def pair_table(self) -> torch.Tensor:
+        """(pos_buckets * time_buckets, H): row p * time_buckets + t holds the bias of position bucket p and
+        time bucket t."""
+        return (self.pos_bias[:, None] + self.time_bias[None]).flatten(0, 1)
 
     def position_buckets(self, distance: torch.Tensor) -> torch.Tensor:
         """relative_position_bucket of query minus key positions distance (...) int64 -> (...) int64."""
