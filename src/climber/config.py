@@ -24,7 +24,9 @@ class ConfigError(ValueError):
     """A configuration the user can fix; printed as one line."""
 
 
-PRECISIONS = ("fp32", "bf16")  # train.precision; climber.devices.check_precision checks the hardware
+PRECISIONS = ("fp32", "bf16")
+SELECT_METRICS = ("auc", "gauc", "logloss")  # train.select; logloss is better when lower
+ITEM_VOCABS = ("all", "train")  # train.item_vocab  # train.precision; climber.devices.check_precision checks the hardware
 
 
 @dataclass
@@ -41,13 +43,16 @@ class TrainConfig:
     aux_weight: float = 0.5  # weight of multi-task action-head losses (models with action heads)
     rank_weight: float = 0.0  # weight of a pairwise logistic loss between a row's positives and negatives
     seed: int = 0
-    patience: int = 3  # epochs without a better val AUC before stopping
+    patience: int = 3  # epochs without a better val figure (``select``) before stopping
+    select: str = "auc"  # the val figure that picks the best checkpoint and stops early: auc | gauc | logloss
     eval_batch_size: int = 64
     threads: int = 0  # torch intra-op threads; 0 = all cores
     device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N | mps; climber.devices
     precision: str = "fp32"  # fp32 | bf16 (autocast forward; refused on a CPU without native bf16)
     tensorboard: bool = False
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
+    item_vocab: str = "all"  # item ids with rows of their own: all (every prepared id) | train (ids with a train event; others -> 0)
+    item_rate_buckets: int = 0  # > 0: each item's smoothed train positive rate, in this many quantile buckets, as an item feature
     item_dropout: float = 0.0  # training rows' item ids -> 0 (unknown) with this probability (issue 21)
     workers: int = -1  # processes collating batches beside training; 0 = none; -1 = auto (climber.data.loader.auto_workers)
     bucket: bool = True  # train batches of rows with similar history lengths: less padding, same rows per epoch
@@ -67,10 +72,16 @@ class TrainConfig:
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.select not in SELECT_METRICS:
+            raise ConfigError(f"train.select must be one of {', '.join(SELECT_METRICS)}, got {self.select!r}")
+        if self.item_vocab not in ITEM_VOCABS:
+            raise ConfigError(f"train.item_vocab must be one of {', '.join(ITEM_VOCABS)}, got {self.item_vocab!r}")
         if not 0.0 <= self.item_dropout < 1.0:
             raise ConfigError(f"train.item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.workers < -1:
             raise ConfigError(f"train.workers must be >= 0 (or -1 for auto), got {self.workers}")
+        if self.item_rate_buckets < 0:
+            raise ConfigError(f"train.item_rate_buckets must be >= 0, got {self.item_rate_buckets}")
         if self.shard_embedding_rows < 0:
             raise ConfigError(f"train.shard_embedding_rows must be >= 0, got {self.shard_embedding_rows}")
         for name in ("aux_weight", "rank_weight"):

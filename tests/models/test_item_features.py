@@ -37,3 +37,50 @@ def test_item_embedding_adds_the_feature_vector(tiny_synth):
     plain = build_model("climber", {}, info)
     assert torch.equal(plain.emb.item.feature_ids, torch.zeros_like(plain.emb.item.feature_ids))
     assert "emb.item.feature_ids" in plain.state_dict()  # saved with the checkpoint
+
+
+def test_train_item_vocab_embeds_items_without_a_train_event_as_the_unknown_item(tmp_path):
+    data = tmp_path / "sparse"  # 400 items, 300 events: many items first seen in val / test
+    synthetic.synthesize(data, users=30, events_per_user=10, items=400, topics=4, seed=2, log=lambda *_: None)
+    info = DataInfo.from_prepared(data)
+    events = pl.read_parquet(data / "events.parquet")
+    in_train = set(events.filter(pl.col("split") == "train")["item"].to_list())
+    unseen = sorted(set(events["item"].to_list()) - in_train)
+    assert unseen
+    torch.manual_seed(0)
+    own = build_model("climber", {}, info, prepared=data)
+    torch.manual_seed(0)
+    shared = build_model("climber", {}, info, prepared=data, item_vocab="train")
+    seen = sorted(in_train)[:3]
+    ids = torch.tensor([*seen, *unseen[:3]])
+    side = shared.emb.item.features[0].weight[shared.emb.item.feature_ids[ids, 0]]  # side features stay the item's own
+    torch.testing.assert_close(shared.emb.item(ids)[:3], own.emb.item(ids)[:3])
+    torch.testing.assert_close(shared.emb.item(ids)[3:], side[3:])  # id part: row 0, the zero vector
+    assert not torch.allclose(own.emb.item(ids)[3:], side[3:])
+    assert shared.state_dict()["emb.item.id_row"][unseen].eq(0).all()  # saved with the checkpoint (serving)
+
+
+def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
+    from climber.eval.floor import PRIOR_EVENTS
+    from climber.models import RATE_FEATURE, item_rate_buckets
+
+    data = tmp_path / "sparse"
+    synthetic.synthesize(data, users=30, events_per_user=10, items=400, topics=4, seed=2, log=lambda *_: None)
+    events = pl.read_parquet(data / "events.parquet")
+    train = events.filter(pl.col("split") == "train")
+    glob = train["label"].mean()
+    info = DataInfo.from_prepared(data, item_rate_buckets=5)
+    assert info.item_features[-1] == (RATE_FEATURE, 5) and info.rate_buckets == 5 and info.matches(data)
+    buckets = item_rate_buckets(data, info.num_items, 5)
+    assert buckets[0] == 0 and buckets[1:].min() >= 1 and buckets.max() == 5
+    rate = {}  # recomputed: (positives + 10 x global) / (events + 10); the global rate without a train event
+    for item in range(1, info.num_items + 1):
+        labels = train.filter(pl.col("item") == item)["label"]
+        rate[item] = (labels.sum() + PRIOR_EVENTS * glob) / (len(labels) + PRIOR_EVENTS)
+    order = sorted(rate, key=rate.get)
+    assert all(buckets[a] <= buckets[b] for a, b in zip(order, order[1:]))  # monotone in the rate
+    in_train = set(train["item"].to_list())
+    counts = torch.bincount(buckets[sorted(in_train)], minlength=6)[1:]
+    assert counts.max() <= 2.5 * len(in_train) / 5  # quantile buckets: no bucket holds most items
+    model = build_model("climber", {}, info, prepared=data)
+    assert torch.equal(model.emb.item.feature_ids[:, -1], buckets)

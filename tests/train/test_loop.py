@@ -52,7 +52,8 @@ def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
     assert json.loads((run / "fingerprint.json").read_text()) == metrics["fingerprint"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"]])
+@pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"],
+                                   ["train.item_rate_buckets=8", "train.item_vocab=train", "train.select=gauc"]])
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, extra):
     cfg = resolve("climber-tiny", None, TINY + extra)
     full = Trainer(tmp_path / "full", data, cfg, log=lambda *_: None, progress=False).fit()
@@ -93,6 +94,31 @@ def test_cli_train_eval_and_errors(data, tmp_path, capsys):
         assert not (tmp_path / "r4").exists()
     assert main(args[:-3] + ["--out", str(tmp_path / "r5"), "--device", "tpu"]) == 2
     assert "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("select", ["gauc", "logloss"])
+def test_best_checkpoint_and_early_stop_follow_the_selected_val_figure(data, tmp_path, select):
+    cfg = resolve("climber-tiny", None, TINY + ["train.epochs=4", "train.patience=1", f"train.select={select}"])
+    metrics = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False).fit()
+    val = [json.loads(x)["val"] for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
+    score = [-v["logloss"] if select == "logloss" else v[select] for v in val]
+    best = int(np.argmax(score))
+    assert metrics["best"]["epoch"] == best
+    assert len(val) == min(4, best + 2)  # patience 1: one epoch without a better figure, then stop
+
+
+def test_a_run_with_the_rate_feature_evaluates_and_serves_from_its_checkpoint(data, tmp_path, capsys):
+    from climber.serve.app import Service
+
+    run = tmp_path / "run"
+    sets = [x for s in TINY + ["train.epochs=1", "train.item_rate_buckets=8"] for x in ("--set", s)]
+    assert main(["train", "--data", str(data), "--model", "climber-tiny", "--out", str(run), "--no-progress", *sets]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    best = json.loads((run / "metrics.json").read_text())["best"]["test"]
+    assert json.loads(capsys.readouterr().out)["metrics"]["auc"] == pytest.approx(best["auc"], abs=1e-12)
+    service = Service(run, store_path=tmp_path / "store.sqlite", log=lambda *_: None)  # the vocabularies match
+    assert service.engine.model.info.rate_buckets == 8
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -79,14 +79,13 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     from climber.config import load_yaml
     from climber.data.loader import SampleLoader
     from climber.data.prepare import load_manifest
-    from climber.models import DataInfo
 
     run_dir = Path(run_dir)
     model, meta = load_run_model(run_dir, device=device)
     cfg = load_yaml(run_dir / "config.yaml")
     data_dir = Path(data_dir or cfg["data"])
     manifest = load_manifest(data_dir)
-    if DataInfo.from_prepared(data_dir) != model.info:
+    if not model.info.matches(data_dir):
         raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
     if manifest["fingerprint"]["sha256"] != meta["fingerprint"]["sha256"]:
         log(f"note: {data_dir} is not the data the run was trained on (fingerprint differs)")

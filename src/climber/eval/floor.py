@@ -20,18 +20,25 @@ from climber.eval.metrics import all_metrics
 PRIOR_EVENTS = 10.0  # weight of the global rate, in events
 
 
+def item_train_rates(events: pl.DataFrame) -> tuple[pl.DataFrame, float]:
+    """(item, events, rate) for each item of the train split of ``events`` (columns item, label, split),
+    the rate smoothed as above; and the train split's global positive rate."""
+    train = events.filter(pl.col("split") == "train")
+    rate = float(train["label"].mean())
+    per_item = train.group_by("item").agg(pl.col("label").sum().alias("positives"), pl.len().alias("events"))
+    smoothed = (pl.col("positives") + PRIOR_EVENTS * rate) / (pl.col("events") + PRIOR_EVENTS)
+    return per_item.select("item", "events", smoothed.alias("rate")), rate
+
+
 def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:
     """{"metrics": protocol metrics of the floor on ``split``, "candidates", "unseen_item_fraction":
     candidates whose item has no train event, "prior_events"}."""
     check_split(split)
     events = pl.read_parquet(Path(prepared_dir) / "events.parquet", columns=["user", "item", "label", "split"])
-    train = events.filter(pl.col("split") == "train")
-    rate = float(train["label"].mean())
-    per_item = train.group_by("item").agg(pl.col("label").sum().alias("positives"), pl.len().alias("events"))
-    cand = (events.filter(pl.col("split") == split)
-            .join(per_item, on="item", how="left")
-            .with_columns(pl.col("positives").fill_null(0), pl.col("events").fill_null(0)))
-    p = ((cand["positives"] + PRIOR_EVENTS * rate) / (cand["events"] + PRIOR_EVENTS)).to_numpy()
+    per_item, rate = item_train_rates(events)
+    cand = (events.filter(pl.col("split") == split).join(per_item, on="item", how="left")
+            .with_columns(pl.col("events").fill_null(0), pl.col("rate").fill_null(rate)))
+    p = cand["rate"].to_numpy()
     logit = np.log(p) - np.log1p(-p)
     return {"metrics": all_metrics(cand["user"].to_numpy(), cand["label"].to_numpy(), logit),
             "candidates": cand.height, "unseen_item_fraction": float((cand["events"] == 0).mean()),

@@ -34,10 +34,23 @@ class DataInfo:
         return len(self.scenarios)
 
     @classmethod
-    def from_prepared(cls, prepared) -> "DataInfo":
+    def from_prepared(cls, prepared, item_rate_buckets: int = 0) -> "DataInfo":
+        """With ``item_rate_buckets`` > 0, one more item feature: the item's train positive rate bucket
+        (``RATE_FEATURE``, :func:`item_rate_buckets`)."""
         m = load_manifest(prepared)
         features = tuple((c, n) for c, n in sorted(m.get("side_columns", {}).items()) if c.startswith(ITEM_PREFIX))
+        if item_rate_buckets:
+            features += ((RATE_FEATURE, item_rate_buckets),)
         return cls(m["users"], m["items"], tuple(m["actions"]), tuple(m["scenarios"]), features)
+
+    @property
+    def rate_buckets(self) -> int:
+        """The buckets of the train-rate item feature (0 without it)."""
+        return dict(self.item_features).get(RATE_FEATURE, 0)
+
+    def matches(self, prepared) -> bool:
+        """Whether ``prepared`` has the vocabularies this info was made from."""
+        return DataInfo.from_prepared(prepared, self.rate_buckets) == self
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataInfo":
@@ -51,21 +64,46 @@ class DataInfo:
 
 
 ITEM_PREFIX = "item_"  # categorical side columns named item_* are item features (one value per item)
+RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, computed from the train split
+
+
+def item_rate_buckets(prepared, num_items: int, buckets: int) -> torch.Tensor:
+    """(num_items + 1,) int64 in 1 .. ``buckets``: each item's train positive rate, smoothed towards the
+    global rate (``climber.eval.floor.item_train_rates``), cut at the quantiles of the train items' rates;
+    an item without a train event has the global rate. A popularity prior that rare items share with
+    items of the same rate, so it is trained on many events (row 0, padding, stays 0)."""
+    import numpy as np
+    import polars as pl
+
+    from climber.eval.floor import item_train_rates
+
+    per_item, rate = item_train_rates(pl.read_parquet(Path(prepared) / "events.parquet",
+                                                      columns=["item", "label", "split"]))
+    rates = np.full(num_items + 1, rate)
+    rates[per_item["item"].to_numpy()] = per_item["rate"].to_numpy()
+    edges = np.quantile(per_item["rate"].to_numpy(), np.arange(1, buckets) / buckets)
+    table = torch.from_numpy(np.searchsorted(edges, rates, side="right").astype("int64") + 1)
+    table[0] = 0
+    return table
 
 
 def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
     """(num_items + 1, F) int64: each item's value id of each item feature column (its first occurrence
-    in the prepared events; 0 for row 0 and for items never seen with a value)."""
+    in the prepared events; 0 for row 0 and for items never seen with a value), and its rate bucket for
+    ``RATE_FEATURE``."""
     import polars as pl
 
-    columns = [c for c, _ in info.item_features]
-    table = torch.zeros(info.num_items + 1, len(columns), dtype=torch.long)
+    columns = [c for c, _ in info.item_features if c != RATE_FEATURE]
+    table = torch.zeros(info.num_items + 1, len(info.item_features), dtype=torch.long)
     if columns:
         first = (pl.scan_parquet(Path(prepared) / "events.parquet").select("item", *columns)
                  .group_by("item").agg(pl.col(c).first() for c in columns).collect())
         ids = torch.from_numpy(first["item"].to_numpy().astype("int64"))
         values = first.select(columns).fill_null(0).to_numpy().astype("int64")
-        table[ids] = torch.from_numpy(values)
+        table[ids, : len(columns)] = torch.from_numpy(values)
+    for f, (column, buckets) in enumerate(info.item_features):
+        if column == RATE_FEATURE:
+            table[:, f] = item_rate_buckets(prepared, info.num_items, buckets)
     return table
 
 
@@ -114,19 +152,37 @@ def _lookup(name: str):
     return getattr(mod, cfg_name), getattr(mod, model_name)
 
 
-def build_model(name: str, cfg: Any, info: DataInfo, prepared=None) -> torch.nn.Module:
+def train_item_rows(prepared, info: DataInfo) -> torch.Tensor:
+    """(num_items + 1,) int64: each item's own id when it has a train event, else 0 (the unknown item)."""
+    import polars as pl
+
+    seen = (pl.scan_parquet(Path(prepared) / "events.parquet").filter(pl.col("split") == "train")
+            .select(pl.col("item").unique()).collect()["item"].to_numpy().astype("int64"))
+    rows = torch.zeros(info.num_items + 1, dtype=torch.long)
+    rows[seen] = torch.from_numpy(seen)
+    return rows
+
+
+def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all") -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
-    dir) the item feature tables are filled from the data; without, they stay 0 until a checkpoint
-    is loaded."""
+    dir) the item feature tables are filled from the data, and with ``item_vocab="train"`` items without
+    a train event embed as the unknown item (``ItemEmbedding.id_row``); without, the tables keep their
+    defaults until a checkpoint is loaded."""
     from climber.models.layers import ItemEmbedding
 
     cfg_cls, model_cls = _lookup(name)
     if isinstance(cfg, dict):
         cfg = cfg_cls.from_dict(cfg)
     model = model_cls(cfg, info)
-    if prepared is not None and info.item_features:
-        table = item_feature_table(prepared, info)
-        for module in model.modules():
-            if isinstance(module, ItemEmbedding):
-                module.feature_ids.copy_(table)
+    if prepared is None:
+        return model
+    tables = {}
+    if info.item_features:
+        tables["feature_ids"] = item_feature_table(prepared, info)
+    if item_vocab == "train":
+        tables["id_row"] = train_item_rows(prepared, info)
+    for module in model.modules():
+        if isinstance(module, ItemEmbedding):
+            for buffer, table in tables.items():
+                getattr(module, buffer).copy_(table)
     return model

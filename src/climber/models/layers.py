@@ -391,18 +391,24 @@ class ItemEmbedding(nn.Embedding):
     """An item id table plus one table per categorical item side feature (``item_*`` columns of the
     prepared data, e.g. category or topic): item i embeds to ``weight[i] + sum_f feature_f[ids_f[i]]``.
     ``feature_ids`` (num_items + 1, F) maps item id -> feature value ids; it is a buffer, saved in
-    checkpoints, filled from the data by ``climber.models.build_model`` (0 = unknown)."""
+    checkpoints, filled from the data by ``climber.models.build_model`` (0 = unknown).
+
+    ``id_row`` (num_items + 1,) maps item id -> row of the id table: the identity, or, with
+    ``train.item_vocab=train``, 0 (the unknown item, a zero vector) for items without a train event, whose
+    own rows would never get a gradient (random vectors at test time). Side features keep the item's
+    own values either way."""
 
     def __init__(self, num_items: int, d_model: int, features: tuple = ()):  # features: ((column, vocab size), ...)
         super().__init__(num_items + 1, d_model, padding_idx=0)
         self.features = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size in features)
         self.register_buffer("feature_ids", torch.zeros(num_items + 1, len(features), dtype=torch.long))
+        self.register_buffer("id_row", torch.arange(num_items + 1))
 
     def side_ids(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., F) side feature value ids
         return self.feature_ids[ids]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
-        out = super().forward(ids)
+        out = super().forward(self.id_row[ids])
         side = self.side_ids(ids)
         for f, table in enumerate(self.features):
             out = out + table(side[..., f])

@@ -112,14 +112,13 @@ class Service:
         from climber.data.prepare import load_manifest
         from climber.data.schema import LabelRule
         from climber.eval.evaluate import load_run_model
-        from climber.models import DataInfo
 
         run_dir = Path(run_dir)
         model, meta = load_run_model(run_dir, device=device)
         data_dir = Path(data_dir or load_yaml(run_dir / "config.yaml")["data"])
         if not (data_dir / "manifest.json").exists():
             raise ValueError(f"{data_dir}: no prepared data (its vocabularies map raw ids); pass --data DIR")
-        if DataInfo.from_prepared(data_dir) != model.info:
+        if not model.info.matches(data_dir):
             raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
         self.run_dir, self.data_dir, self.model_name = run_dir, data_dir, meta["model"]
         self.vocab = {col: dict(pl.read_parquet(data_dir / "vocab" / f"{col}.parquet").select("raw", "id").iter_rows())

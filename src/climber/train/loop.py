@@ -24,6 +24,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,8 +95,9 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.manifest = load_manifest(self.data_dir)
-        self.info = DataInfo.from_prepared(self.data_dir)
-        self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir)
+        self.info = DataInfo.from_prepared(self.data_dir, tc.item_rate_buckets)
+        self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir,
+                                 item_vocab=tc.item_vocab)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         strategies = self.model.strategies()
         c = 1 if tc.mode == "single" else tc.candidates_per_row
@@ -190,7 +192,7 @@ class Trainer:
     def _fit(self, resume: bool, stop_after_epoch: int | None) -> dict:
         tc = self.cfg.train
         last = self.run_dir / "checkpoints" / "last.safetensors"
-        start_epoch, step, best, bad_epochs = 0, 0, {"epoch": -1, "val_auc": -1.0}, 0
+        start_epoch, step, best, bad_epochs = 0, 0, {"epoch": -1, "score": -math.inf}, 0
         if resume and last.exists():
             meta = checkpoint.read_meta(last)
             if meta["fingerprint"]["sha256"] != self.manifest["fingerprint"]["sha256"]:
@@ -223,8 +225,9 @@ class Trainer:
                       "train_seconds": round(train_s, 2), "samples_per_s": round(samples / max(train_s, 1e-9), 1),
                       "padding": round(padding, 4),
                       "epoch_seconds": round(time.time() - t0, 2), "world_size": self.dist.world, "val": val}
-            if val["auc"] > best["val_auc"]:
-                best, bad_epochs = {"epoch": epoch, "val_auc": val["auc"]}, 0
+            score = -val["logloss"] if tc.select == "logloss" else val[tc.select]  # higher is better
+            if score > best["score"]:
+                best, bad_epochs = {"epoch": epoch, "score": score}, 0
                 with self._averaged():  # the weights that were evaluated
                     self._save(self.run_dir / "checkpoints" / "best.safetensors",
                                self._state_meta(epoch, step, best, bad_epochs))
