@@ -53,3 +53,22 @@ def test_ml100k_sparse_member_is_prepared_once(tmp_path):
     assert build_member("ml100k-sparse", tmp_path, Path("nope"), Path("nope")) == data  # kept, not rebuilt
     with pytest.raises(ValueError, match="not one of ml100k-side"):
         build_member("movielens", tmp_path, ML_100K, Path("nope"))
+
+
+def test_rule_ranks_variants_by_val_gauc_within_each_member_then_averages():
+    from climber.robustness import rule_ranks
+
+    def row(member, model, gauc, auc, base="climber"):
+        return {"member": member, "base": base, "model": model, "val_gauc": gauc, "val_auc": auc}
+
+    rows = [{"member": "a", "model": "floor (item train positive rate)"},  # no base: not a variant
+            row("a", "x", 0.60, 0.70), row("a", "y", 0.62, 0.69), row("a", "z", 0.61, 0.71),
+            row("b", "x", 0.55, 0.70), row("b", "y", 0.54, 0.69), row("b", "z", 0.55, 0.60),
+            row("a", "d", 0.90, 0.90, base="dlrm"), row("b", "d", 0.10, 0.10, base="dlrm")]
+    ranks = {(r["base"], r["model"]): r for r in rule_ranks(rows)}
+    # a: y 1, z 2, x 3; b: x and z tie at 1, y 3 -> x 2.0, y 2.0, z 1.5
+    assert {k[1]: r["mean_val_gauc_rank"] for k, r in ranks.items() if k[0] == "climber"} == {"x": 2.0, "y": 2.0, "z": 1.5}
+    assert ranks[("climber", "x")]["mean_val_auc_rank"] == 1.5  # a: z 1, x 2, y 3; b: x 1, y 2, z 3
+    assert [r["model"] for r in rule_ranks(rows) if r["base"] == "climber"] == ["z", "x", "y"]  # x beats y on AUC rank
+    assert ranks[("dlrm", "d")] == {"base": "dlrm", "model": "d", "members": 2, "mean_val_gauc_rank": 1.0,
+                                    "mean_val_auc_rank": 1.0}

@@ -95,11 +95,41 @@ def run_suite(out: Path, models: list[str], seeds: int, members=MEMBERS, ml100k:
         floor = item_rate_floor(data)
         rows.append({"member": name, "model": "floor (item train positive rate)", "seeds": 0, **floor["metrics"],
                      "unseen_item_fraction": floor["unseen_item_fraction"]})
+        base = {e.label: e.model for e in entries}
         for r in compare(data, entries, seeds, out / "runs" / name, list(extra or []), command, log=log):
-            rows.append({"member": name, **r})
-    (out / "robustness.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    (out / "robustness.md").write_text(markdown(rows))
+            rows.append({"member": name, "base": base[r["model"]], **r})
+    ranks = rule_ranks(rows)
+    (out / "robustness.json").write_text(json.dumps({"command": command, "rows": rows, "ranks": ranks}, indent=2) + "\n")
+    (out / "robustness.md").write_text(markdown(rows) + "\n" + ranks_markdown(ranks))
     return rows
+
+
+def rule_ranks(rows: list[dict]) -> list[dict]:
+    """The rule of docs/results/robustness.md: within each member, the variants of one base model ranked
+    by mean val GAUC (1 = best; ties share the better rank), then per variant its mean rank over the
+    members and its mean val AUC rank (the tie-break). Sorted best first within each base model; test
+    figures play no part."""
+    def ranked(values: dict) -> dict:
+        return {k: 1 + sum(other > v for other in values.values()) for k, v in values.items()}
+
+    per = {}  # (base, label) -> {"gauc": [ranks], "auc": [ranks]}
+    for base in dict.fromkeys(r["base"] for r in rows if "base" in r):
+        for member in dict.fromkeys(r["member"] for r in rows):
+            mine = {r["model"]: r for r in rows if r.get("base") == base and r["member"] == member}
+            for metric in ("gauc", "auc"):
+                for label, k in ranked({m: r[f"val_{metric}"] for m, r in mine.items()}).items():
+                    per.setdefault((base, label), {"gauc": [], "auc": []})[metric].append(k)
+    out = [{"base": base, "model": label, "members": len(r["gauc"]), "mean_val_gauc_rank": float(np.mean(r["gauc"])),
+            "mean_val_auc_rank": float(np.mean(r["auc"]))} for (base, label), r in per.items()]
+    return sorted(out, key=lambda r: (r["base"], r["mean_val_gauc_rank"], r["mean_val_auc_rank"]))
+
+
+def ranks_markdown(ranks: list[dict]) -> str:
+    lines = ["| base model | variant | members | mean rank of val GAUC | mean rank of val AUC (tie-break) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['base']} | {r['model']} | {r['members']} | {r['mean_val_gauc_rank']:.2f} | "
+              f"{r['mean_val_auc_rank']:.2f} |" for r in ranks]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict]) -> str:
