@@ -53,6 +53,7 @@ class TrainConfig:
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
     item_vocab: str = "all"  # item ids with rows of their own: all (every prepared id) | train (ids with a train event; others -> 0)
     item_rate_buckets: int = 0  # > 0: each item's smoothed train positive rate, in this many quantile buckets, as an item feature
+    item_rate_min_events: int = 20  # items with fewer train events get the global rate's bucket (their own labels would leak)
     item_dropout: float = 0.0  # training rows' item ids -> 0 (unknown) with this probability (issue 21)
     workers: int = -1  # processes collating batches beside training; 0 = none; -1 = auto (climber.data.loader.auto_workers)
     bucket: bool = True  # train batches of rows with similar history lengths: less padding, same rows per epoch
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"train.workers must be >= 0 (or -1 for auto), got {self.workers}")
         if self.item_rate_buckets < 0:
             raise ConfigError(f"train.item_rate_buckets must be >= 0, got {self.item_rate_buckets}")
+        if self.item_rate_min_events < 1:
+            raise ConfigError(f"train.item_rate_min_events must be >= 1, got {self.item_rate_min_events}")
         if self.shard_embedding_rows < 0:
             raise ConfigError(f"train.shard_embedding_rows must be >= 0, got {self.shard_embedding_rows}")
         for name in ("aux_weight", "rank_weight"):

@@ -84,3 +84,24 @@ def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
     assert counts.max() <= 2.5 * len(in_train) / 5  # quantile buckets: no bucket holds most items
     model = build_model("climber", {}, info, prepared=data)
     assert torch.equal(model.emb.item.feature_ids[:, -1], buckets)
+
+
+def test_rate_buckets_give_items_of_few_train_events_the_global_rate(tmp_path):
+    from climber.models import item_rate_buckets
+
+    data = tmp_path / "sparse"
+    synthetic.synthesize(data, users=60, events_per_user=12, items=150, topics=4, seed=3, log=lambda *_: None)
+    train = pl.read_parquet(data / "events.parquet").filter(pl.col("split") == "train")
+    info = DataInfo.from_prepared(data)
+    counts = dict(train.group_by("item").len().iter_rows())
+    few = [i for i in range(1, info.num_items + 1) if counts.get(i, 0) < 4]
+    many = [i for i in range(1, info.num_items + 1) if counts.get(i, 0) >= 4]
+    assert few and many
+    buckets = item_rate_buckets(data, info.num_items, 5, min_events=4)
+    glob = train["label"].mean()
+    below = sum(1 for i in many if train.filter(pl.col("item") == i)["label"].mean() < glob)
+    assert len({int(buckets[i]) for i in few}) == 1  # one shared bucket, whatever their own labels
+    assert len({int(buckets[i]) for i in many}) == 5  # quantiles over the items with enough events
+    shared = int(buckets[few[0]])
+    assert sum(int(buckets[i]) < shared for i in many) <= below  # the shared bucket sits at the global rate
+    assert item_rate_buckets(data, info.num_items, 5, min_events=1)[few].unique().numel() > 1

@@ -67,11 +67,16 @@ ITEM_PREFIX = "item_"  # categorical side columns named item_* are item features
 RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, computed from the train split
 
 
-def item_rate_buckets(prepared, num_items: int, buckets: int) -> torch.Tensor:
+def item_rate_buckets(prepared, num_items: int, buckets: int, min_events: int = 1) -> torch.Tensor:
     """(num_items + 1,) int64 in 1 .. ``buckets``: each item's train positive rate, smoothed towards the
-    global rate (``climber.eval.floor.item_train_rates``), cut at the quantiles of the train items' rates;
-    an item without a train event has the global rate. A popularity prior that rare items share with
-    items of the same rate, so it is trained on many events (row 0, padding, stays 0)."""
+    global rate (``climber.eval.floor.item_train_rates``), cut at the quantiles of the rates of the items
+    with at least ``min_events`` train events; an item with fewer has the global rate. A popularity prior
+    that an item shares with items of a similar rate, so its vector is trained on many events (row 0,
+    padding, stays 0).
+
+    Why ``min_events``: a training candidate's own label is part of its item's rate, and for an item of
+    a few events the rate (so the bucket) is mostly those labels, a leak a model learns in training and
+    finds absent at test time (measured: docs/results/robustness.md)."""
     import numpy as np
     import polars as pl
 
@@ -79,15 +84,16 @@ def item_rate_buckets(prepared, num_items: int, buckets: int) -> torch.Tensor:
 
     per_item, rate = item_train_rates(pl.read_parquet(Path(prepared) / "events.parquet",
                                                       columns=["item", "label", "split"]))
+    per_item = per_item.filter(pl.col("events") >= min_events)
     rates = np.full(num_items + 1, rate)
     rates[per_item["item"].to_numpy()] = per_item["rate"].to_numpy()
-    edges = np.quantile(per_item["rate"].to_numpy(), np.arange(1, buckets) / buckets)
+    edges = np.quantile(per_item["rate"].to_numpy(), np.arange(1, buckets) / buckets) if per_item.height else []
     table = torch.from_numpy(np.searchsorted(edges, rates, side="right").astype("int64") + 1)
     table[0] = 0
     return table
 
 
-def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
+def item_feature_table(prepared, info: DataInfo, rate_min_events: int = 1) -> torch.Tensor:
     """(num_items + 1, F) int64: each item's value id of each item feature column (its first occurrence
     in the prepared events; 0 for row 0 and for items never seen with a value), and its rate bucket for
     ``RATE_FEATURE``."""
@@ -103,7 +109,7 @@ def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
         table[ids, : len(columns)] = torch.from_numpy(values)
     for f, (column, buckets) in enumerate(info.item_features):
         if column == RATE_FEATURE:
-            table[:, f] = item_rate_buckets(prepared, info.num_items, buckets)
+            table[:, f] = item_rate_buckets(prepared, info.num_items, buckets, rate_min_events)
     return table
 
 
@@ -163,11 +169,12 @@ def train_item_rows(prepared, info: DataInfo) -> torch.Tensor:
     return rows
 
 
-def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all") -> torch.nn.Module:
+def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all",
+                rate_min_events: int = 1) -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
-    dir) the item feature tables are filled from the data, and with ``item_vocab="train"`` items without
-    a train event embed as the unknown item (``ItemEmbedding.id_row``); without, the tables keep their
-    defaults until a checkpoint is loaded."""
+    dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`),
+    and with ``item_vocab="train"`` items without a train event embed as the unknown item
+    (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
     from climber.models.layers import ItemEmbedding
 
     cfg_cls, model_cls = _lookup(name)
@@ -178,7 +185,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         return model
     tables = {}
     if info.item_features:
-        tables["feature_ids"] = item_feature_table(prepared, info)
+        tables["feature_ids"] = item_feature_table(prepared, info, rate_min_events)
     if item_vocab == "train":
         tables["id_row"] = train_item_rows(prepared, info)
     for module in model.modules():

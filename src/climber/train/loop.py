@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine, clipping, early stopping on val AUC, exact resume.
+"""The training loop: AdamW, warmup + cosine, clipping, early stopping on a val figure (``train.select``), exact resume.
 
 Run dir::
 
@@ -6,7 +6,7 @@ Run dir::
     fingerprint.json     the prepared data's fingerprint
     epochs.jsonl         one JSON line per epoch: train loss, val metrics, lr, seconds, samples/s
     checkpoints/last.safetensors   weights + optimizer + RNG + loop state after the last finished epoch
-    checkpoints/best.safetensors   weights of the best val AUC epoch
+    checkpoints/best.safetensors   weights of the best val epoch (``train.select``: AUC, GAUC or LogLoss)
     metrics.json         best-val and last-epoch figures (val and test), written at the end
     predictions.parquet  test predictions of the best checkpoint: user, item, label, score, logit
 
@@ -97,7 +97,7 @@ class Trainer:
         self.manifest = load_manifest(self.data_dir)
         self.info = DataInfo.from_prepared(self.data_dir, tc.item_rate_buckets)
         self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir,
-                                 item_vocab=tc.item_vocab)
+                                 item_vocab=tc.item_vocab, rate_min_events=tc.item_rate_min_events)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         strategies = self.model.strategies()
         c = 1 if tc.mode == "single" else tc.candidates_per_row
