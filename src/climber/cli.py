@@ -15,7 +15,7 @@ from pathlib import Path
 from climber.config import ConfigError
 from climber.data.schema import DataError
 
-USER_ERRORS = (DataError, ConfigError, ValueError, FileNotFoundError)
+USER_ERRORS = (DataError, ConfigError, FileNotFoundError)  # a ValueError of the library is a bug: traceback
 
 
 def _data_prepare(args) -> None:
@@ -323,7 +323,7 @@ def _require_serving() -> None:
 
     missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
+        raise ConfigError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
 
 
 def _bench_http(args) -> None:
@@ -348,7 +348,7 @@ def _serve(args) -> None:
 
     key = os.environ.get(args.api_key_env) or None
     if args.host not in LOOPBACK and key is None and not args.no_auth:
-        raise ValueError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
+        raise ConfigError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
                          f"${args.api_key_env} (clients send it as X-API-Key) or pass --no-auth")
     service = Service(Path(args.run), args.data and Path(args.data), args.store and Path(args.store),
                       cache_bytes=int(args.cache_mb * 2**20), device=args.device or "auto")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from climber.config import ConfigError
 from climber.data.prepare import load_manifest
 
 
@@ -146,7 +147,7 @@ def _lookup(name: str):
     import importlib
 
     if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
     module, cfg_name, model_name = REGISTRY[name]
     mod = importlib.import_module(module)
     return getattr(mod, cfg_name), getattr(mod, model_name)

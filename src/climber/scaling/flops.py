@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from climber.bench import bench_model, count_flops, random_batch
+from climber.config import ConfigError
 from climber.models import SampleShape
 from climber.models.features import FeatureTokens
 from climber.models.layers import Attention, FeedForward, IdEmbeddings
@@ -30,9 +31,9 @@ def flops_report(model_name: str, overrides: list[str], candidates: int = 32, le
     the preset's). Measured in train mode without dropout (every MoE expert runs, as the analytic count
     assumes) with the reference attention."""
     if length is not None and length < 1:
-        raise ValueError(f"flops: --length must be >= 1, got {length}")
+        raise ConfigError(f"flops: --length must be >= 1, got {length}")
     if candidates < 1:
-        raise ValueError(f"flops: --candidates must be >= 1, got {candidates}")
+        raise ConfigError(f"flops: --candidates must be >= 1, got {candidates}")
     model = bench_model(model_name, [*overrides, "model.dropout=0.0"], length).train()
     lengths = tuple(s.length for s in model.strategies())
     batch = random_batch(lengths, 1, candidates)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from climber.config import ConfigError, RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
+from climber.data.schema import DataError
 from climber.devices import check_precision, flushed_denormals, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
@@ -196,7 +197,7 @@ class Trainer:
         if resume and last.exists():
             meta = checkpoint.read_meta(last)
             if meta["fingerprint"]["sha256"] != self.manifest["fingerprint"]["sha256"]:
-                raise ValueError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
+                raise DataError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
             meta = self._load(last, resumable=True)
             start_epoch, step, best, bad_epochs = meta["epoch"] + 1, meta["step"], meta["best"], meta["bad_epochs"]
             self.log(f"resumed from epoch {meta['epoch']} (step {step})")
@@ -299,7 +300,7 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ end
