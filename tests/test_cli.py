@@ -1,18 +1,46 @@
-"""The command line itself: which errors are the user's (one line, exit 2)
+"""The command line itself: --version, `models --json`, which errors are the user's (one line, exit 2)
 and which are bugs (a traceback), wrong-typed --set values."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+import climber
 from climber import cli
 from climber.cli import main
-from climber.config import ConfigError
+from climber.config import ConfigError, preset_names, resolve
 from climber.data.schema import DataError
+from climber.models import DataInfo, build_model, flops_per_candidate, model_names
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"climber {climber.__version__}\n"
+
+
+def test_models_json_gives_each_preset_its_parameters_and_flops_on_the_stated_vocabularies(capsys):
+    assert main(["models", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == climber.__version__
+    a = out["assumes"]
+    info = DataInfo(num_users=a["users"], num_items=a["items"], actions=tuple(f"a{i}" for i in range(a["actions"])),
+                    scenarios=tuple(f"s{i}" for i in range(a["scenarios"])))
+    assert [m["name"] for m in out["models"]] == model_names()
+    assert {m["name"]: m["default_preset"] for m in out["models"]}["climber"] == "climber-small"
+    assert [p["name"] for p in out["presets"]] == preset_names()
+    for p in out["presets"]:
+        cfg = resolve(p["name"], None, [])
+        model = build_model(cfg.model, cfg.model_config, info)
+        assert p["model"] == cfg.model
+        assert p["parameters"]["total"] == sum(x.numel() for x in model.parameters())
+        assert p["forward_flops_per_candidate"] == flops_per_candidate(model, a["candidates_per_row"])
 
 
 def _raises(error):

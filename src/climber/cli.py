@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from climber import __version__
 from climber.config import ConfigError
 from climber.data.schema import DataError
 
@@ -361,16 +362,42 @@ def _serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+REFERENCE_CANDIDATES = 32  # candidates per row of `climber flops` and `climber models --json`
+
+
 def _models(args) -> None:
-    from climber.config import preset_names
+    from climber.config import preset_names, preset_of
     from climber.models import model_names
 
-    print("models: " + ", ".join(model_names()))
-    print("presets: " + ", ".join(preset_names()))
+    if not args.json:
+        print("models: " + ", ".join(model_names()))
+        print("presets: " + ", ".join(preset_names()))
+        return
+    from climber.bench import INFO
+    from climber.config import resolve
+    from climber.models import build_model, flops_per_candidate, parameter_counts
+
+    presets = []
+    for name in preset_names():
+        cfg = resolve(name, None, [])
+        model = build_model(cfg.model, cfg.model_config, INFO)
+        presets.append({"name": name, "model": cfg.model, "parameters": parameter_counts(model),
+                        "forward_flops_per_candidate": flops_per_candidate(model, REFERENCE_CANDIDATES)})
+    print(json.dumps({
+        "version": __version__,
+        "assumes": {"users": INFO.num_users, "items": INFO.num_items, "actions": INFO.num_actions,
+                    "scenarios": INFO.num_scenarios, "candidates_per_row": REFERENCE_CANDIDATES,
+                    "note": "the vocabulary sizes of `climber flops` (climber.bench.INFO): embedding parameters grow "
+                            "with a data set's; FLOPs are the analytic forward FLOPs of one row, every subsequence "
+                            "at its full length, divided by its candidates"},
+        "models": [{"name": name, "default_preset": preset_of(name)} for name in model_names()],
+        "presets": presets,
+    }, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="climber", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"climber {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="prepare, synthesise and inspect event data").add_subparsers(dest="data_command", required=True)
@@ -462,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flops", help="analytic and measured FLOPs per row, split by module kind, parameters")
     fl.add_argument("--model", default="climber", help="model or preset name (default: climber)")
-    fl.add_argument("--candidates", type=int, default=32, help="candidates per row (default 32)")
+    fl.add_argument("--candidates", type=int, default=REFERENCE_CANDIDATES,
+                    help=f"candidates per row (default {REFERENCE_CANDIDATES})")
     fl.add_argument("--length", type=int, help="set every subsequence length (default: the preset's)")
     fl.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override (repeatable)")
     fl.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -566,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=_serve)
 
     mo = sub.add_parser("models", help="list registered models and presets")
+    mo.add_argument("--json", action="store_true", help="as JSON, with each preset's parameters and forward FLOPs "
+                                                        "per candidate (on a reference data size, stated)")
     mo.set_defaults(func=_models)
     return p
 

@@ -198,14 +198,20 @@ def resolve(model: str | None, config_file: Path | None, overrides: list[str]) -
     """Preset (``--model`` as a preset name, or a model name's default preset) <- config file <- --set."""
     base = load_yaml(config_file) if config_file is not None else {}
     name = model or base.get("model") or "climber"
-    preset_name = name if name in preset_names() else DEFAULT_PRESETS.get(name, f"{name}-default")
-    preset_name = preset_name if preset_name in preset_names() else None
+    preset_name = preset_of(name)
     preset = load_preset(preset_name) if preset_name else {"model": name}
     merged = _merge(preset, {k: v for k, v in base.items() if k != "model"})
     return RunConfig.from_dict(apply_overrides(merged, overrides))
 
 
 DEFAULT_PRESETS = {"climber": "climber-small"}  # model name -> the preset `--model NAME` means (else NAME-default)
+
+
+def preset_of(name: str) -> str | None:
+    """The preset ``--model NAME`` starts from: NAME itself when it is a preset, else the model's default
+    preset; None when there is none."""
+    preset = name if name in preset_names() else DEFAULT_PRESETS.get(name, f"{name}-default")
+    return preset if preset in preset_names() else None
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -122,6 +122,13 @@ def flops_per_candidate(model, candidates: int) -> float:
     return model.flops(SampleShape(tuple(s.length for s in model.strategies()), candidates)) / candidates
 
 
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """{"total", "embeddings" (in embedding tables: they grow with the vocabularies), "dense"}."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False))
+    return {"total": total, "embeddings": emb, "dense": total - emb}
+
+
 # name -> (module, config class, model class); imported on first use
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "climber": ("climber.models.climber", "ClimberConfig", "Climber"),

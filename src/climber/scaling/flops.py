@@ -9,7 +9,7 @@ from torch import nn
 
 from climber.bench import bench_model, count_flops, random_batch
 from climber.config import ConfigError
-from climber.models import SampleShape
+from climber.models import SampleShape, parameter_counts
 from climber.models.features import FeatureTokens
 from climber.models.layers import Attention, FeedForward, IdEmbeddings
 
@@ -43,14 +43,12 @@ def flops_report(model_name: str, overrides: list[str], candidates: int = 32, le
     for name, module in _outermost(model):
         split[_kind(module)] += per_module.get(f"{prefix}.{name}", 0)
     split["head and other"] = total - sum(split.values())
-    emb = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False))
     analytic = model.flops(SampleShape(lengths, candidates))
     return {"model": model_name, "overrides": overrides, "lengths": list(lengths), "candidates": candidates,
             "forward_flops": {"analytic": analytic, "measured": total, "relative_difference": (analytic - total) / total},
             "train_flops_analytic": 3 * analytic, "per_candidate_forward_flops": analytic / candidates,
             "measured_split": split,
-            "parameters": {"total": sum(p.numel() for p in model.parameters()), "embeddings": emb,
-                           "dense": sum(p.numel() for p in model.parameters()) - emb}}
+            "parameters": parameter_counts(model)}
 
 
 def _outermost(model: nn.Module):
