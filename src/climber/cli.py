@@ -1,14 +1,17 @@
 """The one command line: ``climber data|train|eval|compare|tune|bench|flops|scale|serve|quickstart|models ...``.
 
-Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
-set CLIMBER_DEBUG=1 to see the traceback instead.
+Errors a user can act on (DataError, ConfigError, a missing file) print one line and exit with code 2;
+set CLIMBER_DEBUG=1 to see the traceback instead. Other exceptions keep their traceback (a ValueError from
+inside climber is a bug, not bad input).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,14 +121,16 @@ def _train(args) -> None:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = resolve(args.model, Path(args.config) if args.config else None, _overrides(args))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    fresh = not out.exists() or not any(out.iterdir())
+    if not fresh and not args.resume:
         raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
     if args.nproc > 1 and not distributed.launched():  # the shortcut for torchrun --standalone
         distributed.rank_batch_size(cfg.train.batch_size, args.nproc)  # fail before starting processes
         try:
-            distributed.launch(args.nproc, _train_argv(args))
+            with _removed_without_checkpoint(out, fresh):
+                distributed.launch(args.nproc, _train_argv(args))
         except distributed.DistributedError as e:
-            last = Path(args.out) / "checkpoints" / "last.safetensors"
+            last = out / "checkpoints" / "last.safetensors"
             kept = (f"{last} (epoch {_checkpoint_epoch(last)}) is intact; continue with --resume (any --nproc)"
                     if last.exists() else "no checkpoint was written yet")
             print(f"climber: error: {e}; {kept}", file=sys.stderr)
@@ -133,10 +138,11 @@ def _train(args) -> None:
         return
     dist = distributed.init_from_env()
     try:
-        trainer = Trainer(out, Path(args.data), cfg, log=print if dist.main else (lambda *_: None),
-                          progress=not args.no_progress and dist.main, dist=dist,
-                          shards=Path(args.shards) if args.shards else None)
-        metrics = trainer.fit(resume=args.resume)
+        with _removed_without_checkpoint(out, fresh and dist.main):
+            trainer = Trainer(out, Path(args.data), cfg, log=_flushed_print if dist.main else (lambda *_: None),
+                              progress=not args.no_progress and dist.main, dist=dist,
+                              shards=Path(args.shards) if args.shards else None)
+            metrics = trainer.fit(resume=args.resume)
     except RuntimeError as e:  # a collective failed: another process has died (torchrun names it)
         if dist.world == 1 or os.environ.get("CLIMBER_DEBUG"):
             raise
@@ -148,6 +154,23 @@ def _train(args) -> None:
         print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
     if dist.world > 1:
         distributed.exit_finished_rank()
+
+
+@contextlib.contextmanager
+def _removed_without_checkpoint(out: Path, remove: bool):
+    """With ``remove`` (a new run): a run that fails, or is interrupted, before its first checkpoint takes
+    its run dir with it, so the dir does not block the rerun."""
+    try:
+        yield
+    except BaseException:
+        if remove and not (out / "checkpoints" / "last.safetensors").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _flushed_print(*args) -> None:
+    """print, flushed at once: in a log file, the epoch lines stay in order with the progress lines on stderr."""
+    print(*args, flush=True)
 
 
 def _checkpoint_epoch(path: Path) -> int:
