@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from climber.config import ConfigError, RunConfig, TrainConfig, apply_overrides, preset_names, resolve
+from climber.data.schema import DataError
 from climber.train import checkpoint
 
 
@@ -25,6 +26,43 @@ def test_unknown_train_setting_and_bad_values_are_rejected():
         TrainConfig(mode="both")
     with pytest.raises(ConfigError, match="train.batch_size"):
         TrainConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=one", "train.epochs: expected an integer, got 'one'"),
+    ("train.epochs=2.5", "train.epochs: expected an integer, got 2.5"),
+    ("train.epochs=true", "train.epochs: expected an integer, got True"),
+    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("train.lr=false", "train.lr: expected a number, got False"),
+    ("train.tensorboard=1", "train.tensorboard: expected true or false, got 1"),
+    ("train.select=1", "train.select: expected a string, got 1"),
+])
+def test_train_settings_of_the_wrong_type_are_named_with_the_value_and_type(override, message):
+    with pytest.raises(ConfigError) as e:
+        resolve("climber-tiny", None, [override])
+    assert str(e.value) == message
+
+
+def test_a_float_setting_takes_an_integer():
+    assert resolve("climber-tiny", None, ["train.lr=1", "train.max_epoch_minutes=2"]).train.lr == 1
+
+
+@pytest.mark.parametrize("model, override, message", [
+    ("climber", "model.d_model=abc", "ClimberConfig.d_model: expected an integer, got 'abc'"),
+    ("climber", "model.use_atl=2", "ClimberConfig.use_atl: expected true or false, got 2"),
+    ("climber", "model.dropout=high", "ClimberConfig.dropout: expected a number, got 'high'"),
+    ("climber", "model.strategies=recent", "ClimberConfig.strategies: expected a list of mappings, got 'recent'"),
+    ("dlrm", "model.top_mlp=64", "DLRMConfig.top_mlp: expected a list of integers, got 64"),
+    ("dlrm", "model.top_mlp=[64,x]", "DLRMConfig.top_mlp: expected a list of integers, got [64, 'x']"),
+    ("din", "model.activation=[dice]", "DINConfig.activation: expected a string, got ['dice']"),
+])
+def test_model_settings_of_the_wrong_type_are_named_with_the_value_and_type(model, override, message):
+    from climber.models import config_class
+
+    cfg = resolve(model, None, [override])
+    with pytest.raises(ConfigError) as e:
+        config_class(cfg.model).from_dict(cfg.model_config)
+    assert str(e.value) == message
 
 
 def test_resolve_layers_preset_file_and_overrides(tmp_path):
@@ -83,7 +121,7 @@ def test_checkpoint_rejects_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a climber checkpoint"):
+    with pytest.raises(DataError, match="not a climber checkpoint"):
         checkpoint.read_meta(tmp_path / "other.safetensors")
 
 

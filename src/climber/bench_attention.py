@@ -22,6 +22,7 @@ import resource
 import torch
 
 from climber.bench import _latencies, _percentile, bench_model, gemm_peak, random_batch
+from climber.config import ConfigError
 from climber.devices import flushed_denormals
 from climber.models import SampleShape
 
@@ -107,7 +108,7 @@ def bench_attention(model_name: str = "climber", mode: str = "train", lengths=(5
     """Each length's paths timed in turns in one fresh process, their memory in one process each; ratios
     against the last path."""
     if mode not in MODES:
-        raise ValueError(f"bench attention: mode {mode!r} not one of {', '.join(MODES)}")
+        raise ConfigError(f"bench attention: mode {mode!r} not one of {', '.join(MODES)}")
     threads = threads or torch.get_num_threads()
     peak = peak or gemm_peak(device=device)
     results = []

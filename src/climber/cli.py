@@ -1,21 +1,25 @@
 """The one command line: ``climber data|train|eval|compare|tune|bench|flops|scale|serve|quickstart|models ...``.
 
-Errors a user can act on (bad data, bad config, missing files) print one line and exit with code 2;
-set CLIMBER_DEBUG=1 to see the traceback instead.
+Errors a user can act on (DataError, ConfigError, a missing file) print one line and exit with code 2;
+set CLIMBER_DEBUG=1 to see the traceback instead. Other exceptions keep their traceback (a ValueError from
+inside climber is a bug, not bad input).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from climber import __version__
 from climber.config import ConfigError
 from climber.data.schema import DataError
 
-USER_ERRORS = (DataError, ConfigError, ValueError, FileNotFoundError)
+USER_ERRORS = (DataError, ConfigError, FileNotFoundError)  # a ValueError of the library is a bug: traceback
 
 
 def _data_prepare(args) -> None:
@@ -117,14 +121,16 @@ def _train(args) -> None:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = resolve(args.model, Path(args.config) if args.config else None, _overrides(args))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    fresh = not out.exists() or not any(out.iterdir())
+    if not fresh and not args.resume:
         raise ConfigError(f"{out}: run dir exists and is not empty; use --resume to continue it or pick another --out")
     if args.nproc > 1 and not distributed.launched():  # the shortcut for torchrun --standalone
         distributed.rank_batch_size(cfg.train.batch_size, args.nproc)  # fail before starting processes
         try:
-            distributed.launch(args.nproc, _train_argv(args))
+            with _removed_without_checkpoint(out, fresh):
+                distributed.launch(args.nproc, _train_argv(args))
         except distributed.DistributedError as e:
-            last = Path(args.out) / "checkpoints" / "last.safetensors"
+            last = out / "checkpoints" / "last.safetensors"
             kept = (f"{last} (epoch {_checkpoint_epoch(last)}) is intact; continue with --resume (any --nproc)"
                     if last.exists() else "no checkpoint was written yet")
             print(f"climber: error: {e}; {kept}", file=sys.stderr)
@@ -132,10 +138,11 @@ def _train(args) -> None:
         return
     dist = distributed.init_from_env()
     try:
-        trainer = Trainer(out, Path(args.data), cfg, log=print if dist.main else (lambda *_: None),
-                          progress=not args.no_progress and dist.main, dist=dist,
-                          shards=Path(args.shards) if args.shards else None)
-        metrics = trainer.fit(resume=args.resume)
+        with _removed_without_checkpoint(out, fresh and dist.main):
+            trainer = Trainer(out, Path(args.data), cfg, log=_flushed_print if dist.main else (lambda *_: None),
+                              progress=not args.no_progress and dist.main, dist=dist,
+                              shards=Path(args.shards) if args.shards else None)
+            metrics = trainer.fit(resume=args.resume)
     except RuntimeError as e:  # a collective failed: another process has died (torchrun names it)
         if dist.world == 1 or os.environ.get("CLIMBER_DEBUG"):
             raise
@@ -147,6 +154,23 @@ def _train(args) -> None:
         print(json.dumps({k: metrics[k] for k in ("best", "last")}, indent=2) if args.json else f"run dir: {out}")
     if dist.world > 1:
         distributed.exit_finished_rank()
+
+
+@contextlib.contextmanager
+def _removed_without_checkpoint(out: Path, remove: bool):
+    """With ``remove`` (a new run): a run that fails, or is interrupted, before its first checkpoint takes
+    its run dir with it, so the dir does not block the rerun."""
+    try:
+        yield
+    except BaseException:
+        if remove and not (out / "checkpoints" / "last.safetensors").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _flushed_print(*args) -> None:
+    """print, flushed at once: in a log file, the epoch lines stay in order with the progress lines on stderr."""
+    print(*args, flush=True)
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -323,7 +347,7 @@ def _require_serving() -> None:
 
     missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
+        raise ConfigError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
 
 
 def _bench_http(args) -> None:
@@ -348,7 +372,7 @@ def _serve(args) -> None:
 
     key = os.environ.get(args.api_key_env) or None
     if args.host not in LOOPBACK and key is None and not args.no_auth:
-        raise ValueError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
+        raise ConfigError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
                          f"${args.api_key_env} (clients send it as X-API-Key) or pass --no-auth")
     service = Service(Path(args.run), args.data and Path(args.data), args.store and Path(args.store),
                       cache_bytes=int(args.cache_mb * 2**20), device=args.device or "auto")
@@ -361,16 +385,42 @@ def _serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+REFERENCE_CANDIDATES = 32  # candidates per row of `climber flops` and `climber models --json`
+
+
 def _models(args) -> None:
-    from climber.config import preset_names
+    from climber.config import preset_names, preset_of
     from climber.models import model_names
 
-    print("models: " + ", ".join(model_names()))
-    print("presets: " + ", ".join(preset_names()))
+    if not args.json:
+        print("models: " + ", ".join(model_names()))
+        print("presets: " + ", ".join(preset_names()))
+        return
+    from climber.bench import INFO
+    from climber.config import resolve
+    from climber.models import build_model, flops_per_candidate, parameter_counts
+
+    presets = []
+    for name in preset_names():
+        cfg = resolve(name, None, [])
+        model = build_model(cfg.model, cfg.model_config, INFO)
+        presets.append({"name": name, "model": cfg.model, "parameters": parameter_counts(model),
+                        "forward_flops_per_candidate": flops_per_candidate(model, REFERENCE_CANDIDATES)})
+    print(json.dumps({
+        "version": __version__,
+        "assumes": {"users": INFO.num_users, "items": INFO.num_items, "actions": INFO.num_actions,
+                    "scenarios": INFO.num_scenarios, "candidates_per_row": REFERENCE_CANDIDATES,
+                    "note": "the vocabulary sizes of `climber flops` (climber.bench.INFO): embedding parameters grow "
+                            "with a data set's; FLOPs are the analytic forward FLOPs of one row, every subsequence "
+                            "at its full length, divided by its candidates"},
+        "models": [{"name": name, "default_preset": preset_of(name)} for name in model_names()],
+        "presets": presets,
+    }, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="climber", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"climber {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="prepare, synthesise and inspect event data").add_subparsers(dest="data_command", required=True)
@@ -462,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flops", help="analytic and measured FLOPs per row, split by module kind, parameters")
     fl.add_argument("--model", default="climber", help="model or preset name (default: climber)")
-    fl.add_argument("--candidates", type=int, default=32, help="candidates per row (default 32)")
+    fl.add_argument("--candidates", type=int, default=REFERENCE_CANDIDATES,
+                    help=f"candidates per row (default {REFERENCE_CANDIDATES})")
     fl.add_argument("--length", type=int, help="set every subsequence length (default: the preset's)")
     fl.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override (repeatable)")
     fl.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -566,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=_serve)
 
     mo = sub.add_parser("models", help="list registered models and presets")
+    mo.add_argument("--json", action="store_true", help="as JSON, with each preset's parameters and forward FLOPs "
+                                                        "per candidate (on a reference data size, stated)")
     mo.set_defaults(func=_models)
     return p
 

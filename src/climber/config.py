@@ -13,6 +13,7 @@ accepted as a short form of ``model_config.``).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,36 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration the user can fix; printed as one line."""
+
+
+def check_types(config, where: str) -> None:
+    """ConfigError naming ``where.field``, the value and the expected type when a field of the dataclass
+    instance ``config`` does not hold its annotated type: int (not bool), float (an int will do), bool,
+    str, dict, list[T] (a list of T)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _fits(value, hints[f.name]):
+            raise ConfigError(f"{where}.{f.name}: expected {_describe(hints[f.name])}, got {value!r}")
+
+
+def _fits(value, hint) -> bool:
+    if typing.get_origin(hint) is list:
+        (element,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, element) for v in value)
+    if hint in (int, float):  # a bool is an int to Python, never a number here
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+               str: ("a string", "strings"), dict: ("a mapping", "mappings")}  # type: (one, a list of them)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_TYPE_NAMES[typing.get_args(hint)[0]][1]}"
+    return _TYPE_NAMES[hint][0]
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -62,6 +93,7 @@ class TrainConfig:
     shard_embedding_rows: int = 0  # ddp: split embedding tables of at least this many rows across processes (0 = off)
 
     def __post_init__(self):
+        check_types(self, "train")
         if self.mode not in ("multi", "single"):
             raise ConfigError(f"train.mode must be 'multi' or 'single', got {self.mode!r}")
         for name in ("epochs", "batch_size", "candidates_per_row", "eval_batch_size"):
@@ -169,14 +201,20 @@ def resolve(model: str | None, config_file: Path | None, overrides: list[str]) -
     """Preset (``--model`` as a preset name, or a model name's default preset) <- config file <- --set."""
     base = load_yaml(config_file) if config_file is not None else {}
     name = model or base.get("model") or "climber"
-    preset_name = name if name in preset_names() else DEFAULT_PRESETS.get(name, f"{name}-default")
-    preset_name = preset_name if preset_name in preset_names() else None
+    preset_name = preset_of(name)
     preset = load_preset(preset_name) if preset_name else {"model": name}
     merged = _merge(preset, {k: v for k, v in base.items() if k != "model"})
     return RunConfig.from_dict(apply_overrides(merged, overrides))
 
 
 DEFAULT_PRESETS = {"climber": "climber-small"}  # model name -> the preset `--model NAME` means (else NAME-default)
+
+
+def preset_of(name: str) -> str | None:
+    """The preset ``--model NAME`` starts from: NAME itself when it is a preset, else the model's default
+    preset; None when there is none."""
+    preset = name if name in preset_names() else DEFAULT_PRESETS.get(name, f"{name}-default")
+    return preset if preset in preset_names() else None
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from climber.compare import Entry, compare
+from climber.config import ConfigError
 from climber.data.schema import DataError, RawSource
 
 MEMBERS = ("ml100k-side", "ml100k-ids", "ml100k-sparse", "taobao", "synth-sparse")
@@ -58,7 +59,7 @@ def build_member(name: str, out: Path, ml100k: Path, taobao: Path, log=print) ->
     from climber.data.synthetic import synthesize
 
     if name not in MEMBERS:
-        raise ValueError(f"robustness: member {name!r} not one of {', '.join(MEMBERS)}")
+        raise ConfigError(f"robustness: member {name!r} not one of {', '.join(MEMBERS)}")
     data = Path(out) / "data" / name
     if (data / "manifest.json").exists():
         return data

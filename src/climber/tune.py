@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from climber.compare import Entry, machine, train_or_skip
+from climber.config import ConfigError
 from climber.data.prepare import load_manifest
 from climber.models import config_class
 
@@ -32,7 +33,7 @@ SPACE = {  # what a trial draws; every model of the registry has these settings
 def draws(trials: int, seed: int = 0) -> list[list[str]]:
     """The overrides of each trial: [] (the entry as it is), then trials - 1 draws from SPACE."""
     if trials < 1:
-        raise ValueError(f"tune: --trials must be >= 1, got {trials}")
+        raise ConfigError(f"tune: --trials must be >= 1, got {trials}")
     rng = np.random.default_rng(seed)
     out: list[list[str]] = [[]]
     for _ in range(trials - 1):

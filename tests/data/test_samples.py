@@ -19,7 +19,7 @@ from climber.data.samples import (
     count_rows,
     make_rows,
 )
-from climber.data.schema import LabelRule, RawSource
+from climber.data.schema import DataError, LabelRule, RawSource
 from climber.data.sequences import Strategy, resolve, select
 
 STRATEGIES = [
@@ -86,11 +86,11 @@ def test_from_polars_equals_from_arrow(prepared, events):
 
 def test_from_table_rejects_unsorted_events(prepared):
     table = pl.read_parquet(prepared / "events.parquet")
-    with pytest.raises(ValueError, match="not sorted by user"):
+    with pytest.raises(DataError, match="not sorted by user"):
         UserEvents.from_table(table.sort("user", descending=True))
-    with pytest.raises(ValueError, match="ts goes back"):
+    with pytest.raises(DataError, match="ts goes back"):
         UserEvents.from_table(table.sort("user", "ts", descending=[False, True]))
-    with pytest.raises(ValueError, match="'dev'"):
+    with pytest.raises(DataError, match="'dev'"):
         UserEvents.from_table(table.with_columns(pl.lit("dev").alias("split")))
 
 

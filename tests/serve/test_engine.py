@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.samples import Rows, UserEvents, collate
+from climber.data.schema import DataError
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
 from climber.models.layers import ItemEmbedding
@@ -306,29 +308,29 @@ def test_lru_store_is_bounded_in_bytes_and_evicts_the_least_recently_used():
     assert len(tiny.store) == 0 and tiny.store.nbytes == 0
 
 
-def test_bad_input_is_a_value_error_saying_what_is_wrong():
+def test_bad_input_is_a_data_error_saying_what_is_wrong():
     engine = Engine(build("climber", CLIMBER))
     h = random_events(5, seed=0)
-    with pytest.raises(ValueError, match="ts decreases at event 2"):
+    with pytest.raises(DataError, match="ts decreases at event 2"):
         UserHistory(1, [1, 2, 3], [1, 1, 1], [1, 1, 1], [10, 20, 15], [0, 1, 0])
-    with pytest.raises(ValueError, match="different lengths"):
+    with pytest.raises(DataError, match="different lengths"):
         UserHistory(1, [1, 2, 3], [1, 1], [1, 1, 1], [10, 20, 30], [0, 1, 0])
-    with pytest.raises(ValueError, match="label must be 0 or 1"):
+    with pytest.raises(DataError, match="label must be 0 or 1"):
         UserHistory(1, [1], [1], [1], [10], [2])
-    with pytest.raises(ValueError, match="expected integers"):
+    with pytest.raises(DataError, match="expected integers"):
         UserHistory(1, [1.5], [1], [1], [10], [0])
-    with pytest.raises(ValueError, match="item: id 51 outside"):
+    with pytest.raises(DataError, match="item: id 51 outside"):
         engine.encode_user(UserHistory(1, [51], [1], [1], [10], [0]))
     cache = engine.encode_user(h)
-    with pytest.raises(ValueError, match="different lengths"):
+    with pytest.raises(DataError, match="different lengths"):
         engine.score(cache, [1, 2], [1, 2], [h.ts[-1]])
-    with pytest.raises(ValueError, match="cand_scenario: id 0 outside"):
+    with pytest.raises(DataError, match="cand_scenario: id 0 outside"):
         engine.score(cache, [1], [0], [h.ts[-1]])
-    with pytest.raises(ValueError, match="before the user's last event"):
+    with pytest.raises(DataError, match="before the user's last event"):
         engine.append(cache, random_events(2, seed=1, t0=int(h.ts[-1]) - 10**6))
-    with pytest.raises(ValueError, match="events of user 4 given to the cache of user 3"):
+    with pytest.raises(DataError, match="events of user 4 given to the cache of user 3"):
         engine.append(cache, random_events(2, seed=1, user=4, t0=int(h.ts[-1])))
-    with pytest.raises(ValueError, match="not a climber model"):
+    with pytest.raises(ConfigError, match="not a climber model"):
         Engine(nn.Linear(2, 2))
 
 

@@ -263,6 +263,18 @@ def test_killed_rank_fails_the_job_and_the_run_resumes_on_one_process(tiny_synth
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
 
 
+def test_a_job_whose_rank_dies_before_the_first_checkpoint_leaves_no_run_dir(tiny_synth, tmp_path):
+    run = tmp_path / "run"
+    sets = [x for s in TINY + ["train.epochs=1"] for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "climber", "train", "--data", str(tiny_synth), "--model", "climber-tiny",
+           "--out", str(run), "--no-progress", "--nproc", "2", *sets]
+    env = {**os.environ, distributed.FAULT_ENV: "1:2"}  # rank 1, the second step of epoch 0
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "killed by SIGKILL" in proc.stderr and "no checkpoint was written yet" in proc.stderr
+    assert not run.exists()
+
+
 def test_a_finished_two_process_fsdp_job_exits_0(tiny_synth, tmp_path):
     """The whole `climber train --nproc 2` path with FSDP ends with exit 0 and a finished run dir (a
     finished rank intermittently aborted in interpreter teardown before ranks skipped it)."""

@@ -96,6 +96,40 @@ def test_cli_train_eval_and_errors(data, tmp_path, capsys):
     assert "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'" in capsys.readouterr().err
 
 
+def test_train_refuses_a_log_without_val_or_test_events_before_writing_a_run_dir(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    users = [f"u{u}" for u in range(30) for _ in range(6)]  # 6 events each: under the protocol's 10, train only
+    log = tmp_path / "log.csv"
+    pl.DataFrame({"user": users, "item": [f"i{i}" for i in rng.integers(0, 20, len(users))],
+                  "ts": list(range(len(users))), "action": rng.integers(1, 6, len(users))}).write_csv(log)
+    assert main(["data", "prepare", str(log), "--label", "action>=4", "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "d"), "--model", "climber-tiny", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the val split has no events" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("failing_epoch", [0, 1])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_dir(data, tmp_path, monkeypatch, failing_epoch):
+    train_epoch = Trainer._train_epoch
+
+    def failing(self, epoch, step):
+        if epoch == failing_epoch:
+            raise RuntimeError("boom")
+        return train_epoch(self, epoch, step)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", failing)
+    run = tmp_path / "run"
+    sets = [x for s in TINY + ["train.epochs=2"] for x in ("--set", s)]
+    with pytest.raises(RuntimeError, match="boom"):  # not a user error: its traceback
+        main(["train", "--data", str(data), "--model", "climber-tiny", "--out", str(run), "--no-progress", *sets])
+    checkpointed = failing_epoch > 0
+    assert run.exists() == checkpointed  # after a checkpoint the run dir is kept for --resume
+    assert (run / "checkpoints" / "last.safetensors").exists() == checkpointed
+
+
 @pytest.mark.parametrize("select", ["gauc", "logloss"])
 def test_best_checkpoint_and_early_stop_follow_the_selected_val_figure(data, tmp_path, select):
     cfg = resolve("climber-tiny", None, TINY + ["train.epochs=4", "train.patience=1", f"train.select={select}"])

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from climber.config import ConfigError
 from climber.data.batch import Batch
 from climber.data.prepare import load_manifest
 from climber.data.samples import (
@@ -99,9 +100,9 @@ class SampleLoader:
         for name, value in (("batch_size", batch_size), ("candidates_per_row", candidates_per_row),
                             ("users_per_chunk", users_per_chunk)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if workers < -1:
-            raise ValueError(f"workers must be >= 0 (or -1 for auto), got {workers}")
+            raise ConfigError(f"workers must be >= 0 (or -1 for auto), got {workers}")
         manifest = load_manifest(prepared_dir)
         # {shard number: file}; the whole data set is one file, keyed None (the RNG keys of before shards)
         self.files = {None: Path(prepared_dir) / "events.parquet"} if shards is None else dict(sorted(shards.items()))
@@ -109,7 +110,7 @@ class SampleLoader:
         self.batch_size, self.candidates_per_row = batch_size, candidates_per_row
         self.shuffle = split == "train" if shuffle is None else shuffle
         if bucket and not self.shuffle:
-            raise ValueError("bucket needs shuffle (unshuffled batches stay in user order)")
+            raise ConfigError("bucket needs shuffle (unshuffled batches stay in user order)")
         self.bucket, self.pin_memory = bucket, pin_memory
         self.workers = auto_workers() if workers == -1 else workers
         self.resolved = resolve(strategies, manifest["actions"], manifest["scenarios"])

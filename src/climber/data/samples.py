@@ -21,8 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.prepare import SPLIT_CODES
+from climber.data.schema import DataError
 from climber.data.sequences import ResolvedStrategy, Selector
 
 SPLITS = tuple(SPLIT_CODES)  # ("train", "val", "test"), codes 0, 1, 2
@@ -32,20 +34,20 @@ COLUMNS = ("user", "item", "action", "scenario", "ts", "label", "split")  # what
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
 
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
 
 
 def split_codes(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """(N,) int8 codes (train 0, val 1, test 2) of a string column; ValueError naming an unknown value."""
+    """(N,) int8 codes (train 0, val 1, test 2) of a string column; DataError naming an unknown value."""
     codes = pc.index_in(column, value_set=pa.array(SPLITS))
     if codes.null_count:
         bad = pc.filter(column, pc.is_null(codes))[0].as_py()
-        raise ValueError(f"split value {bad!r} is not one of {', '.join(SPLITS)}")
+        raise DataError(f"split value {bad!r} is not one of {', '.join(SPLITS)}")
     return codes.to_numpy().astype(np.int8)
 
 
@@ -70,7 +72,7 @@ class UserEvents:
             table = table.to_arrow()
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
-            raise ValueError(f"events table lacks columns {missing}; has {table.column_names}")
+            raise DataError(f"events table lacks columns {missing}; has {table.column_names}")
 
         def column(name: str, dtype) -> np.ndarray:
             return table.column(name).to_numpy().astype(dtype, copy=False)
@@ -93,14 +95,14 @@ class UserEvents:
     def _check_order(self) -> None:
         """What history selection relies on: users contiguous; per user ts ascending, train < val < test."""
         if np.any(np.diff(self.user) <= 0):
-            raise ValueError("events are not sorted by user (a user's events must be contiguous, users ascending)")
+            raise DataError("events are not sorted by user (a user's events must be contiguous, users ascending)")
         continues = np.ones(len(self.ts), dtype=bool)  # (N,) event i is not its user's first
         continues[self.offsets[:-1]] = False
         for name, values in (("ts", self.ts), ("split", self.split)):
             back = np.flatnonzero((np.diff(values) < 0) & continues[1:])
             if back.size:
                 owner = self.user[np.searchsorted(self.offsets, back[0] + 1, side="right") - 1]
-                raise ValueError(
+                raise DataError(
                     f"events of user {owner}: {name} goes back at event {back[0] + 1}; expected "
                     "(user, ts, item) order with train, val, test events in that order"
                 )
@@ -149,7 +151,7 @@ def _plan(counts: np.ndarray, split: str, candidates_per_row: int, mode: str, rn
     check_split(split)
     check_mode(mode)
     if candidates_per_row < 1:
-        raise ValueError(f"candidates_per_row must be >= 1, got {candidates_per_row}")
+        raise ConfigError(f"candidates_per_row must be >= 1, got {candidates_per_row}")
     code = SPLIT_CODES[split]
     base = counts[:, :code].sum(axis=1)
     n = counts[:, code]

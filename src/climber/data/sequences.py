@@ -23,6 +23,8 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from climber.config import ConfigError
+
 KINDS = ("recency", "action", "scenario", "window", "positive")
 
 
@@ -36,20 +38,20 @@ class Strategy:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"strategy {self.name!r}: kind {self.kind!r} not one of {', '.join(KINDS)}")
+            raise ConfigError(f"strategy {self.name!r}: kind {self.kind!r} not one of {', '.join(KINDS)}")
         if self.length < 1:
-            raise ValueError(f"strategy {self.name!r}: length must be >= 1, got {self.length}")
+            raise ConfigError(f"strategy {self.name!r}: length must be >= 1, got {self.length}")
         if self.kind in ("action", "scenario") and not self.values:
-            raise ValueError(f"strategy {self.name!r}: kind {self.kind} needs values")
+            raise ConfigError(f"strategy {self.name!r}: kind {self.kind} needs values")
         if self.kind == "window" and self.window_s <= 0:
-            raise ValueError(f"strategy {self.name!r}: kind window needs window_s > 0")
+            raise ConfigError(f"strategy {self.name!r}: kind window needs window_s > 0")
         object.__setattr__(self, "values", tuple(str(v) for v in self.values))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Strategy":
         unknown = set(d) - {"name", "kind", "length", "values", "window_s"}
         if unknown:
-            raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}")
+            raise ConfigError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -98,7 +100,7 @@ def resolve(
             values = known[s.kind]
             unknown = [v for v in s.values if v not in values]
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"strategy {s.name!r}: {s.kind} value {unknown[0]!r} is not in the data; "
                     f"known {s.kind} values: {', '.join(values)}"
                 )

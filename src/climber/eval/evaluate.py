@@ -9,6 +9,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from climber.config import ConfigError
+from climber.data.schema import DataError
 from climber.eval.metrics import all_metrics
 
 
@@ -66,7 +68,7 @@ def load_run_model(run_dir: Path, which: str = "best", device="cpu") -> tuple[to
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints" / f"{which}.safetensors"
     if not ckpt.exists():
-        raise ValueError(f"{run_dir}: no checkpoints/{which}.safetensors; is this a finished `climber train` run dir?")
+        raise ConfigError(f"{run_dir}: no checkpoints/{which}.safetensors; is this a finished `climber train` run dir?")
     meta = checkpoint.read_meta(ckpt)
     model = build_model(meta["model"], meta["model_config"], DataInfo.from_dict(meta["data_info"]))
     checkpoint.load(ckpt, model)
@@ -86,7 +88,7 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, split: str = "test
     data_dir = Path(data_dir or cfg["data"])
     manifest = load_manifest(data_dir)
     if not model.info.matches(data_dir):
-        raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
+        raise DataError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
     if manifest["fingerprint"]["sha256"] != meta["fingerprint"]["sha256"]:
         log(f"note: {data_dir} is not the data the run was trained on (fingerprint differs)")
     train = cfg.get("train", {})

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from climber.config import ConfigError
 from climber.data.prepare import load_manifest
 
 
@@ -127,6 +128,13 @@ def flops_per_candidate(model, candidates: int) -> float:
     return model.flops(SampleShape(tuple(s.length for s in model.strategies()), candidates)) / candidates
 
 
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """{"total", "embeddings" (in embedding tables: they grow with the vocabularies), "dense"}."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False))
+    return {"total": total, "embeddings": emb, "dense": total - emb}
+
+
 # name -> (module, config class, model class); imported on first use
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "climber": ("climber.models.climber", "ClimberConfig", "Climber"),
@@ -152,7 +160,7 @@ def _lookup(name: str):
     import importlib
 
     if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
     module, cfg_name, model_name = REGISTRY[name]
     mod = importlib.import_module(module)
     return getattr(mod, cfg_name), getattr(mod, model_name)

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from climber.config import ConfigError
+
 ATTENTION = ("structured", "tiled", "flex", "dense", "reference")
 FULL_SEQUENCE = ("dense", "reference")  # the oracles: one pass over [history ; candidates] with an N x N mask
 LEGACY_NAMES = {"sdpa": "dense"}
@@ -56,10 +58,10 @@ CHECKPOINT_SCORES = 1 << 22  # recompute tiles in backward when a layer's scores
 
 
 def check_attention(owner: str, name: str) -> str:
-    """The attention path ``name`` (legacy names mapped); ValueError naming ``owner`` when unknown."""
+    """The attention path ``name`` (legacy names mapped); ConfigError naming ``owner`` when unknown."""
     name = LEGACY_NAMES.get(name, name)
     if name not in ATTENTION:
-        raise ValueError(f"{owner}.attention: {name!r} not one of {', '.join(ATTENTION)}")
+        raise ConfigError(f"{owner}.attention: {name!r} not one of {', '.join(ATTENTION)}")
     return name
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -67,16 +68,16 @@ class ClimberConfig(ModelConfig):
     match_bias: bool = False  # ATL bias per head where query and key items share an item side feature value
     match_mask: bool = False  # a token attends only to events whose items share all its side values (SIM hard search)
 
-    def __post_init__(self):
+    def check(self) -> None:
         if not self.strategies:
-            raise ValueError("ClimberConfig.strategies: need at least one strategy")
-        self.strategies = [(s if isinstance(s, Strategy) else Strategy.from_dict(s)).to_dict() for s in self.strategies]
+            raise ConfigError("ClimberConfig.strategies: need at least one strategy")
+        self.strategies = [Strategy.from_dict(s).to_dict() for s in self.strategies]
         names = [s["name"] for s in self.strategies]
         if len(set(names)) != len(names):
-            raise ValueError(f"ClimberConfig.strategies: names must be unique, got {names}")
+            raise ConfigError(f"ClimberConfig.strategies: names must be unique, got {names}")
         self.attention = check_attention("ClimberConfig", self.attention)
         if self.d_model % self.n_heads:
-            raise ValueError(f"ClimberConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"ClimberConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._at_least(1, "n_layers", "ffn_mult", "time_buckets")
         self._at_least(2, "pos_buckets")
 

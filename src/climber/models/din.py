@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -34,9 +35,9 @@ class DINConfig(ModelConfig):
     activation: str = "dice"  # "dice" | "prelu", in both MLPs
     dropout: float = 0.1  # in the head MLP
 
-    def __post_init__(self):
+    def check(self) -> None:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"DINConfig.activation: {self.activation!r} not one of {', '.join(ACTIVATIONS)}")
+            raise ConfigError(f"DINConfig.activation: {self.activation!r} not one of {', '.join(ACTIVATIONS)}")
         self._at_least(1, "d_model", "max_len")
         self._layer_sizes("att_hidden", "mlp_hidden", nonempty=True)
         self._dropout_in_range()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -46,9 +47,9 @@ class DLRMConfig(ModelConfig):
     n_cross: int = 2  # DCNv2 cross layers (interaction "dcn")
     dropout: float = 0.1  # in the top MLP
 
-    def __post_init__(self):
+    def check(self) -> None:
         if self.interaction not in INTERACTIONS:
-            raise ValueError(f"DLRMConfig.interaction: {self.interaction!r} not one of {', '.join(INTERACTIONS)}")
+            raise ConfigError(f"DLRMConfig.interaction: {self.interaction!r} not one of {', '.join(INTERACTIONS)}")
         self._at_least(1, "d_model", "max_len", "n_cross")
         self._layer_sizes("bottom_mlp", "top_mlp")
         self._dropout_in_range()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from climber.config import ConfigError
+
 BLOCK = 128
 _compiled = None
 
@@ -43,7 +45,7 @@ def flex_attend(plan, q, k_self, v_self, k, v, sink) -> torch.Tensor:
     if N == 0:
         return torch.zeros_like(q)
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        raise ValueError("model.attention=flex: FlexAttention has no CPU backward in torch 2.13; train on the "
+        raise ConfigError("model.attention=flex: FlexAttention has no CPU backward in torch 2.13; train on the "
                          "CPU with model.attention=structured (the tiled kernel)")
     M = k.shape[2]
     S = M + N + (sink is not None)  # keys: history, own, sink

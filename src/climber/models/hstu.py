@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -64,12 +65,12 @@ class HSTUConfig(ModelConfig):
     time_buckets: int = 32
     attention: str = "structured"  # "structured" | "tiled" | "flex" | "dense" = "reference" (the explicit full sequence)
 
-    def __post_init__(self):
+    def check(self) -> None:
         self.attention = check_attention("HSTUConfig", self.attention)
         self._at_least(1, "d_model", "n_heads", "n_layers", "max_len", "time_buckets")
         self._at_least(2, "pos_buckets")
         if self.d_model % self.n_heads:
-            raise ValueError(f"HSTUConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"HSTUConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._dropout_in_range()
 
 

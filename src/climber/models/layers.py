@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models.attention import QUERY_TILE, Plan, causal_tile_pairs
@@ -159,7 +160,7 @@ class Attention(Steps):
     def __init__(self, d_model: int, n_heads: int, dropout: float, impl: str = "dense", sink: bool = False):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads, self.dropout, self.impl = n_heads, dropout, impl
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)

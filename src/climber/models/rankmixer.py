@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -48,11 +49,11 @@ class RankMixerConfig(ModelConfig):
     max_len: int = 64  # history events read
     recent_k: int = 4  # most recent history events kept as separate features
 
-    def __post_init__(self):
+    def check(self) -> None:
         self._at_least(1, "T", "d_token", "d_feature", "n_layers", "ffn_mult", "max_len")
         self._at_least(0, "moe_experts", "recent_k", "l1_weight")
         if self.d_token % self.T:
-            raise ValueError(f"RankMixerConfig: d_token {self.d_token} not divisible by T {self.T} (T heads per token)")
+            raise ConfigError(f"RankMixerConfig: d_token {self.d_token} not divisible by T {self.T} (T heads per token)")
         self._dropout_in_range()
 
 

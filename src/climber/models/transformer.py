@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -50,10 +51,10 @@ class TransformerConfig(ModelConfig):
     max_len: int = 64  # the most recent events kept (one recency subsequence); size of the position table
     attention: str = "structured"  # "structured" | "tiled" | "flex" | "dense" | "reference" (climber.models.attention)
 
-    def __post_init__(self):
+    def check(self) -> None:
         self._at_least(1, "d_model", "n_heads", "n_layers", "ffn_mult", "max_len")
         if self.d_model % self.n_heads:
-            raise ValueError(f"TransformerConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"TransformerConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._dropout_in_range()
         self.attention = check_attention("TransformerConfig", self.attention)
 

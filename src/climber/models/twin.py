@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
@@ -39,10 +40,10 @@ class TWINConfig(ModelConfig):
     mlp_hidden: list[int] = field(default_factory=lambda: [128, 64])  # head: 3d -> ... -> 1
     dropout: float = 0.1  # in the head MLP
 
-    def __post_init__(self):
+    def check(self) -> None:
         self._at_least(1, "d_model", "n_heads", "max_len", "top_k")
         if self.d_model % self.n_heads:
-            raise ValueError(f"TWINConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"TWINConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._layer_sizes("mlp_hidden")
         self._dropout_in_range()
 

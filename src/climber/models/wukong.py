@@ -40,7 +40,7 @@ class WukongConfig(ModelConfig):
     max_len: int = 64  # history events read
     recent_k: int = 4  # most recent history events kept as separate tokens
 
-    def __post_init__(self):
+    def check(self) -> None:
         self._at_least(1, "d_model", "n_layers", "n_fmb", "n_lcb", "mlp_hidden", "max_len")
         self._at_least(0, "fm_rank", "recent_k")
         self._dropout_in_range()

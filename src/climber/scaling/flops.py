@@ -8,7 +8,8 @@ from __future__ import annotations
 from torch import nn
 
 from climber.bench import bench_model, count_flops, random_batch
-from climber.models import SampleShape
+from climber.config import ConfigError
+from climber.models import SampleShape, parameter_counts
 from climber.models.features import FeatureTokens
 from climber.models.layers import Attention, FeedForward, IdEmbeddings
 
@@ -30,9 +31,9 @@ def flops_report(model_name: str, overrides: list[str], candidates: int = 32, le
     the preset's). Measured in train mode without dropout (every MoE expert runs, as the analytic count
     assumes) with the reference attention."""
     if length is not None and length < 1:
-        raise ValueError(f"flops: --length must be >= 1, got {length}")
+        raise ConfigError(f"flops: --length must be >= 1, got {length}")
     if candidates < 1:
-        raise ValueError(f"flops: --candidates must be >= 1, got {candidates}")
+        raise ConfigError(f"flops: --candidates must be >= 1, got {candidates}")
     model = bench_model(model_name, [*overrides, "model.dropout=0.0"], length).train()
     lengths = tuple(s.length for s in model.strategies())
     batch = random_batch(lengths, 1, candidates)
@@ -42,14 +43,12 @@ def flops_report(model_name: str, overrides: list[str], candidates: int = 32, le
     for name, module in _outermost(model):
         split[_kind(module)] += per_module.get(f"{prefix}.{name}", 0)
     split["head and other"] = total - sum(split.values())
-    emb = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False))
     analytic = model.flops(SampleShape(lengths, candidates))
     return {"model": model_name, "overrides": overrides, "lengths": list(lengths), "candidates": candidates,
             "forward_flops": {"analytic": analytic, "measured": total, "relative_difference": (analytic - total) / total},
             "train_flops_analytic": 3 * analytic, "per_candidate_forward_flops": analytic / candidates,
             "measured_split": split,
-            "parameters": {"total": sum(p.numel() for p in model.parameters()), "embeddings": emb,
-                           "dense": sum(p.numel() for p in model.parameters()) - emb}}
+            "parameters": parameter_counts(model)}
 
 
 def _outermost(model: nn.Module):

@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from climber.data.schema import DataError
 from climber.serve.engine import Engine, UserCache, UserHistory
 from climber.serve.store import Event, HistoryStore
 
@@ -117,9 +118,9 @@ class Service:
         model, meta = load_run_model(run_dir, device=device)
         data_dir = Path(data_dir or load_yaml(run_dir / "config.yaml")["data"])
         if not (data_dir / "manifest.json").exists():
-            raise ValueError(f"{data_dir}: no prepared data (its vocabularies map raw ids); pass --data DIR")
+            raise DataError(f"{data_dir}: no prepared data (its vocabularies map raw ids); pass --data DIR")
         if not model.info.matches(data_dir):
-            raise ValueError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
+            raise DataError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
         self.run_dir, self.data_dir, self.model_name = run_dir, data_dir, meta["model"]
         self.vocab = {col: dict(pl.read_parquet(data_dir / "vocab" / f"{col}.parquet").select("raw", "id").iter_rows())
                       for col in ("user", "item", "action", "scenario")}
@@ -197,7 +198,7 @@ class Service:
             rows.append(Event(str(e.item), action, scenario, e.ts, label))
         try:
             total = self.store.append(user, rows)
-        except ValueError as err:
+        except DataError as err:
             raise Rejected(409, str(err)) from None
         cache = self.engine.store.pop(user)
         if cache is not None:

@@ -45,7 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
+from climber.data.schema import DataError
 from climber.data.sequences import ResolvedStrategy, resolve, select
 from climber.models.climber import Climber
 from climber.models.hstu import HSTU
@@ -55,12 +57,12 @@ EVENT_FIELDS = ("item", "action", "scenario", "ts", "label")
 
 
 def _ids(values, name: str) -> np.ndarray:
-    """A 1-d int64 array from a tensor, array or list of integers; ValueError naming ``name`` otherwise."""
+    """A 1-d int64 array from a tensor, array or list of integers; DataError naming ``name`` otherwise."""
     a = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values)
     if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-d sequence, got shape {a.shape}")
+        raise DataError(f"{name}: expected a 1-d sequence, got shape {a.shape}")
     if a.size and not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
-        raise ValueError(f"{name}: expected integers, got dtype {a.dtype}")
+        raise DataError(f"{name}: expected integers, got dtype {a.dtype}")
     return a.astype(np.int64)
 
 
@@ -82,14 +84,14 @@ class UserHistory:
             setattr(self, f, _ids(getattr(self, f), f"history of user {self.user}: {f}"))
         lengths = {f: len(getattr(self, f)) for f in EVENT_FIELDS}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"history of user {self.user}: fields have different lengths {lengths}")
+            raise DataError(f"history of user {self.user}: fields have different lengths {lengths}")
         back = np.flatnonzero(np.diff(self.ts) < 0)
         if back.size:
             i = back[0] + 1
-            raise ValueError(f"history of user {self.user}: ts decreases at event {i} ({self.ts[i - 1]} -> "
+            raise DataError(f"history of user {self.user}: ts decreases at event {i} ({self.ts[i - 1]} -> "
                              f"{self.ts[i]}); events must be in time order")
         if not np.isin(self.label, (0, 1)).all():
-            raise ValueError(f"history of user {self.user}: label must be 0 or 1, got {sorted(set(self.label))}")
+            raise DataError(f"history of user {self.user}: label must be 0 or 1, got {sorted(set(self.label))}")
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -103,7 +105,7 @@ class UserHistory:
         return UserHistory(self.user, *(getattr(self, f)[index] for f in EVENT_FIELDS))
 
     def concat(self, later: "UserHistory") -> "UserHistory":
-        """These events followed by ``later``'s (ValueError where the ts would go back)."""
+        """These events followed by ``later``'s (DataError where the ts would go back)."""
         return UserHistory(self.user, *(np.concatenate([getattr(self, f), getattr(later, f)]) for f in EVENT_FIELDS))
 
 
@@ -173,7 +175,7 @@ class LRUStore:
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
-            raise ValueError(f"max_cache_bytes must be >= 0, got {max_bytes}")
+            raise ConfigError(f"max_cache_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
@@ -227,14 +229,14 @@ class Engine:
     docstring); the model is put in eval mode and run under ``torch.inference_mode``."""
 
     def __init__(self, model: nn.Module, max_cache_bytes: int = 256 * 2**20, fallback: bool = True):
-        """fallback: serve a model without a cached path by full recompute (False: ValueError)."""
+        """fallback: serve a model without a cached path by full recompute (False: ConfigError)."""
         cached = isinstance(model, CACHED_MODELS)
         name = type(model).__name__
         if not cached and not fallback:
             known = ", ".join(c.__name__ for c in CACHED_MODELS)
-            raise ValueError(f"{name} has no KV-cached path (models with one: {known}) and fallback=False")
+            raise ConfigError(f"{name} has no KV-cached path (models with one: {known}) and fallback=False")
         if not (hasattr(model, "strategies") and hasattr(model, "info")):
-            raise ValueError(f"{name} is not a climber model: the engine needs model.strategies() and model.info")
+            raise ConfigError(f"{name} is not a climber model: the engine needs model.strategies() and model.info")
         self.model = model.eval()
         self.info = model.info
         self._cached = cached
@@ -267,12 +269,12 @@ class Engine:
         """``cache`` with the newer ``events`` of the same user (ts not before the cache's last event);
         ``cache`` itself is left as it was."""
         if events.user != cache.user:
-            raise ValueError(f"append: events of user {events.user} given to the cache of user {cache.user}")
+            raise DataError(f"append: events of user {events.user} given to the cache of user {cache.user}")
         self._check_history(events)
         if not len(events):
             return cache
         if events.ts[0] < cache.last_ts:
-            raise ValueError(f"append: the first new event (ts {events.ts[0]}) is before the user's last event "
+            raise DataError(f"append: the first new event (ts {events.ts[0]}) is before the user's last event "
                              f"(ts {cache.last_ts}); events must be in time order")
         return self._update(cache.history.concat(events), int(events.ts[-1]), cache)
 
@@ -392,7 +394,7 @@ class Engine:
         arrays = {k: _ids(v, k) for k, v in given.items()}
         lengths = {k: len(v) for k, v in arrays.items()}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"candidates: cand_item, cand_scenario and cand_ts have different lengths {lengths}")
+            raise DataError(f"candidates: cand_item, cand_scenario and cand_ts have different lengths {lengths}")
         self._check_range("cand_item", arrays["cand_item"], self.info.num_items, low=0)
         self._check_range("cand_scenario", arrays["cand_scenario"], self.info.num_scenarios)
         t = {k: torch.from_numpy(v).to(self.device)[None] for k, v in arrays.items()}  # (1, C) each
@@ -408,7 +410,7 @@ class Engine:
 
     def _check_history(self, history: UserHistory) -> None:
         if not 0 <= history.user <= self.info.num_users:
-            raise ValueError(f"user id {history.user} outside [0, {self.info.num_users}]")
+            raise DataError(f"user id {history.user} outside [0, {self.info.num_users}]")
         for f, size, low in (("item", self.info.num_items, 0), ("action", self.info.num_actions, 1),
                              ("scenario", self.info.num_scenarios, 1)):
             self._check_range(f"history of user {history.user}: {f}", getattr(history, f), size, low)
@@ -418,4 +420,4 @@ class Engine:
         """Dense ids in [low, size]; items may be 0, the unknown (out-of-vocabulary) item."""
         bad = ids[(ids < low) | (ids > size)]
         if bad.size:
-            raise ValueError(f"{name}: id {bad[0]} outside [{low}, {size}] (dense ids of the model's data)")
+            raise DataError(f"{name}: id {bad[0]} outside [{low}, {size}] (dense ids of the model's data)")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
+from climber.data.schema import DataError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     user TEXT NOT NULL,
@@ -74,7 +76,7 @@ class HistoryStore:
 
     def append(self, user: str, events: list[Event]) -> int:
         """Store ``events`` (in time order, none before the user's last stored one) in one durable
-        transaction -> the user's number of events after it; ValueError (nothing stored) otherwise."""
+        transaction -> the user's number of events after it; DataError (nothing stored) otherwise."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -84,7 +86,7 @@ class HistoryStore:
                     bound = last if i == 0 else events[i - 1].ts
                     if bound is not None and e.ts < bound:
                         what = "the user's last stored event" if i == 0 else f"event {i - 1} of this request"
-                        raise ValueError(f"events[{i}].ts = {e.ts} is before {what} (ts {bound}); "
+                        raise DataError(f"events[{i}].ts = {e.ts} is before {what} (ts {bound}); "
                                          "events must arrive in time order")
                 self._db.executemany(
                     "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from climber.data.schema import DataError
+
 FORMAT = "climber-checkpoint-1"
 
 
@@ -56,7 +58,7 @@ def read_meta(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
     if md.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a climber checkpoint (format {md.get('format')!r})")
+        raise DataError(f"{path}: not a climber checkpoint (format {md.get('format')!r})")
     return json.loads(md["meta"])
 
 

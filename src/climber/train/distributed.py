@@ -189,7 +189,7 @@ def write_shards(data_dir: Path, out: Path, shards: int, *, force: bool = False,
     Returns the shard manifest (``shards.json``: files, rows and users per shard, data fingerprint)."""
     data_dir, out = Path(data_dir), Path(out)
     if shards < 1:
-        raise ValueError(f"--shards must be >= 1, got {shards}")
+        raise ConfigError(f"--shards must be >= 1, got {shards}")
     manifest = load_manifest(data_dir)
     if out.exists() and not force:
         raise DataError(f"{out}: already exists (use --force to replace it)")

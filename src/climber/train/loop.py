@@ -25,7 +25,6 @@ import functools
 import itertools
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,17 +32,19 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from climber.config import ConfigError, RunConfig, save_yaml
 from climber.data.loader import SampleLoader
 from climber.data.prepare import load_manifest
+from climber.data.schema import DataError
+from climber.data.split import MIN_EVENTS
 from climber.devices import check_precision, flushed_denormals, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
 from climber.train import checkpoint, distributed
 from climber.train.distributed import Dist, Parallel
 from climber.train.optim import WeightAverage, lr_at, make_optimizer
+from climber.train.progress import Progress
 
 
 def masked_bce(logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,11 @@ class Trainer:
                                 **feed)
             for split in ("val", "test")
         }
+        for split, loader in self.eval_loaders.items():  # checked before anything is written or trained
+            if not dist.max_int(len(loader)):
+                raise DataError(f"{self.data_dir}: the {split} split has no events to evaluate on (users with fewer "
+                                f"than {MIN_EVENTS} events are train only, docs/protocol.md); prepare a log with "
+                                "longer user histories")
         loss_fn = functools.partial(training_loss, aux_weight=tc.aux_weight, rank_weight=tc.rank_weight)
         self.parallel = Parallel(self.model, dist, loss_fn, tc.parallel, tc.shard_embedding_rows, tc.precision)
         if tc.ema and self.parallel.splits_parameters:
@@ -196,7 +202,7 @@ class Trainer:
         if resume and last.exists():
             meta = checkpoint.read_meta(last)
             if meta["fingerprint"]["sha256"] != self.manifest["fingerprint"]["sha256"]:
-                raise ValueError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
+                raise DataError(f"{last}: was trained on other data (fingerprint differs); cannot resume on {self.data_dir}")
             meta = self._load(last, resumable=True)
             start_epoch, step, best, bad_epochs = meta["epoch"] + 1, meta["step"], meta["best"], meta["bad_epochs"]
             self.log(f"resumed from epoch {meta['epoch']} (step {step})")
@@ -260,11 +266,8 @@ class Trainer:
         steps = self.dist.min_int(len(self.train_loader))  # every rank takes as many steps as the one with fewest
         total_loss, total_n, padded, slots = 0.0, 0, 0, 0
         deadline = time.time() + tc.max_epoch_minutes * 60 if tc.max_epoch_minutes else None
-        bar = tqdm(itertools.islice(self.train_loader, steps), total=steps, desc=f"epoch {epoch}", unit="batch",
-                   disable=not self.progress, leave=False, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30)
-        t0 = time.time()
-        for batch in bar:
+        progress = Progress(f"epoch {epoch}", steps, self.progress)
+        for batch in itertools.islice(self.train_loader, steps):
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
             self.optimizer.zero_grad(set_to_none=True)
@@ -282,10 +285,10 @@ class Trainer:
             distributed.fault_point(self.dist, step)
             total_loss += loss * n
             total_n += n
-            bar.set_postfix(loss=f"{total_loss / total_n:.4f}",
-                            samples_s=f"{total_n * self.dist.world / (time.time() - t0):.0f}")  # estimate
+            progress.step(total_loss / total_n, total_n * self.dist.world)  # samples: an estimate
             if deadline is not None and self.dist.any(time.time() > deadline):
                 break
+        progress.close()
         total_loss, total_n, padded, slots = self.dist.sum(total_loss, total_n, padded, slots)
         return total_loss / max(total_n, 1), int(total_n), step, padded / max(slots, 1)
 
@@ -299,7 +302,7 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # ------------------------------------------------------------------ end
