@@ -17,7 +17,7 @@ from pathlib import Path
 
 from climber import __version__
 from climber.config import ConfigError
-from climber.data.schema import DataError
+from climber.data.schema import TS_UNITS, DataError
 
 USER_ERRORS = (DataError, ConfigError, FileNotFoundError)  # a ValueError of the library is a bug: traceback
 
@@ -25,13 +25,13 @@ USER_ERRORS = (DataError, ConfigError, FileNotFoundError)  # a ValueError of the
 def _data_prepare(args) -> None:
     from climber.data.datasets import DATASETS, load_dataset
     from climber.data.prepare import prepare
-    from climber.data.readers import parse_column_map, scan_table
+    from climber.data.readers import parse_column_map, parse_separator, scan_table
     from climber.data.schema import LabelRule, RawSource
 
     if args.source_name in DATASETS:
-        if args.columns or args.label:
-            raise DataError(f"{args.source_name} is a named data set with its own columns and label rule; "
-                            "--columns/--label are for CSV/Parquet paths")
+        if args.columns or args.label or args.ts_unit:
+            raise DataError(f"{args.source_name} is a named data set with its own columns, label rule and time "
+                            "stamps; --columns/--label/--ts-unit are for CSV/Parquet paths")
         source = load_dataset(args.source_name, Path(args.source) if args.source else None)
     else:
         path = Path(args.source_name)
@@ -41,9 +41,10 @@ def _data_prepare(args) -> None:
             raise DataError("a CSV/Parquet source needs --label, e.g. --label 'action>=4' or --label 'action in cart,fav,buy'")
         names = args.names.split(",") if args.names else None
         frame = scan_table(path, columns=parse_column_map(args.columns), names=names,
-                           separator=args.separator.encode().decode("unicode_escape"), has_header=names is None)
+                           separator=parse_separator(args.separator), has_header=names is None)
         actions = tuple(args.actions.split(",")) if args.actions else None
-        source = RawSource(path.name, frame, LabelRule.parse(args.label), actions=actions, files=(path,))
+        source = RawSource(path.name, frame, LabelRule.parse(args.label), actions=actions, files=(path,),
+                           ts_unit=args.ts_unit or "s")
     manifest = prepare(source, Path(args.out), force=args.force)
     _print_manifest(manifest, args.out)
 
@@ -52,14 +53,17 @@ def _print_manifest(m: dict, where) -> None:
     print(f"prepared {where}: {m['rows']:,} events, {m['users']:,} users, {m['items']:,} items, "
           f"positive rate {m['positive_rate']:.3f}, label rule '{m['label_rule']}'")
     for split in ("train", "val", "test"):
-        s = m["splits"].get(split, {"rows": 0, "users": 0, "positive_rate": float("nan")})
-        print(f"  {split:5s} {s['rows']:>10,} events  {s['users']:>8,} users  positive rate {s['positive_rate']:.3f}")
+        s = m["splits"].get(split, {"rows": 0, "users": 0, "positive_rate": None})
+        rate = "-" if s["positive_rate"] is None else f"{s['positive_rate']:.3f}"
+        print(f"  {split:5s} {s['rows']:>10,} events  {s['users']:>8,} users  positive rate {rate}")
     if "bayes" in m:
         from climber.data.synthetic import ceiling_text
 
         print(f"  test {ceiling_text(m['bayes']['test'])}")
     for note in m.get("notes", []):
         print(f"  note: {note}")
+    for warning in m.get("warnings", []):
+        print(f"climber: warning: {warning}", file=sys.stderr)
     print(f"  fingerprint sha256 {m['fingerprint']['sha256']}")
 
 
@@ -427,11 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr = data.add_parser("prepare", help="raw log -> prepared dir (ids, labels, protocol split)")
     pr.add_argument("source_name", metavar="SOURCE", help="a named data set (e.g. movielens-100k) or a CSV/Parquet path")
     pr.add_argument("--out", required=True, help="prepared dir to write")
-    pr.add_argument("--source", help="local folder holding a named data set's files (default: download to a cache)")
-    pr.add_argument("--columns", help="column mapping for a file, e.g. user=userId,item=movieId,ts=timestamp,action=rating")
+    pr.add_argument("--source", help="local copy of a named data set: its folder or its file, e.g. .../u.data "
+                                     "(default: download to a cache)")
+    pr.add_argument("--columns", metavar="ROLE=COLUMN,...",
+                    help="which file column plays which role, e.g. user=userId,item=movieId,ts=timestamp,"
+                         "action=rating. Roles: user, item, ts, action (required); scenario (default: one scenario); "
+                         "label (0/1, for --label label); item_NAME (a categorical item side feature); any other name "
+                         "is kept as an event column. File columns already named after a role need no mapping")
     pr.add_argument("--label", help="label rule for a file: 'action>=4' or 'action in cart,fav,buy' or 'label'")
     pr.add_argument("--actions", help="allowed action values (comma separated); others are an error")
-    pr.add_argument("--separator", default=",", help="field separator of a CSV (default ','; '\\t' for tabs)")
+    pr.add_argument("--separator", default=",",
+                    help="field separator of a CSV: one character or tab, comma, semicolon, pipe, space (default ',')")
+    pr.add_argument("--ts-unit", choices=list(TS_UNITS),
+                    help="unit of numeric time stamps, converted to seconds (default s; ISO 8601 text is read as such)")
     pr.add_argument("--names", help="column names of a headerless CSV, comma separated")
     pr.add_argument("--force", action="store_true", help="replace --out if it exists")
     pr.set_defaults(func=_data_prepare)
@@ -558,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="synthesise (or prepare) data, train a small Climber, evaluate, report")
     qs.add_argument("--out", default="runs/quickstart")
     qs.add_argument("--dataset", help="a named data set instead of synthetic data, e.g. movielens-100k")
-    qs.add_argument("--source", help="local folder with the named data set's files")
+    qs.add_argument("--source", help="local copy of the named data set: its folder or its file")
     qs.set_defaults(func=_quickstart)
 
     bench = sub.add_parser("bench", help="benchmarks: training throughput, scoring latency, HTTP load").add_subparsers(
@@ -630,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
 
         with flushed_denormals():
             args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+    except BrokenPipeError:  # e.g. `climber data info DIR --json | head -1`: stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit writes nowhere
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool ended by a closed pipe
     except USER_ERRORS as e:
         if os.environ.get("CLIMBER_DEBUG"):
             raise

@@ -8,7 +8,10 @@ and returns the events prepare must produce, written out by hand from the format
 from __future__ import annotations
 
 import calendar
+import fnmatch
 import hashlib
+import io
+import json
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from climber.cli import main
 from climber.data import datasets
 from climber.data.datasets import DATASETS, Download, download, load_dataset
 from climber.data.prepare import prepare
@@ -251,6 +255,26 @@ def test_missing_files_name_what_was_looked_for(tmp_path):
         load_dataset("spotify-mssd", tmp_path)
 
 
+def _main_file(name: str, folder: Path) -> Path:
+    """The first file under ``folder`` whose name matches one of the data set's file patterns."""
+    patterns = [alt for pattern in DATASETS[name].files for alt in pattern.split("|")]
+    return next(p for p in sorted(folder.rglob("*")) if any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_the_data_set_file_stands_for_itself(name, tmp_path):
+    WRITERS[name](tmp_path / "src")
+    path = _main_file(name, tmp_path / "src")
+    assert load_dataset(name, path).files == (path,)  # that file, not its whole folder
+
+
+def test_a_file_of_another_name_is_refused_naming_the_expected_one(tmp_path):
+    write_taobao(tmp_path)
+    _write(tmp_path / "Other.csv", ["1,2,3,pv,1511539200"])
+    with pytest.raises(DataError, match=r"Other.csv: expected a file named UserBehavior.csv \(or the folder"):
+        load_dataset("taobao-userbehavior", tmp_path / "Other.csv")
+
+
 # ---------------------------------------------------------------- real data
 
 
@@ -273,6 +297,18 @@ def test_real_taobao_slice(tmp_path):
     m = prepare(source, tmp_path / "out", log=_quiet)
     assert (m["rows"], m["users"], m["items"]) == (4_321, 43, 3_276)
     assert m["notes"] == ["1 event outside 2017-11-25..2017-12-03 (UTC+8) kept"]  # ts 1505117799
+
+
+@pytest.mark.parametrize("name,folder,file", [
+    ("movielens-100k", "ml-100k", "u.data"),
+    ("taobao-userbehavior", "taobao-userbehavior-sample", "UserBehavior.csv"),
+])
+def test_real_data_from_its_file_or_its_folder_prepares_the_same(name, folder, file, tmp_path):
+    for source, out in ((_shared(folder), "from-folder"), (_shared(folder) / file, "from-file")):
+        assert main(["data", "prepare", name, "--source", str(source), "--out", str(tmp_path / out)]) == 0
+    m = [json.loads((tmp_path / out / "manifest.json").read_text()) for out in ("from-folder", "from-file")]
+    assert m[0]["fingerprint"] == m[1]["fingerprint"]
+    assert m[0]["side_columns"] == m[1]["side_columns"] != {}  # MovieLens' items.csv beside u.data is still read
 
 
 # ---------------------------------------------------------------- bad input
@@ -343,8 +379,8 @@ def archive(tmp_path) -> Path:
     return path
 
 
-def _spec(archive: Path, sha256: str | None):
-    return replace(DATASETS["movielens-100k"], download=Download(archive.as_uri(), sha256, "ml-tiny"))
+def _spec(archive: Path, sha256: str | None, md5: str | None = None):
+    return replace(DATASETS["movielens-100k"], download=Download(archive.as_uri(), sha256, "ml-tiny", md5))
 
 
 def test_download_unpacks_into_the_cache(tmp_path, archive, monkeypatch):
@@ -357,11 +393,25 @@ def test_download_unpacks_into_the_cache(tmp_path, archive, monkeypatch):
     assert datasets.cache_dir() == tmp_path / "cache"
 
 
-def test_download_sha256_mismatch_deletes_the_archive(tmp_path, archive):
+@pytest.mark.parametrize("wrong", ["sha256", "md5"])
+def test_download_digest_mismatch_deletes_the_archive(tmp_path, archive, wrong):
+    digests = {name: hashlib.new(name, archive.read_bytes()).hexdigest() for name in ("sha256", "md5")}
+    digests[wrong] = "0" * len(digests[wrong])
     dest = tmp_path / "dest"
-    with pytest.raises(DataError, match="sha256 .* does not match"):
-        download(_spec(archive, "0" * 64), dest)
-    assert not (dest / archive.name).exists()
+    with pytest.raises(DataError, match=f"corrupt.*deleted.*{wrong} [0-9a-f]+ \\(expected 0+\\)"):
+        download(_spec(archive, **digests), dest)
+    assert list(dest.iterdir()) == []  # the archive removed, nothing unpacked
+
+
+@pytest.mark.parametrize("name", ["movielens-100k", "movielens-1m", "movielens-20m"])
+def test_a_corrupted_download_of_a_published_archive_is_refused_and_removed(name, tmp_path, archive, monkeypatch):
+    """The recorded digests of each fixed GroupLens release are checked: a well-formed zip with other bytes
+    (a truncated, altered or substituted download) is refused, deleted and not unpacked."""
+    monkeypatch.setenv("CLIMBER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive.read_bytes()))
+    with pytest.raises(DataError, match="corrupt or not the published file, deleted"):
+        load_dataset(name)
+    assert list((tmp_path / "cache" / name).iterdir()) == []
 
 
 def test_download_unreachable_url_says_use_source(tmp_path):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from dataclasses import replace
+from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
@@ -163,3 +167,115 @@ def test_cli_prepare_with_column_mapping_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "column 'nope'" in err and "Traceback" not in err
     assert main(["data", "prepare", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")]) == 2
+
+
+# ---------------------------------------------------------------- empty val and test
+
+
+def test_a_log_of_short_users_warns_that_val_and_test_are_empty(tmp_path, capsys):
+    write_log(tmp_path / "log.csv", [3, 9, 5])  # every user under 10 events: train only
+    rc = main(["data", "prepare", str(tmp_path / "log.csv"), "--label", "action in cart,fav,buy",
+               "--out", str(tmp_path / "p")])
+    assert rc == 0
+    warnings = json.loads((tmp_path / "p" / "manifest.json").read_text())["warnings"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("val and test are empty: no user has 10 or more events")
+    out, err = capsys.readouterr()
+    assert f"climber: warning: {warnings[0]}\n" in err
+    assert "nan" not in out
+
+
+def test_no_warning_when_users_reach_val_and_test(prepared):
+    assert prepared[1]["warnings"] == []
+
+
+# ---------------------------------------------------------------- output modes
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027], ids=["umask-002", "umask-027"])
+def test_prepared_and_shard_dirs_follow_the_umask(tmp_path, umask):
+    from climber.train.distributed import write_shards
+
+    write_log(tmp_path / "log.csv", [12, 15])
+    old = os.umask(umask)
+    try:
+        prepare(source_of(tmp_path / "log.csv"), tmp_path / "prep", log=lambda *_: None)
+        write_shards(tmp_path / "prep", tmp_path / "shards", 2, log=lambda *_: None)
+    finally:
+        os.umask(old)
+    for folder in ("prep", "shards"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o777 & ~umask, folder
+
+
+# ---------------------------------------------------------------- time stamps
+
+T = 1_511_604_000  # 2017-11-25T10:00:00Z
+
+
+def prepared_ts(tmp_path, texts: list[str], unit: str = "s") -> list[int]:
+    """The prepared ts of one user's events whose ts column holds ``texts`` (item k has texts[k])."""
+    path = tmp_path / "ts.csv"
+    pl.DataFrame({"user": "u", "item": [f"i{k:02d}" for k in range(len(texts))], "ts": texts,
+                  "action": "buy"}).write_csv(path)
+    prepare(replace(source_of(path), ts_unit=unit), tmp_path / "out", log=lambda *_: None)
+    return pl.read_parquet(tmp_path / "out" / "events.parquet").sort("item_raw")["ts"].to_list()
+
+
+@pytest.mark.parametrize("text, unit", [
+    ("{t}", "s"),
+    ("{t}.75", "s"),  # float seconds: the fraction is dropped
+    ("{t}999", "ms"),
+    ("{t}123456", "us"),
+    ("{t}000000001", "ns"),
+    ("{iso}Z", "s"),
+    ("{iso}.5", "s"),  # no offset: UTC
+    ("{iso}+00:00", "ms"),  # the unit is for numbers only
+])
+def test_numeric_and_iso_time_stamps_become_utc_seconds(tmp_path, text, unit):
+    seconds = [T + 61 * k for k in range(12)]
+    iso = [datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") for t in seconds]
+    assert prepared_ts(tmp_path, [text.format(t=t, iso=i) for t, i in zip(seconds, iso)], unit) == seconds
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("2017-11-25T18:00:00+08:00", T),
+    ("2017-11-25T04:30:00-05:30", T),
+    ("2017-11-25 10:00:00", T),
+    ("2017-11-25T10:00", T),
+    ("2017-11-25", T - 10 * 3600),
+    ("1511604000.0", T),
+])
+def test_iso_8601_layouts_and_offsets(tmp_path, text, seconds):
+    assert prepared_ts(tmp_path, [text]) == [seconds]
+
+
+@pytest.mark.parametrize("texts, unit, match", [
+    ([str(T * 1000)], "s", r"got '1511604000000': after the year 3000 read as seconds since the epoch; "
+                           r"milliseconds\? pass --ts-unit ms$"),
+    ([str(T), str(T * 10**6)], "s", r"row 3, .*microseconds\? pass --ts-unit us$"),
+    ([str(T * 10**9)], "ms", r"read as milliseconds since the epoch; nanoseconds\? pass --ts-unit ns$"),
+    (["1e300"], "s", r"got '1e300': after the year 3000 .*; too large in any unit$"),
+    (["2017-11-25T10:00:00Z", str(T)], "s",
+     rf"row 3, column 'ts': got '{T}', expected an ISO 8601 date-time laid out like row 2's '2017-11-25T10:00:00Z'$"),
+    ([str(T), "nan"], "s", r"row 3, column 'ts': got 'nan', expected seconds since the epoch"),
+    (["25/11/2017"], "s", r"got '25/11/2017', expected seconds since the epoch \(a number; --ts-unit for ms, us, ns\) "
+                          r"or an ISO 8601 date-time$"),
+])
+def test_time_stamps_in_a_finer_unit_or_no_known_form_are_refused(tmp_path, texts, unit, match):
+    with pytest.raises(DataError, match=match):
+        prepared_ts(tmp_path, texts, unit)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_ts_unit_converts_and_the_error_names_it(tmp_path, capsys):
+    pl.DataFrame({"user": "u", "item": ["a", "b"], "ts": [str(T * 1000), str(T * 1000 + 1500)],
+                  "action": "5"}).write_csv(tmp_path / "ms.csv")
+    argv = ["data", "prepare", str(tmp_path / "ms.csv"), "--label", "action>=4", "--out", str(tmp_path / "p")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "milliseconds? pass --ts-unit ms" in err
+    assert main([*argv, "--ts-unit", "ms"]) == 0
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["ts_range"] == [T, T + 1]
+    assert main(["data", "prepare", "movielens-100k", "--source", str(tmp_path), "--ts-unit", "ms",
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "--ts-unit are for CSV/Parquet paths" in capsys.readouterr().err

@@ -196,6 +196,18 @@ def test_metrics_are_prometheus_text(server):
     assert "climber_cache_hit_rate " in text and "climber_score_batch_requests_count " in text
 
 
+@pytest.mark.parametrize("path, body, unit", [
+    ("/v1/score", {"user": "3", "candidates": [1], "ts": 2 * 10**12}, "milliseconds"),
+    ("/v1/events", {"user": "ms-user", "events": [{"item": 1, "action": 5, "ts": 2 * 10**15}]}, "microseconds"),
+])
+def test_time_stamps_in_a_finer_unit_than_seconds_are_refused(server, path, body, unit):
+    """The check of `climber data prepare` (after the year 3000 in seconds): a 422 naming the likely unit."""
+    r = httpx.post(server + path, json=body)
+    assert r.status_code == 422, r.text
+    assert f"after the year 3000 read as seconds since the epoch; {unit}? send seconds" in r.json()["detail"][0]["msg"]
+    assert httpx.get(server + "/v1/users/ms-user/history").json() == []
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
                     max_leaves=10)

@@ -1,12 +1,14 @@
 """Named data sets: each reads the real published format from a local copy into a RawSource.
 
-``load_dataset(name, source_dir)`` finds the data set's files under ``source_dir`` (or downloads them
-into a cache when a canonical URL exists), and returns string-typed events with the data set's own
-label rule. Add a data set: write a loader function and one line in ``DATASETS``.
+``load_dataset(name, source)`` finds the data set's files under ``source`` (a folder, or the data set's
+file itself; without one it downloads them into a cache when a canonical URL exists), and returns
+string-typed events with the data set's own label rule. Add a data set: write a loader function and
+one line in ``DATASETS``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import urllib.error
@@ -25,9 +27,28 @@ from climber.data.schema import FILE_COLUMN, ROW_COLUMN, DataError, LabelRule, R
 
 @dataclass(frozen=True)
 class Download:
+    """A published archive and the digests a download must match (docs/data.md says where each is from).
+
+    ``md5``: the publisher's own checksum file; ``sha256``: recorded by others on copies that matched it.
+    Neither, for an archive that changes over time (no fixed checksum exists)."""
+
     url: str
-    sha256: str | None  # None: the publisher gives no fixed checksum
+    sha256: str | None
     archive_member_dir: str = ""  # folder inside the zip that holds the files
+    md5: str | None = None
+
+    def mismatches(self, path: Path) -> list[str]:
+        """'<digest> <got> (expected <want>)' for each recorded digest that ``path`` does not match."""
+        expected = {name: value for name, value in (("sha256", self.sha256), ("md5", self.md5)) if value}
+        if not expected:
+            return []
+        hashes = {name: hashlib.new(name, usedforsecurity=False) for name in expected}  # integrity, not secrecy
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                for h in hashes.values():
+                    h.update(chunk)
+        return [f"{name} {hashes[name].hexdigest()} (expected {value})"
+                for name, value in expected.items() if hashes[name].hexdigest() != value]
 
 
 @dataclass(frozen=True)
@@ -40,8 +61,17 @@ class DatasetSpec:
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:
-    """Files matching ``pattern`` in ``root``, else one level below (archives unpack into a folder)."""
+    """Files matching ``pattern`` in ``root``, else one level below (archives unpack into a folder); when
+    ``root`` is a file, itself if its name matches."""
+    if root.is_file():
+        return [root] if fnmatch.fnmatch(root.name, pattern) else []
     return sorted(root.glob(pattern)) or sorted(root.glob(f"*/{pattern}"))
+
+
+def _not_found(root: Path, what: str) -> DataError:
+    if root.is_file():
+        return DataError(f"{root}: expected a file named {what} (or the folder that holds it)")
+    return DataError(f"{root}: no {what} found (looked in the folder and one level below)")
 
 
 def _find(root: Path, name: str) -> Path:
@@ -49,14 +79,14 @@ def _find(root: Path, name: str) -> Path:
     for alt in name.split("|"):
         if hits := _glob(root, alt):
             return hits[0]
-    raise DataError(f"{root}: {name} not found (looked in the folder and one level below)")
+    raise _not_found(root, name.replace("|", " or "))
 
 
 def _find_all(root: Path, pattern: str) -> list[Path]:
     """Every file matching ``pattern``; at least one."""
     if hits := _glob(root, pattern):
         return hits
-    raise DataError(f"{root}: no {pattern} found (looked in the folder and one level below)")
+    raise _not_found(root, pattern)
 
 
 def _scan_files(paths: list[Path], **kwargs) -> pl.LazyFrame:
@@ -160,7 +190,7 @@ def _amazon_ratings(root: Path) -> RawSource:
     if len(paths) > 1:
         raise DataError(
             f"{root}: several .csv files ({', '.join(p.name for p in paths)}); amazon-ratings reads "
-            "one ratings-only file, pass a folder that holds just that one"
+            "one ratings-only file: pass that file"
         )
     path = paths[0]
     first = ["user", "item"] if path.name.startswith("ratings_") else ["item", "user"]
@@ -280,17 +310,26 @@ def _thirty_music(root: Path) -> RawSource:
 
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+# md5: GroupLens's checksum files (ml-100k.zip.md5 etc., "MD5 (ml-100k.zip) = ..."); sha256: TensorFlow Datasets'
+# tensorflow_datasets/url_checksums/movielens.txt (commit 1c076ac3), recorded on downloads that matched those md5s.
+# ml-latest is republished from time to time: no fixed checksum. Sources quoted in docs/data.md.
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in [
         DatasetSpec("movielens-100k", ("u.data",), _movielens_100k, "MovieLens 100K ratings (u.data)",
-                    Download(f"{GROUPLENS}/ml-100k.zip", None, "ml-100k")),
+                    Download(f"{GROUPLENS}/ml-100k.zip",
+                             "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229", "ml-100k",
+                             md5="0e33842e24a9c977be4e0107933c0723")),
         DatasetSpec("movielens-1m", ("ratings.dat",), _movielens_1m, "MovieLens 1M ratings (ratings.dat)",
-                    Download(f"{GROUPLENS}/ml-1m.zip", None, "ml-1m")),
+                    Download(f"{GROUPLENS}/ml-1m.zip",
+                             "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20", "ml-1m",
+                             md5="c4d9eecfca2ab87c1945afe126590906")),
         DatasetSpec("movielens-20m", ("ratings.csv",), partial(_movielens_csv, name="movielens-20m"),
                     "MovieLens 20M ratings (ratings.csv, half stars)",
-                    Download(f"{GROUPLENS}/ml-20m.zip", None, "ml-20m")),
+                    Download(f"{GROUPLENS}/ml-20m.zip",
+                             "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3", "ml-20m",
+                             md5="cd245b17a1ae2cc31bb14903e1204af3")),
         DatasetSpec("movielens-latest", ("ratings.csv",), partial(_movielens_csv, name="movielens-latest"),
                     "MovieLens latest (full) ratings (ratings.csv, half stars)",
                     Download(f"{GROUPLENS}/ml-latest.zip", None, "ml-latest")),
@@ -311,7 +350,8 @@ def cache_dir() -> Path:
 
 
 def download(spec: DatasetSpec, dest: Path) -> Path:
-    """Fetch and unpack ``spec.download`` into ``dest`` with a sha256 check; clear error when offline."""
+    """Fetch and unpack ``spec.download`` into ``dest``, checked against its recorded digests (a mismatch
+    deletes the archive); clear error when offline."""
     dl = spec.download
     if dl is None:
         raise DataError(f"{spec.name}: no public download; pass --source DIR with a local copy")
@@ -329,11 +369,9 @@ def download(spec: DatasetSpec, dest: Path) -> Path:
                 f"{spec.name}: could not download {dl.url} ({e}); offline? Download it yourself and pass --source DIR"
             ) from None
         os.replace(tmp, archive)
-    if dl.sha256:
-        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-        if digest != dl.sha256:
-            archive.unlink()
-            raise DataError(f"{archive}: sha256 {digest} does not match the expected {dl.sha256}; deleted, try again")
+    if wrong := dl.mismatches(archive):
+        archive.unlink()
+        raise DataError(f"{archive}: corrupt or not the published file, deleted ({'; '.join(wrong)}); try again")
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive) as z:
             z.extractall(dest)
@@ -348,5 +386,5 @@ def load_dataset(name: str, source: Path | None = None) -> RawSource:
         source = download(spec, cache_dir() / name)
     source = Path(source)
     if not source.exists():
-        raise DataError(f"{source}: folder not found")
+        raise DataError(f"{source}: no such folder or file")
     return spec.load(source)

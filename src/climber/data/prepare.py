@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +29,14 @@ from climber.data.schema import (
     FILE_COLUMN,
     REQUIRED_COLUMNS,
     ROW_COLUMN,
+    YEAR_3000,
     DataError,
     RawSource,
+    check_epoch,
+    iso_seconds,
+    numeric_seconds,
 )
-from climber.data.split import assign_split
+from climber.data.split import MIN_EVENTS, assign_split
 
 PREPARED_VERSION = 1
 ID_COLUMNS = ("user", "item", "action", "scenario")
@@ -49,16 +54,40 @@ def _first_bad(frame: pl.LazyFrame, bad: pl.Expr, column: str) -> dict | None:
     return rows.row(0, named=True) if rows.height else None
 
 
+def _where(hit: dict, column: str) -> str:
+    return f"{hit[FILE_COLUMN]}: row {hit[ROW_COLUMN]}, column {column!r}: got {hit['value']!r}"
+
+
 def _check(frame: pl.LazyFrame, bad: pl.Expr, column: str, expected: str) -> None:
     hit = _first_bad(frame, bad, column)
     if hit is not None:
-        raise DataError(
-            f"{hit[FILE_COLUMN]}: row {hit[ROW_COLUMN]}, column {column!r}: got {hit['value']!r}, expected {expected}"
-        )
+        raise DataError(f"{_where(hit, column)}, expected {expected}")
+
+
+TS_EXPECTED = "seconds since the epoch (a number; --ts-unit for ms, us, ns) or an ISO 8601 date-time"
+
+
+def _seconds(frame: pl.LazyFrame, unit: str) -> pl.Expr:
+    """The ts column as Int64 seconds since the epoch, every value checked: numbers in ``unit`` since the
+    epoch (before the year 3000), or else ISO 8601 text laid out like the first value that is no number."""
+    ts = pl.col("ts")
+    seconds = numeric_seconds(ts, unit)
+    hit = _first_bad(frame, seconds.is_null() | (seconds >= YEAR_3000), "ts")
+    if hit is None:  # all numbers: one pass
+        return seconds
+    number = pl.Series([hit["value"]]).cast(pl.Float64, strict=False).item()
+    if number is not None and math.isfinite(number):  # a number, so one past the year 3000: refused
+        check_epoch(number, unit, _where(hit, "ts"), "pass --ts-unit {unit}")
+    iso = iso_seconds(ts, hit["value"])
+    if iso is None:
+        raise DataError(f"{_where(hit, 'ts')}, expected {TS_EXPECTED}")
+    _check(frame, iso.is_null(), "ts", f"an ISO 8601 date-time laid out like row {hit[ROW_COLUMN]}'s {hit['value']!r}")
+    return iso
 
 
 def validate(source: RawSource) -> pl.LazyFrame:
-    """Check the string-typed events; return them with ``scenario`` filled. Raises DataError."""
+    """Check the string-typed events; return them with ``scenario`` filled and ``ts`` as Int64 seconds.
+    Raises DataError."""
     frame = source.frame
     names = frame.collect_schema().names()
     where = ", ".join(str(f) for f in source.files) or source.name
@@ -74,7 +103,7 @@ def validate(source: RawSource) -> pl.LazyFrame:
         raise DataError(f"{where}: no events (empty file)")
     for col in ("user", "item", "ts", "action", "scenario"):
         _check(frame, pl.col(col).is_null() | (pl.col(col) == ""), col, "a value (got null/empty)")
-    _check(frame, pl.col("ts").cast(pl.Int64, strict=False).is_null(), "ts", "an integer timestamp in seconds")
+    frame = frame.with_columns(_seconds(frame, source.ts_unit).alias("ts"))
     if source.actions is not None:
         allowed = list(source.actions)
         _check(frame, ~pl.col("action").is_in(allowed), "action", "one of " + ",".join(allowed))
@@ -128,8 +157,7 @@ def prepare(source: RawSource, out: Path, *, force: bool = False, log=print, ext
             if c not in (*EVENT_STRING_COLUMNS, "label", ROW_COLUMN, FILE_COLUMN)]
     categorical_side = [c for c in side if c not in source.numeric_columns]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         (tmp / "vocab").mkdir()
         vocabs = {}
@@ -139,7 +167,6 @@ def prepare(source: RawSource, out: Path, *, force: bool = False, log=print, ext
             log(f"  vocab {col}: {vocabs[col].height:,} values")
 
         mapped = frame.with_columns(
-            pl.col("ts").cast(pl.Int64),
             source.label_rule.expr().alias("label"),
             *[pl.col(c).cast(pl.Float64) for c in source.numeric_columns],
         )
@@ -202,7 +229,27 @@ def _manifest(source: RawSource, root: Path, vocabs: dict, categorical_side: lis
             "sha256": fingerprint(root / "events.parquet"),
         },
         "notes": list(source.notes),
+        "warnings": _warnings(splits),
     }
+
+
+def _warnings(splits: dict) -> list[str]:
+    """What makes the prepared data unfit for training: empty val or test splits."""
+    empty = [s for s in ("val", "test") if s not in splits]
+    if not empty:
+        return []
+    return [f"{' and '.join(empty)} {'are' if len(empty) > 1 else 'is'} empty: no user has {MIN_EVENTS} or more "
+            f"events, and the per-user chronological split (docs/protocol.md) puts a user with fewer in train "
+            f"only; models can neither be selected nor evaluated on this data"]
+
+
+def staging_dir(out: Path) -> Path:
+    """A new empty folder beside ``out`` to write it in before renaming it into place. Made by mkdir,
+    so its mode follows the umask like any other output (``tempfile.mkdtemp`` would make it 0o700)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    return tmp
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

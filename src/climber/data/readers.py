@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
 
-from climber.data.schema import FILE_COLUMN, ROW_COLUMN, DataError
+from climber.data.schema import FILE_COLUMN, REQUIRED_COLUMNS, ROW_COLUMN, DataError
+
+SEPARATORS = {"tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}  # --separator names
 
 
 def parse_column_map(text: str | None) -> dict[str, str]:
@@ -20,6 +23,25 @@ def parse_column_map(text: str | None) -> dict[str, str]:
         target, source = (s.strip() for s in part.split("=", 1))
         mapping[target] = source
     return mapping
+
+
+def parse_separator(text: str) -> str:
+    """``--separator``: one character (one byte), a name of SEPARATORS, or an escape (``\\t``, ``\\x01``)."""
+    sep = SEPARATORS.get(text.lower(), text)
+    if escape := re.fullmatch(r"\\(t|x[0-9a-fA-F]{2})", sep):
+        sep = "\t" if escape[1] == "t" else chr(int(escape[1][1:], 16))
+    if len(sep.encode()) != 1 or sep in "\r\n\"":
+        raise DataError(f"--separator {text!r}: expected one character (one byte), an escape such as '\\t', "
+                        f"or a name: {', '.join(SEPARATORS)}")
+    return sep
+
+
+def _separator_hint(header: list[str], separator: str) -> str:
+    """'; try --separator NAME' when a header name holds another usual separator, else ''."""
+    for name in ("tab", "semicolon", "pipe", "comma"):
+        if SEPARATORS[name] != separator and any(SEPARATORS[name] in c for c in header):
+            return f"; try --separator {name}"
+    return ""
 
 
 def scan_table(
@@ -52,6 +74,11 @@ def scan_table(
             header = pl.read_csv(
                 path, separator=separator, n_rows=0, infer_schema=False, quote_char=quote_char
             ).columns
+            expected = list(columns.values()) if columns else REQUIRED_COLUMNS
+            missing = [c for c in expected if c not in header]
+            if missing and (hint := _separator_hint(header, separator)):
+                raise DataError(f"{path}: the header split on {separator!r} gives {', '.join(map(repr, header))}, "
+                                f"without {', '.join(map(repr, missing))}{hint}")
         else:
             if names is None:
                 raise DataError(f"{path}: a headerless file needs column names")

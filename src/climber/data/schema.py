@@ -16,12 +16,53 @@ import polars as pl
 EVENT_COLUMNS = ("user", "item", "ts", "action", "scenario")
 REQUIRED_COLUMNS = ("user", "item", "ts", "action")
 DEFAULT_SCENARIO = "default"
+TS_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}  # --ts-unit: numeric ts values per second
+TS_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+YEAR_3000 = 32_503_680_000  # 3000-01-01T00:00:00Z in seconds since the epoch: later is taken for a unit mistake
+ISO_LAYOUTS = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M%#z", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 ROW_COLUMN = "__row"  # 1-based data-row number within the source file, for error messages
 FILE_COLUMN = "__file"  # source file of the row, for error messages
 
 
 class DataError(Exception):
     """A problem with input data that the user can fix; printed as one line, exit code 2."""
+
+
+def check_epoch(value: float, unit: str, where: str, fix: str) -> None:
+    """Refuse a numeric time stamp after the year 3000 read as ``unit`` since the epoch: it is in a finer
+    unit (milliseconds, microseconds, nanoseconds), and read as it is every time bucket would be wrong.
+    ``where`` starts the message (it names the value), ``fix`` ends it: ``{unit}`` in it becomes the
+    unit that fits."""
+    if value / TS_UNITS[unit] < YEAR_3000:
+        return
+    fits = [u for u, per in TS_UNITS.items() if value / per < YEAR_3000]
+    guess = f"{TS_UNIT_NAMES[fits[0]]}? {fix.format(unit=fits[0])}" if fits else "too large in any unit"
+    raise DataError(f"{where}: after the year 3000 read as {TS_UNIT_NAMES[unit]} since the epoch; {guess}")
+
+
+def numeric_seconds(ts: pl.Expr, unit: str) -> pl.Expr:
+    """Int64 seconds since the epoch from text holding an integer or decimal number of ``unit`` since
+    the epoch (fractions of a second dropped: floor); null where the text holds no finite number."""
+    per = TS_UNITS[unit]
+    number = ts.cast(pl.Float64, strict=False)
+    return pl.coalesce(ts.cast(pl.Int64, strict=False) // per,  # integers stay exact
+                       pl.when(number.is_finite()).then((number / per).floor()).cast(pl.Int64, strict=False))
+
+
+def iso_seconds(ts: pl.Expr, example: str) -> pl.Expr | None:
+    """Int64 seconds since the epoch from ISO 8601 text laid out like ``example``: a date, or a date and
+    a time to the minute or second (fraction optional, dropped), 'T' or a space between, UTC unless an
+    offset (Z, +08:00, -0530) follows; null where a value has another layout. None when ``example`` is
+    no such text. One layout a column: parsing costs about a microsecond a value and a layout tried."""
+    for layout in ISO_LAYOUTS:
+        if _iso(pl.Series([example]), layout).item() is not None:
+            return _iso(ts, layout).dt.epoch("s")
+    return None
+
+
+def _iso(text, layout: str):
+    """``text`` (a polars Expr or Series of strings) parsed as UTC date-times in ``layout``."""
+    return text.str.replace(" ", "T").str.to_datetime(layout, strict=False, time_zone="UTC")
 
 
 @dataclass(frozen=True)
@@ -96,3 +137,4 @@ class RawSource:
     numeric_columns: tuple[str, ...] = ()  # side columns to keep as Float64 rather than categories
     notes: list[str] = field(default_factory=list)  # e.g. "dropped 12 events outside the window"
     files: tuple[Path, ...] = ()
+    ts_unit: str = "s"  # unit of numeric ts values (a key of TS_UNITS); prepare converts them to seconds

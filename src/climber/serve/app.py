@@ -30,13 +30,11 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from climber.data.schema import DataError
+from climber.data.schema import DataError, check_epoch
 from climber.serve.engine import Engine, UserCache, UserHistory
 from climber.serve.store import Event, HistoryStore
-
-MAX_TS = 2**62  # keeps ts within int64 after any arithmetic
 
 
 class Rejected(Exception):
@@ -49,7 +47,18 @@ class Rejected(Exception):
 
 Text = Annotated[StrictStr, Field(min_length=1, max_length=256)]  # pydantic refuses lone surrogates
 RawId = Text | StrictInt  # a raw id of the source data; an integer means its decimal string
-Ts = Annotated[StrictInt, Field(ge=0, le=MAX_TS)]
+
+
+def _seconds(ts: int) -> int:
+    """A request's ts, refused when it is after the year 3000 in seconds (milliseconds sent by mistake)."""
+    try:
+        check_epoch(ts, "s", f"ts {ts}", "send seconds since the epoch")
+    except DataError as e:
+        raise ValueError(str(e)) from None  # pydantic: a 422 naming the field
+    return ts
+
+
+Ts = Annotated[StrictInt, Field(ge=0), AfterValidator(_seconds)]
 
 
 class EventIn(BaseModel):

@@ -31,7 +31,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -45,7 +44,7 @@ from torch import nn
 
 from climber.config import ConfigError
 from climber.data.batch import Batch
-from climber.data.prepare import load_manifest
+from climber.data.prepare import load_manifest, staging_dir
 from climber.data.samples import COLUMNS
 from climber.data.schema import DataError
 from climber.devices import autocast
@@ -193,8 +192,7 @@ def write_shards(data_dir: Path, out: Path, shards: int, *, force: bool = False,
     manifest = load_manifest(data_dir)
     if out.exists() and not force:
         raise DataError(f"{out}: already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         events = pl.scan_parquet(data_dir / "events.parquet").select(COLUMNS)
         files, rows, users = [], [], []
