@@ -165,7 +165,11 @@ def _eval(args) -> None:
     else:
         m = out["metrics"]
         print(f"{args.split}: AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  LogLoss {m['logloss']:.4f}  "
-              f"HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({m['candidates']:,} candidates)")
+              f"({m['candidates']:,} candidates)")
+        print(f"{args.split}: HR@10 over own candidates {m['hr@10']:.4f}  NDCG@10 over own candidates "
+              f"{m['ndcg@10']:.4f}  (each user ranks only their own {args.split} events: "
+              f"{m['candidates_per_user_mean']:.1f} candidates per user on average, median "
+              f"{m['candidates_per_user_median']:g}, {m['ranked_users']:,} users with a positive)")
         if "bayes" in out:
             from climber.data.synthetic import ceiling_text
 
