@@ -143,6 +143,21 @@ def test_acknowledged_events_survive_kill_9(run, tmp_path):
         proc.wait()
 
 
+def test_ids_are_stripped_of_surrounding_whitespace_as_prepare_strips_them(server):
+    history = httpx.get(server + "/v1/users/17/history").json()
+    assert httpx.get(server + "/v1/users/%2017%20/history").json() == history
+    ts = history[-1]["ts"] + 60
+    padded = score(server, " 17 ", [" 5", "7\t", 12], ts)
+    assert padded["user"] == "17" and padded["known_user"] and padded["unknown_items"] == []
+    assert padded["scores"] == score(server, "17", [5, 7, 12], ts)["scores"]
+    r = httpx.post(server + "/v1/events", json={"user": " spaced ", "events": [{"item": " 9 ", "action": " 5 ",
+                                                                                 "ts": 10**9}]})
+    assert r.status_code == 200, r.text
+    assert [(e["item"], e["action"]) for e in httpx.get(server + "/v1/users/spaced/history").json()] == [("9", "5")]
+    r = httpx.post(server + "/v1/score", json={"user": "  ", "candidates": [1]})  # nothing left: refused
+    assert r.status_code == 422 and "user" in r.text
+
+
 BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/score", b"{not json", 422, "JSON"),
     ("/v1/score", {"user": "3", "candidates": "5"}, 422, "list"),

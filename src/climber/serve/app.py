@@ -7,8 +7,8 @@
     GET  /healthz                 liveness and what is served
     GET  /metrics                 Prometheus text: requests, latency histograms, cache and batch figures
 
-Ids are the raw ids of the source data (strings, or integers read as their decimal string). Unknown
-user: an empty history (dense id 0). Unknown item: the out-of-vocabulary id 0, listed in the reply.
+Ids are the raw ids of the source data (strings, or integers read as their decimal string), with
+surrounding whitespace stripped as prepare strips it. Unknown user: an empty history (dense id 0). Unknown item: the out-of-vocabulary id 0, listed in the reply.
 Every request that touches the model or the store runs on one worker thread, in arrival order; with
 dynamic batching, score requests that wait together run as one padded forward (``Engine.score_many``;
 see ``Batcher``).
@@ -30,7 +30,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from climber.serve.engine import Engine, UserCache, UserHistory
 from climber.serve.store import Event, HistoryStore
@@ -46,7 +46,10 @@ class Rejected(Exception):
         self.status = status
 
 
-Text = Annotated[StrictStr, Field(min_length=1, max_length=256)]  # pydantic refuses lone surrogates
+# Surrounding whitespace is stripped, as `climber data prepare` strips it from the ids of the source data
+# (" 196" is user "196"); nothing left is refused, as prepare refuses an empty id. Pydantic refuses
+# lone surrogates.
+Text = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 RawId = Text | StrictInt  # a raw id of the source data; an integer means its decimal string
 Ts = Annotated[StrictInt, Field(ge=0, le=MAX_TS)]
 
@@ -423,7 +426,7 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         return await run(service.add_events, str(body.user), body.events)
 
     @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=[Depends(authorized)])
-    async def history(user: str, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
+    async def history(user: Text, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
         events = await run(service.store.history, user, limit)
         return [e.__dict__ for e in events]
 
