@@ -189,6 +189,21 @@ def test_bad_input_gets_a_4xx_saying_what_is_wrong_and_stores_nothing(server, pa
     assert httpx.get(server + "/v1/users/3/history").json() == before
 
 
+@pytest.mark.parametrize("body,listed,not_listed", [
+    ({"user": "3", "candidates": list(range(100_000))}, 1, 0),  # one error, whose input is the whole list
+    ({"candidates": list(range(100_000))}, 2, 0),  # "user" missing: its input is the whole body
+    ({"user": "3", "candidates": [1.5] * 1000}, 20, 1980),  # two errors per candidate
+])
+def test_a_validation_error_echoes_little_of_a_huge_body(server, body, listed, not_listed):
+    r = httpx.post(server + "/v1/score", json=body)
+    assert r.status_code == 422
+    assert len(r.content) < 6000, len(r.content)
+    reply = r.json()
+    assert len(reply["detail"]) == listed and reply.get("errors_not_listed", 0) == not_listed
+    assert all(len(json.dumps(e["input"])) < 200 for e in reply["detail"])
+    assert reply["detail"][-1]["loc"][:2] == ["body", "candidates"]  # still names the offending field
+
+
 def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
     proc, url = start_server(run, tmp_path / "h.sqlite", env={"CLIMBER_API_KEY": "s3cret"})
     try:

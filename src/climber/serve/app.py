@@ -354,6 +354,17 @@ class BodyLimit:
         await response({"type": "http"}, None, send)
 
 
+MAX_ERRORS = 20  # validation errors listed in a 422 reply; the rest are counted
+MAX_ECHO = 100  # characters of the offending value a validation error echoes
+
+
+def _short(value):
+    """A validation error's echo of the request: ``value``, or the start of its JSON text when that is
+    longer than MAX_ECHO characters (a 100,000-candidate body must not come back whole)."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return value if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}... ({len(text):,} characters)"
+
+
 def create_app(service: Service, api_key: str | None = None, max_candidates: int = 1000, max_events: int = 1000,
                batch_window_ms: float | None = 2.0, max_batch: int = 32, max_body_bytes: int = 2**20) -> FastAPI:
     """The FastAPI app. batch_window_ms None: no dynamic batching (one forward per request)."""
@@ -395,8 +406,12 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
+        errors = err.errors()
+        content = {"detail": [{**e, "input": _short(e["input"])} if "input" in e else e for e in errors[:MAX_ERRORS]]}
+        if len(errors) > MAX_ERRORS:
+            content["errors_not_listed"] = len(errors) - MAX_ERRORS
         # ASCII-escaped: the echoed input may hold lone surrogates, which UTF-8 cannot encode
-        body = json.dumps({"detail": jsonable_encoder(err.errors())}, ensure_ascii=True, default=str)
+        body = json.dumps(jsonable_encoder(content), ensure_ascii=True, default=str)
         return Response(body, status_code=422, media_type="application/json")
 
     @app.exception_handler(Rejected)
