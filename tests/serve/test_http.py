@@ -204,6 +204,21 @@ def test_a_validation_error_echoes_little_of_a_huge_body(server, body, listed, n
     assert reply["detail"][-1]["loc"][:2] == ["body", "candidates"]  # still names the offending field
 
 
+def test_an_oversized_chunked_body_gets_413_like_one_with_a_content_length(server):
+    def chunks(n):  # a body of n bytes from a generator: httpx sends it chunked, without a Content-Length
+        head, tail = b'{"user": "3", "candidates": ["', b'"]}'
+        body = head + b"1" * (n - len(head) - len(tail)) + tail
+        return (body[i:i + 65536] for i in range(0, n, 65536))
+
+    r = httpx.post(server + "/v1/score", content=chunks(2**20 + 1), headers={"content-type": "application/json"})
+    sized = httpx.post(server + "/v1/score", content=b"x" * (2**20 + 1), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert (r.status_code, r.json()) == (413, sized.json())
+    assert sized.status_code == 413 and "limit" in sized.json()["detail"]
+    r = httpx.post(server + "/v1/score", content=chunks(2**20), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "at most 256 characters" in r.text  # at the limit: read and parsed
+
+
 def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
     proc, url = start_server(run, tmp_path / "h.sqlite", env={"CLIMBER_API_KEY": "s3cret"})
     try:

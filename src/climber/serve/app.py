@@ -313,11 +313,9 @@ class Batcher:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a request body over ``max_bytes`` (by its Content-Length, or counted while
-    it streams in), before anything parses it."""
-
-    class _TooLarge(Exception):
-        pass
+    """ASGI middleware: 413 for a request body over ``max_bytes``, before anything parses it: at once by
+    its Content-Length, else (a chunked upload) as soon as the bytes read pass the limit. The body is
+    read whole (at most ``max_bytes``) and then handed on."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -328,26 +326,21 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
             return await self._reject(send)
-        seen, started = 0, False
-
-        async def counted_receive():
-            nonlocal seen
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise self._TooLarge
-            return message
+            if message["type"] == "http.disconnect":  # the client left: nobody to answer
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._reject(send)
+            more = message.get("more_body", False)
+        unread = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            return unread.pop() if unread else await receive()
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except self._TooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, replay, send)
 
     async def _reject(self, send):
         response = JSONResponse({"detail": f"request body over the limit of {self.max_bytes} bytes"}, status_code=413)
