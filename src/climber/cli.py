@@ -360,7 +360,8 @@ def _serve(args) -> None:
                      batch_window_ms=None if args.no_batching else args.batch_window_ms, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_kb * 1024)
     print(f"serving {args.run} ({service.model_name}, KV cache: {service.engine.caches_kv}) on "
-          f"http://{args.host}:{args.port}; OpenAPI at /docs; store {service.store.path}"
+          f"http://{args.host}:{args.port}; OpenAPI at /openapi.json (/docs: Swagger UI, from a CDN); "
+          f"store {service.store.path}"
           f"{'; X-API-Key required' if key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 

@@ -233,6 +233,31 @@ def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
         proc.wait()
 
 
+def test_the_openapi_document_lists_every_error_each_endpoint_can_give(server):
+    spec = httpx.get(server + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    expected = {("/v1/score", "post"): {"200", "401", "413", "422"},
+                ("/v1/events", "post"): {"200", "401", "409", "413", "422"},
+                ("/v1/users/{user}/history", "get"): {"200", "401", "422"},
+                ("/metrics", "get"): {"200", "401"},
+                ("/healthz", "get"): {"200"}}
+    assert {(path, method) for path, ops in spec["paths"].items() for method in ops} == set(expected)
+    for (path, method), codes in expected.items():
+        op = spec["paths"][path][method]
+        assert op["description"].strip(), path
+        assert set(op["responses"]) == codes, path
+        for code in codes - {"200"}:
+            ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+            assert "detail" in schemas[ref.split("/")[-1]]["properties"], (path, code)
+    assert "errors_not_listed" in schemas["Invalid"]["properties"]
+
+
+def test_the_docs_page_says_where_to_look_when_its_assets_cannot_load(server):
+    page = httpx.get(server + "/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert '<a href="/openapi.json">/openapi.json</a>' in page.text.split("<script")[0]  # shown without scripts
+
+
 def test_metrics_are_prometheus_text(server):
     score(server, "3", [1, 2], None)
     text = httpx.get(server + "/metrics").text

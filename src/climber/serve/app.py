@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -29,7 +29,8 @@ import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from climber.serve.engine import Engine, UserCache, UserHistory
@@ -85,6 +86,35 @@ class EventsReply(BaseModel):
     stored: int
     events_total: int
     unknown_items: list[str]
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="what is wrong")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: body, path or query, then the field")
+    msg: str
+    type: str
+    input: Any = Field(None, description="the offending value; longer than 100 characters of JSON: its start, "
+                                         "as a string")
+    ctx: dict | None = None
+
+
+class Invalid(BaseModel):
+    detail: str | list[FieldError] = Field(description="a message (a value the data does not know, or out of "
+                                                       "order), or the errors of a request of the wrong shape")
+    errors_not_listed: int | None = Field(None, description="validation errors beyond the 20 listed")
+
+
+UNAUTHORIZED = {401: {"model": Problem, "description": "X-API-Key missing or wrong (when the service has a key)"}}
+TOO_LARGE = {413: {"model": Problem, "description": "request body over the service's limit (--max-body-kb)"}}
+INVALID = {422: {"model": Invalid, "description": "the request is malformed or names what the data does not know"}}
+OUT_OF_ORDER = {409: {"model": Problem, "description": "an event older than the user's last stored one (or than "
+                                                       "the event before it): nothing is stored"}}
+OFFLINE_NOTE = ('<p style="font-family: sans-serif; margin: 1em">This page loads Swagger UI from cdn.jsdelivr.net. '
+                'If it stays blank (no internet), the API is described by <a href="/openapi.json">/openapi.json</a> '
+                "and in the README's \"Serving over HTTP\".</p>")
 
 
 def request_models(max_candidates: int, max_events: int):
@@ -380,7 +410,7 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         service.store.close()
 
     app = FastAPI(title="climber scoring service", version="1", lifespan=lifespan,
-                  description=__doc__.split("\n\n")[0])
+                  description=__doc__.split("\n\n")[0], docs_url=None, redoc_url=None)
     ScoreRequest, EventsRequest = request_models(max_candidates, max_events)
 
     async def authorized(request: Request):
@@ -411,8 +441,12 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
     async def rejected(request: Request, err: Rejected):
         return JSONResponse({"detail": str(err)}, status_code=err.status)
 
-    @app.post("/v1/score", response_model=ScoreReply, dependencies=guards)
+    @app.post("/v1/score", response_model=ScoreReply, dependencies=guards,
+              responses={**UNAUTHORIZED, **TOO_LARGE, **INVALID})
     async def score(body: ScoreRequest):
+        """Click probabilities of the candidates for the user, after the user's stored history, in request
+        order, and the candidates ranked best first. An unknown user scores from an empty history; unknown
+        items score as the out-of-vocabulary item and are listed in `unknown_items`."""
         candidates = [str(c) for c in body.candidates]
         if batcher is None:
             request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
@@ -429,22 +463,39 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return {**reply, "scores": scores, "ranked": [{"item": candidates[i], "score": scores[i]} for i in order]}
 
-    @app.post("/v1/events", response_model=EventsReply, dependencies=guards)
+    @app.post("/v1/events", response_model=EventsReply, dependencies=guards,
+              responses={**UNAUTHORIZED, **OUT_OF_ORDER, **TOO_LARGE, **INVALID})
     async def events(body: EventsRequest):
+        """Store the user's new events (in time order, none before the user's last) durably, all or none,
+        and extend the user's cached history. A label left out comes from the data's label rule."""
         return await run(service.add_events, str(body.user), body.events)
 
-    @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=[Depends(authorized)])
+    @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=guards,
+             responses={**UNAUTHORIZED, **INVALID})
     async def history(user: Text, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
+        """The user's stored events, oldest first (the most recent `limit` when given); [] for an unknown
+        user."""
         events = await run(service.store.history, user, limit)
         return [e.__dict__ for e in events]
 
     @app.get("/healthz")
     async def healthz():
+        """Liveness, and what is served: the model, its run dir, whether it caches K/V, batching on or off.
+        Needs no API key."""
         return {"status": "ok", "model": service.model_name, "run": str(service.run_dir),
                 "kv_cache": service.engine.caches_kv, "dynamic_batching": batcher is not None}
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
+    # response_class Response (no media type): the 401's schema stays JSON, the 200 is declared as text
+    @app.get("/metrics", response_class=Response, dependencies=guards,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **UNAUTHORIZED})
     async def prometheus():
-        return metrics.text(service.engine)
+        """Prometheus text: requests by path and status, latency histograms, score batch sizes, the K/V
+        cache's hit rate, users and bytes."""
+        return PlainTextResponse(metrics.text(service.engine))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: Swagger UI")
+        return HTMLResponse(page.body.decode().replace("<body>", f"<body>\n{OFFLINE_NOTE}", 1))
 
     return app
