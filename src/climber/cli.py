@@ -553,8 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--data", help="prepared dir with the vocabularies (default: the run's data)")
     se.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
     se.add_argument("--port", type=int, default=8000)
-    se.add_argument("--store", help="SQLite history store (default RUN/serve/history.sqlite; seeded from the "
-                                    "data's events on first start)")
+    se.add_argument("--store", help="SQLite history store, seeded from the data's events on first start (default "
+                                    "$XDG_STATE_HOME or ~/.local/state, then climber/serve/RUNNAME-HASH/"
+                                    "history.sqlite: one per run and data, outside the run dir)")
     se.add_argument("--api-key-env", default="CLIMBER_API_KEY",
                     help="environment variable holding the API key; when set, requests need X-API-Key")
     se.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")

@@ -219,6 +219,28 @@ def test_an_oversized_chunked_body_gets_413_like_one_with_a_content_length(serve
     assert r.status_code == 422 and "at most 256 characters" in r.text  # at the limit: read and parsed
 
 
+def test_serving_a_run_leaves_its_run_dir_unchanged(run, tmp_path, monkeypatch):
+    from climber.serve.app import default_store_path
+
+    def files():
+        return {p.relative_to(run): p.is_file() and p.read_bytes() for p in sorted(run.rglob("*"))}
+
+    before = files()
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    proc, url = start_server(run, None)  # no --store
+    try:
+        r = httpx.post(url + "/v1/events", json={"user": "3", "events": [{"item": 1, "action": 5, "ts": 2 * 10**9}]})
+        assert r.status_code == 200, r.text
+        score(url, "3", [1, 2], None)
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert files() == before
+    store = default_store_path(run, run.parent / "data")
+    assert store.is_relative_to(tmp_path / "state" / "climber" / "serve") and store.exists()
+    assert f"store {store}" in output  # the startup line names it
+
+
 def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
     proc, url = start_server(run, tmp_path / "h.sqlite", env={"CLIMBER_API_KEY": "s3cret"})
     try:

@@ -15,7 +15,9 @@ see ``Batcher``).
 """
 
 import asyncio
+import hashlib
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -136,8 +138,21 @@ def request_models(max_candidates: int, max_events: int):
     return ScoreRequest, EventsRequest
 
 
+def default_store_path(run_dir: Path, data_dir: Path) -> Path:
+    """The history store without ``--store``: outside the run dir (a training artifact the service must
+    not change), one per run and data (the store is seeded from the data):
+    ``$XDG_STATE_HOME/climber/serve/<run dir name>-<hash of both paths>/history.sqlite``, where
+    ``$XDG_STATE_HOME`` defaults to ``~/.local/state``."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(state) if Path(state).is_absolute() else Path.home() / ".local" / "state"  # the XDG rule
+    run_dir, data_dir = Path(run_dir).resolve(), Path(data_dir).resolve()
+    key = hashlib.sha256(f"{run_dir}\n{data_dir}".encode()).hexdigest()[:12]
+    return root / "climber" / "serve" / f"{run_dir.name}-{key}" / "history.sqlite"
+
+
 class Service:
-    """The model of a run dir, the vocabularies and label rule of its data, the engine and the store."""
+    """The model of a run dir, the vocabularies and label rule of its data, the engine and the store
+    (``store_path``, default :func:`default_store_path`)."""
 
     def __init__(self, run_dir: Path, data_dir: Path | None = None, store_path: Path | None = None,
                  cache_bytes: int = 256 * 2**20, log=print, device="cpu"):
@@ -161,7 +176,7 @@ class Service:
         self.action_label = (None if rule.kind == "given" else dict(zip(  # raw action -> its label
             actions, pl.DataFrame({"action": actions}).select(rule.expr())[:, 0].cast(pl.Int64).to_list())))
         self.engine = Engine(model, max_cache_bytes=cache_bytes)
-        self.store = HistoryStore(Path(store_path or run_dir / "serve" / "history.sqlite"))
+        self.store = HistoryStore(Path(store_path or default_store_path(run_dir, data_dir)))
         seeded = self.store.seed(self._raw_events(), source=str(data_dir))
         if seeded is not None:
             log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
