@@ -8,7 +8,8 @@
     GET  /metrics                 Prometheus text: requests, latency histograms, cache and batch figures
 
 Ids are the raw ids of the source data (strings, or integers read as their decimal string), with
-surrounding whitespace stripped as prepare strips it. Unknown user: an empty history (dense id 0). Unknown item: the out-of-vocabulary id 0, listed in the reply.
+surrounding whitespace stripped as prepare strips it. Unknown user: an empty history (dense id 0).
+Unknown item: the out-of-vocabulary id 0, listed in the reply.
 Every request that touches the model or the store runs on one worker thread, in arrival order; with
 dynamic batching, score requests that wait together run as one padded forward (``Engine.score_many``;
 see ``Batcher``).
