@@ -193,7 +193,11 @@ def _eval(args) -> None:
     else:
         m = out["metrics"]
         print(f"{args.split}: AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  LogLoss {m['logloss']:.4f}  "
-              f"HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  ({m['candidates']:,} candidates)")
+              f"({m['candidates']:,} candidates)")
+        print(f"{args.split}: HR@10 over own candidates {m['hr@10']:.4f}  NDCG@10 over own candidates "
+              f"{m['ndcg@10']:.4f}  (each user ranks only their own {args.split} events: "
+              f"{m['candidates_per_user_mean']:.1f} candidates per user on average, median "
+              f"{m['candidates_per_user_median']:g}, {m['ranked_users']:,} users with a positive)")
         if "bayes" in out:
             from climber.data.synthetic import ceiling_text
 
@@ -384,7 +388,8 @@ def _serve(args) -> None:
                      batch_window_ms=None if args.no_batching else args.batch_window_ms, max_batch=args.max_batch,
                      max_body_bytes=args.max_body_kb * 1024)
     print(f"serving {args.run} ({service.model_name}, KV cache: {service.engine.caches_kv}) on "
-          f"http://{args.host}:{args.port}; OpenAPI at /docs; store {service.store.path}"
+          f"http://{args.host}:{args.port}; OpenAPI at /openapi.json (/docs: Swagger UI, from a CDN); "
+          f"store {service.store.path}"
           f"{'; X-API-Key required' if key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
@@ -611,8 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--data", help="prepared dir with the vocabularies (default: the run's data)")
     se.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, this machine only)")
     se.add_argument("--port", type=int, default=8000)
-    se.add_argument("--store", help="SQLite history store (default RUN/serve/history.sqlite; seeded from the "
-                                    "data's events on first start)")
+    se.add_argument("--store", help="SQLite history store, seeded from the data's events on first start (default "
+                                    "$XDG_STATE_HOME or ~/.local/state, then climber/serve/RUNNAME-HASH/"
+                                    "history.sqlite: one per run and data, outside the run dir)")
     se.add_argument("--api-key-env", default="CLIMBER_API_KEY",
                     help="environment variable holding the API key; when set, requests need X-API-Key")
     se.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from climber.eval.metrics import all_metrics, auc, gauc, hit_ndcg_at_k, logloss
+from climber.eval.metrics import all_metrics, auc, gauc, hit_ndcg_at_k, logloss, ranked_candidates
 
 # candidates: (user in 0..4, label 0/1, score from a small set so that ties are common)
 candidates = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1), st.integers(-3, 3)), min_size=1, max_size=60)
@@ -66,6 +66,7 @@ def test_hit_and_ndcg_by_hand():
     assert ndcg == pytest.approx(((1 / math.log2(3)) / (1 + 1 / math.log2(3)) + 1 / math.log2(3)) / 2)
     hr1, ndcg1 = hit_ndcg_at_k(users, labels, scores, k=1)
     assert hr1 == 0.0 and ndcg1 == 0.0
+    assert ranked_candidates(users, labels) == (2, 3.0, 3.0)  # users 7 and 8 rank 4 and 2 candidates
 
 
 def test_all_metrics_uses_sigmoid_of_logits():

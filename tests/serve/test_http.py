@@ -143,6 +143,21 @@ def test_acknowledged_events_survive_kill_9(run, tmp_path):
         proc.wait()
 
 
+def test_ids_are_stripped_of_surrounding_whitespace_as_prepare_strips_them(server):
+    history = httpx.get(server + "/v1/users/17/history").json()
+    assert httpx.get(server + "/v1/users/%2017%20/history").json() == history
+    ts = history[-1]["ts"] + 60
+    padded = score(server, " 17 ", [" 5", "7\t", 12], ts)
+    assert padded["user"] == "17" and padded["known_user"] and padded["unknown_items"] == []
+    assert padded["scores"] == score(server, "17", [5, 7, 12], ts)["scores"]
+    r = httpx.post(server + "/v1/events", json={"user": " spaced ", "events": [{"item": " 9 ", "action": " 5 ",
+                                                                                 "ts": 10**9}]})
+    assert r.status_code == 200, r.text
+    assert [(e["item"], e["action"]) for e in httpx.get(server + "/v1/users/spaced/history").json()] == [("9", "5")]
+    r = httpx.post(server + "/v1/score", json={"user": "  ", "candidates": [1]})  # nothing left: refused
+    assert r.status_code == 422 and "user" in r.text
+
+
 BAD = [  # (path, body or raw bytes, status, words in the message)
     ("/v1/score", b"{not json", 422, "JSON"),
     ("/v1/score", {"user": "3", "candidates": "5"}, 422, "list"),
@@ -174,6 +189,58 @@ def test_bad_input_gets_a_4xx_saying_what_is_wrong_and_stores_nothing(server, pa
     assert httpx.get(server + "/v1/users/3/history").json() == before
 
 
+@pytest.mark.parametrize("body,listed,not_listed", [
+    ({"user": "3", "candidates": list(range(100_000))}, 1, 0),  # one error, whose input is the whole list
+    ({"candidates": list(range(100_000))}, 2, 0),  # "user" missing: its input is the whole body
+    ({"user": "3", "candidates": [1.5] * 1000}, 20, 1980),  # two errors per candidate
+])
+def test_a_validation_error_echoes_little_of_a_huge_body(server, body, listed, not_listed):
+    r = httpx.post(server + "/v1/score", json=body)
+    assert r.status_code == 422
+    assert len(r.content) < 6000, len(r.content)
+    reply = r.json()
+    assert len(reply["detail"]) == listed and reply.get("errors_not_listed", 0) == not_listed
+    assert all(len(json.dumps(e["input"])) < 200 for e in reply["detail"])
+    assert reply["detail"][-1]["loc"][:2] == ["body", "candidates"]  # still names the offending field
+
+
+def test_an_oversized_chunked_body_gets_413_like_one_with_a_content_length(server):
+    def chunks(n):  # a body of n bytes from a generator: httpx sends it chunked, without a Content-Length
+        head, tail = b'{"user": "3", "candidates": ["', b'"]}'
+        body = head + b"1" * (n - len(head) - len(tail)) + tail
+        return (body[i:i + 65536] for i in range(0, n, 65536))
+
+    r = httpx.post(server + "/v1/score", content=chunks(2**20 + 1), headers={"content-type": "application/json"})
+    sized = httpx.post(server + "/v1/score", content=b"x" * (2**20 + 1), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert (r.status_code, r.json()) == (413, sized.json())
+    assert sized.status_code == 413 and "limit" in sized.json()["detail"]
+    r = httpx.post(server + "/v1/score", content=chunks(2**20), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "at most 256 characters" in r.text  # at the limit: read and parsed
+
+
+def test_serving_a_run_leaves_its_run_dir_unchanged(run, tmp_path, monkeypatch):
+    from climber.serve.app import default_store_path
+
+    def files():
+        return {p.relative_to(run): p.is_file() and p.read_bytes() for p in sorted(run.rglob("*"))}
+
+    before = files()
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    proc, url = start_server(run, None)  # no --store
+    try:
+        r = httpx.post(url + "/v1/events", json={"user": "3", "events": [{"item": 1, "action": 5, "ts": 2 * 10**9}]})
+        assert r.status_code == 200, r.text
+        score(url, "3", [1, 2], None)
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert files() == before
+    store = default_store_path(run, run.parent / "data")
+    assert store.is_relative_to(tmp_path / "state" / "climber" / "serve") and store.exists()
+    assert f"store {store}" in output  # the startup line names it
+
+
 def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
     proc, url = start_server(run, tmp_path / "h.sqlite", env={"CLIMBER_API_KEY": "s3cret"})
     try:
@@ -186,6 +253,31 @@ def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_openapi_document_lists_every_error_each_endpoint_can_give(server):
+    spec = httpx.get(server + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    expected = {("/v1/score", "post"): {"200", "401", "413", "422"},
+                ("/v1/events", "post"): {"200", "401", "409", "413", "422"},
+                ("/v1/users/{user}/history", "get"): {"200", "401", "422"},
+                ("/metrics", "get"): {"200", "401"},
+                ("/healthz", "get"): {"200"}}
+    assert {(path, method) for path, ops in spec["paths"].items() for method in ops} == set(expected)
+    for (path, method), codes in expected.items():
+        op = spec["paths"][path][method]
+        assert op["description"].strip(), path
+        assert set(op["responses"]) == codes, path
+        for code in codes - {"200"}:
+            ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+            assert "detail" in schemas[ref.split("/")[-1]]["properties"], (path, code)
+    assert "errors_not_listed" in schemas["Invalid"]["properties"]
+
+
+def test_the_docs_page_says_where_to_look_when_its_assets_cannot_load(server):
+    page = httpx.get(server + "/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert '<a href="/openapi.json">/openapi.json</a>' in page.text.split("<script")[0]  # shown without scripts
 
 
 def test_metrics_are_prometheus_text(server):

@@ -1,4 +1,8 @@
-"""Metrics of PROTOCOL.md: AUC (pooled), GAUC, LogLoss, HR@k, NDCG@k. Plain numpy, ties handled.
+"""Metrics of docs/protocol.md: AUC (pooled), GAUC, LogLoss, HR@k, NDCG@k. Plain numpy, ties handled.
+
+HR@k and NDCG@k rank each user's own candidates (that user's events of the split, a handful each), not
+the catalogue: they are reported with how many candidates the ranked users have (``ranked_users``,
+``candidates_per_user_mean`` / ``_median``); with ``k`` at or above a user's count, HR@k is 1 for them.
 
 AUC is the Mann-Whitney statistic with average ranks for tied scores (a tie counts one half).
 """
@@ -92,8 +96,20 @@ def hit_ndcg_at_k(users, labels, scores, k: int) -> tuple[float, float]:
     return float(np.mean(hits[has] > 0)), float(np.mean(dcg[has] / ideal[has]))
 
 
+def ranked_candidates(users, labels) -> tuple[int, float, float]:
+    """The users HR@k / NDCG@k average over (those with a positive) and the mean and median of their
+    candidate counts: the length of the lists they rank."""
+    users, positive = np.asarray(users), np.asarray(labels, float) > 0.5
+    _, inv, counts = np.unique(users, return_inverse=True, return_counts=True)
+    ranked = counts[np.bincount(inv, weights=positive, minlength=len(counts)) > 0]
+    if not len(ranked):
+        return 0, float("nan"), float("nan")
+    return len(ranked), float(np.mean(ranked)), float(np.median(ranked))
+
+
 def all_metrics(users, labels, scores_logit, ks=(5, 10)) -> dict[str, float]:
-    """Every protocol metric from logits: AUC, GAUC, LogLoss (on sigmoid), HR@k, NDCG@k."""
+    """Every protocol metric from logits: AUC, GAUC, LogLoss (on sigmoid), HR@k and NDCG@k over each
+    user's own candidates, with those candidates' count per user."""
     logits = np.asarray(scores_logit, float)
     probs = 1.0 / (1.0 + np.exp(-logits))
     out = {
@@ -105,4 +121,6 @@ def all_metrics(users, labels, scores_logit, ks=(5, 10)) -> dict[str, float]:
     }
     for k in ks:
         out[f"hr@{k}"], out[f"ndcg@{k}"] = hit_ndcg_at_k(users, labels, logits, k)
+    out["ranked_users"], out["candidates_per_user_mean"], out["candidates_per_user_median"] = \
+        ranked_candidates(users, labels)
     return out

@@ -7,21 +7,24 @@
     GET  /healthz                 liveness and what is served
     GET  /metrics                 Prometheus text: requests, latency histograms, cache and batch figures
 
-Ids are the raw ids of the source data (strings, or integers read as their decimal string). Unknown
-user: an empty history (dense id 0). Unknown item: the out-of-vocabulary id 0, listed in the reply.
+Ids are the raw ids of the source data (strings, or integers read as their decimal string), with
+surrounding whitespace stripped as prepare strips it. Unknown user: an empty history (dense id 0).
+Unknown item: the out-of-vocabulary id 0, listed in the reply.
 Every request that touches the model or the store runs on one worker thread, in arrival order; with
 dynamic batching, score requests that wait together run as one padded forward (``Engine.score_many``;
 see ``Batcher``).
 """
 
 import asyncio
+import hashlib
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -29,8 +32,9 @@ import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from climber.data.schema import DataError, check_epoch
 from climber.serve.engine import Engine, UserCache, UserHistory
@@ -45,7 +49,10 @@ class Rejected(Exception):
         self.status = status
 
 
-Text = Annotated[StrictStr, Field(min_length=1, max_length=256)]  # pydantic refuses lone surrogates
+# Surrounding whitespace is stripped, as `climber data prepare` strips it from the ids of the source data
+# (" 196" is user "196"); nothing left is refused, as prepare refuses an empty id. Pydantic refuses
+# lone surrogates.
+Text = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 RawId = Text | StrictInt  # a raw id of the source data; an integer means its decimal string
 
 
@@ -94,6 +101,35 @@ class EventsReply(BaseModel):
     unknown_items: list[str]
 
 
+class Problem(BaseModel):
+    detail: str = Field(description="what is wrong")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: body, path or query, then the field")
+    msg: str
+    type: str
+    input: Any = Field(None, description="the offending value; longer than 100 characters of JSON: its start, "
+                                         "as a string")
+    ctx: dict | None = None
+
+
+class Invalid(BaseModel):
+    detail: str | list[FieldError] = Field(description="a message (a value the data does not know, or out of "
+                                                       "order), or the errors of a request of the wrong shape")
+    errors_not_listed: int | None = Field(None, description="validation errors beyond the 20 listed")
+
+
+UNAUTHORIZED = {401: {"model": Problem, "description": "X-API-Key missing or wrong (when the service has a key)"}}
+TOO_LARGE = {413: {"model": Problem, "description": "request body over the service's limit (--max-body-kb)"}}
+INVALID = {422: {"model": Invalid, "description": "the request is malformed or names what the data does not know"}}
+OUT_OF_ORDER = {409: {"model": Problem, "description": "an event older than the user's last stored one (or than "
+                                                       "the event before it): nothing is stored"}}
+OFFLINE_NOTE = ('<p style="font-family: sans-serif; margin: 1em">This page loads Swagger UI from cdn.jsdelivr.net. '
+                'If it stays blank (no internet), the API is described by <a href="/openapi.json">/openapi.json</a> '
+                "and in the README's \"Serving over HTTP\".</p>")
+
+
 def request_models(max_candidates: int, max_events: int):
     """The request bodies, with the service's limits in their schema."""
 
@@ -113,8 +149,21 @@ def request_models(max_candidates: int, max_events: int):
     return ScoreRequest, EventsRequest
 
 
+def default_store_path(run_dir: Path, data_dir: Path) -> Path:
+    """The history store without ``--store``: outside the run dir (a training artifact the service must
+    not change), one per run and data (the store is seeded from the data):
+    ``$XDG_STATE_HOME/climber/serve/<run dir name>-<hash of both paths>/history.sqlite``, where
+    ``$XDG_STATE_HOME`` defaults to ``~/.local/state``."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(state) if Path(state).is_absolute() else Path.home() / ".local" / "state"  # the XDG rule
+    run_dir, data_dir = Path(run_dir).resolve(), Path(data_dir).resolve()
+    key = hashlib.sha256(f"{run_dir}\n{data_dir}".encode()).hexdigest()[:12]
+    return root / "climber" / "serve" / f"{run_dir.name}-{key}" / "history.sqlite"
+
+
 class Service:
-    """The model of a run dir, the vocabularies and label rule of its data, the engine and the store."""
+    """The model of a run dir, the vocabularies and label rule of its data, the engine and the store
+    (``store_path``, default :func:`default_store_path`)."""
 
     def __init__(self, run_dir: Path, data_dir: Path | None = None, store_path: Path | None = None,
                  cache_bytes: int = 256 * 2**20, log=print, device="cpu"):
@@ -138,7 +187,7 @@ class Service:
         self.action_label = (None if rule.kind == "given" else dict(zip(  # raw action -> its label
             actions, pl.DataFrame({"action": actions}).select(rule.expr())[:, 0].cast(pl.Int64).to_list())))
         self.engine = Engine(model, max_cache_bytes=cache_bytes)
-        self.store = HistoryStore(Path(store_path or run_dir / "serve" / "history.sqlite"))
+        self.store = HistoryStore(Path(store_path or default_store_path(run_dir, data_dir)))
         seeded = self.store.seed(self._raw_events(), source=str(data_dir))
         if seeded is not None:
             log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
@@ -320,11 +369,9 @@ class Batcher:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a request body over ``max_bytes`` (by its Content-Length, or counted while
-    it streams in), before anything parses it."""
-
-    class _TooLarge(Exception):
-        pass
+    """ASGI middleware: 413 for a request body over ``max_bytes``, before anything parses it: at once by
+    its Content-Length, else (a chunked upload) as soon as the bytes read pass the limit. The body is
+    read whole (at most ``max_bytes``) and then handed on."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -335,30 +382,36 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
             return await self._reject(send)
-        seen, started = 0, False
-
-        async def counted_receive():
-            nonlocal seen
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise self._TooLarge
-            return message
+            if message["type"] == "http.disconnect":  # the client left: nobody to answer
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._reject(send)
+            more = message.get("more_body", False)
+        unread = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            return unread.pop() if unread else await receive()
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except self._TooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, replay, send)
 
     async def _reject(self, send):
         response = JSONResponse({"detail": f"request body over the limit of {self.max_bytes} bytes"}, status_code=413)
         await response({"type": "http"}, None, send)
+
+
+MAX_ERRORS = 20  # validation errors listed in a 422 reply; the rest are counted
+MAX_ECHO = 100  # characters of the offending value a validation error echoes
+
+
+def _short(value):
+    """A validation error's echo of the request: ``value``, or the start of its JSON text when that is
+    longer than MAX_ECHO characters (a 100,000-candidate body must not come back whole)."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return value if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}... ({len(text):,} characters)"
 
 
 def create_app(service: Service, api_key: str | None = None, max_candidates: int = 1000, max_events: int = 1000,
@@ -383,7 +436,7 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         service.store.close()
 
     app = FastAPI(title="climber scoring service", version="1", lifespan=lifespan,
-                  description=__doc__.split("\n\n")[0])
+                  description=__doc__.split("\n\n")[0], docs_url=None, redoc_url=None)
     ScoreRequest, EventsRequest = request_models(max_candidates, max_events)
 
     async def authorized(request: Request):
@@ -402,16 +455,24 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
+        errors = err.errors()
+        content = {"detail": [{**e, "input": _short(e["input"])} if "input" in e else e for e in errors[:MAX_ERRORS]]}
+        if len(errors) > MAX_ERRORS:
+            content["errors_not_listed"] = len(errors) - MAX_ERRORS
         # ASCII-escaped: the echoed input may hold lone surrogates, which UTF-8 cannot encode
-        body = json.dumps({"detail": jsonable_encoder(err.errors())}, ensure_ascii=True, default=str)
+        body = json.dumps(jsonable_encoder(content), ensure_ascii=True, default=str)
         return Response(body, status_code=422, media_type="application/json")
 
     @app.exception_handler(Rejected)
     async def rejected(request: Request, err: Rejected):
         return JSONResponse({"detail": str(err)}, status_code=err.status)
 
-    @app.post("/v1/score", response_model=ScoreReply, dependencies=guards)
+    @app.post("/v1/score", response_model=ScoreReply, dependencies=guards,
+              responses={**UNAUTHORIZED, **TOO_LARGE, **INVALID})
     async def score(body: ScoreRequest):
+        """Click probabilities of the candidates for the user, after the user's stored history, in request
+        order, and the candidates ranked best first. An unknown user scores from an empty history; unknown
+        items score as the out-of-vocabulary item and are listed in `unknown_items`."""
         candidates = [str(c) for c in body.candidates]
         if batcher is None:
             request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
@@ -428,22 +489,39 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return {**reply, "scores": scores, "ranked": [{"item": candidates[i], "score": scores[i]} for i in order]}
 
-    @app.post("/v1/events", response_model=EventsReply, dependencies=guards)
+    @app.post("/v1/events", response_model=EventsReply, dependencies=guards,
+              responses={**UNAUTHORIZED, **OUT_OF_ORDER, **TOO_LARGE, **INVALID})
     async def events(body: EventsRequest):
+        """Store the user's new events (in time order, none before the user's last) durably, all or none,
+        and extend the user's cached history. A label left out comes from the data's label rule."""
         return await run(service.add_events, str(body.user), body.events)
 
-    @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=[Depends(authorized)])
-    async def history(user: str, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
+    @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=guards,
+             responses={**UNAUTHORIZED, **INVALID})
+    async def history(user: Text, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
+        """The user's stored events, oldest first (the most recent `limit` when given); [] for an unknown
+        user."""
         events = await run(service.store.history, user, limit)
         return [e.__dict__ for e in events]
 
     @app.get("/healthz")
     async def healthz():
+        """Liveness, and what is served: the model, its run dir, whether it caches K/V, batching on or off.
+        Needs no API key."""
         return {"status": "ok", "model": service.model_name, "run": str(service.run_dir),
                 "kv_cache": service.engine.caches_kv, "dynamic_batching": batcher is not None}
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
+    # response_class Response (no media type): the 401's schema stays JSON, the 200 is declared as text
+    @app.get("/metrics", response_class=Response, dependencies=guards,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **UNAUTHORIZED})
     async def prometheus():
-        return metrics.text(service.engine)
+        """Prometheus text: requests by path and status, latency histograms, score batch sizes, the K/V
+        cache's hit rate, users and bytes."""
+        return PlainTextResponse(metrics.text(service.engine))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: Swagger UI")
+        return HTMLResponse(page.body.decode().replace("<body>", f"<body>\n{OFFLINE_NOTE}", 1))
 
     return app

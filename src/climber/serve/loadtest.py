@@ -28,12 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, store: Path, extra: list[str] = (), env: dict | None = None,
+def start_server(run: Path, store: Path | None, extra: list[str] = (), env: dict | None = None,
                  timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """``climber serve`` on a free loopback port -> (process, base url) once /healthz answers."""
+    """``climber serve`` on a free loopback port (``store`` None: the service's default store) -> (process,
+    base url) once /healthz answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "climber", "serve", "--run", str(run), "--port", str(port), "--store", str(store),
-           *extra]
+    cmd = [sys.executable, "-m", "climber", "serve", "--run", str(run), "--port", str(port),
+           *([] if store is None else ["--store", str(store)]), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
