@@ -55,9 +55,9 @@ def _describe(hint) -> str:
     return _TYPE_NAMES[hint][0]
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # train.precision; climber.devices.check_precision checks the hardware
 SELECT_METRICS = ("auc", "gauc", "logloss")  # train.select; logloss is better when lower
-ITEM_VOCABS = ("all", "train")  # train.item_vocab  # train.precision; climber.devices.check_precision checks the hardware
+ITEM_VOCABS = ("all", "train")  # train.item_vocab
 
 
 @dataclass
