@@ -186,17 +186,3 @@ def test_worker_processes_give_the_batches_of_one_process_in_order(prepared, spl
 def test_auto_workers_leaves_small_machines_one_process():
     assert loader_module.auto_workers(2) == 0 and loader_module.auto_workers(1) == 0
     assert loader_module.auto_workers(3) == 2 and loader_module.auto_workers(16) == 2
-
-
-def test_item_dropout_replaces_item_ids_only_at_the_rate_asked(prepared):
-    batches = list(loader(prepared, "train", seed=1, batch_size=40))
-    torch.manual_seed(0)
-    dropped = [b.with_items_dropped(0.3) for b in batches]
-    kept = total = 0
-    for b, d in zip(batches, dropped):
-        for s, t in [(b.cand_item, d.cand_item), *((x.item, y.item) for x, y in zip(b.seqs, d.seqs))]:
-            assert torch.all((t == s) | (t == 0))  # an id is kept or becomes the unknown item 0
-            kept, total = kept + int(((t == s) & (s > 0)).sum()), total + int((s > 0).sum())
-        assert torch.equal(b.cand_mask, d.cand_mask) and torch.equal(b.label, d.label)
-        assert all(torch.equal(x.mask, y.mask) and torch.equal(x.action, y.action) for x, y in zip(b.seqs, d.seqs))
-    assert total > 1000 and abs(1 - kept / total - 0.3) < 0.05

@@ -105,3 +105,20 @@ def test_rate_buckets_give_items_of_few_train_events_the_global_rate(tmp_path):
     shared = int(buckets[few[0]])
     assert sum(int(buckets[i]) < shared for i in many) <= below  # the shared bucket sits at the global rate
     assert item_rate_buckets(data, info.num_items, 5, min_events=1)[few].unique().numel() > 1
+
+
+def test_id_dropout_drops_the_id_vector_at_its_rate_in_training_only_and_keeps_side_features(tiny_synth):
+    info = DataInfo.from_prepared(tiny_synth)
+    emb = ItemEmbedding(info.num_items, 4, info.item_features)
+    with torch.no_grad():
+        emb.weight[1:] = 1.0  # every id vector (1, 1, 1, 1); feature vectors (-1, ...) * 10
+        emb.features[0].weight[1:] = -10.0
+    emb.feature_ids.fill_(1)
+    emb.feature_ids[0] = 0
+    ids = torch.randint(1, info.num_items + 1, (200, 50))
+    emb.id_dropout = 0.3
+    torch.manual_seed(0)
+    out = emb.train()(ids)[..., 0]  # -9 where the id vector is kept, -10 where it is dropped
+    assert set(out.unique().tolist()) == {-10.0, -9.0}
+    assert abs(float((out == -10).float().mean()) - 0.3) < 0.01
+    assert torch.equal(emb.eval()(ids)[..., 0], torch.full((200, 50), -9.0))  # eval: no dropout

@@ -8,7 +8,7 @@ recent event is always at index L_k - 1) and on the right of candidates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -62,14 +62,6 @@ class Batch:
     @property
     def num_candidates(self) -> int:
         return int(self.cand_mask.sum())
-
-    def with_items_dropped(self, p: float) -> "Batch":
-        """The batch with each history and candidate item id replaced by 0 (the unknown item) with
-        probability ``p``, drawn from torch's global generator; masks, actions, labels unchanged."""
-        def drop(ids: torch.Tensor) -> torch.Tensor:
-            return torch.where(torch.rand(ids.shape, device=ids.device) < p, 0, ids)
-
-        return replace(self, seqs=[replace(s, item=drop(s.item)) for s in self.seqs], cand_item=drop(self.cand_item))
 
     def history_slots(self) -> tuple[int, int]:
         """(padding, all) history token slots, summed over the subsequences: B * L_k each."""

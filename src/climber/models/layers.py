@@ -397,7 +397,14 @@ class ItemEmbedding(nn.Embedding):
     ``id_row`` (num_items + 1,) maps item id -> row of the id table: the identity, or, with
     ``train.item_vocab=train``, 0 (the unknown item, a zero vector) for items without a train event, whose
     own rows would never get a gradient (random vectors at test time). Side features keep the item's
-    own values either way."""
+    own values either way.
+
+    ``id_dropout`` (``train.item_dropout``, set by the trainer; not saved): in training mode each lookup's
+    id row becomes row 0 with this probability, drawn from torch's global generator, while its side
+    features stay, so a model learns to rank an item by its side features and the history when its own
+    vector is missing or barely trained."""
+
+    id_dropout: float = 0.0
 
     def __init__(self, num_items: int, d_model: int, features: tuple = ()):  # features: ((column, vocab size), ...)
         super().__init__(num_items + 1, d_model, padding_idx=0)
@@ -409,7 +416,10 @@ class ItemEmbedding(nn.Embedding):
         return self.feature_ids[ids]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
-        out = super().forward(self.id_row[ids])
+        rows = self.id_row[ids]
+        if self.training and self.id_dropout:
+            rows = torch.where(torch.rand(rows.shape, device=rows.device) < self.id_dropout, 0, rows)
+        out = super().forward(rows)
         side = self.side_ids(ids)
         for f, table in enumerate(self.features):
             out = out + table(side[..., f])

@@ -41,6 +41,7 @@ from climber.data.split import MIN_EVENTS
 from climber.devices import check_precision, flushed_denormals, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
+from climber.models.layers import ItemEmbedding
 from climber.train import checkpoint, distributed
 from climber.train.distributed import Dist, Parallel
 from climber.train.optim import WeightAverage, lr_at, make_optimizer
@@ -99,6 +100,9 @@ class Trainer:
         self.info = DataInfo.from_prepared(self.data_dir, tc.item_rate_buckets)
         self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir,
                                  item_vocab=tc.item_vocab, rate_min_events=tc.item_rate_min_events)
+        for module in self.model.modules():
+            if isinstance(module, ItemEmbedding):
+                module.id_dropout = tc.item_dropout
         self.n_params = sum(p.numel() for p in self.model.parameters())
         strategies = self.model.strategies()
         c = 1 if tc.mode == "single" else tc.candidates_per_row
@@ -271,8 +275,6 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(step, self.total_steps, tc)
             self.optimizer.zero_grad(set_to_none=True)
-            if tc.item_dropout:
-                batch = batch.with_items_dropped(tc.item_dropout)
             batch_padded, batch_slots = batch.history_slots()
             padded, slots = padded + batch_padded, slots + batch_slots
             loss, n = self.parallel.backward(batch)
