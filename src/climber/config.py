@@ -82,10 +82,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast forward; refused on a CPU without native bf16)
     tensorboard: bool = False
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
-    item_vocab: str = "all"  # item ids with rows of their own: all (every prepared id) | train (ids with a train event; others -> 0)
-    item_rate_buckets: int = 0  # > 0: each item's smoothed train positive rate, in this many quantile buckets, as an item feature
+    item_vocab: str = "train"  # item ids with rows of their own: all (every prepared id) | train (ids with a train event; others -> 0)
+    item_rate_buckets: int = 20  # > 0: each item's smoothed train positive rate, in this many quantile buckets, as an item feature
     item_rate_min_events: int = 20  # items with fewer train events get the global rate's bucket (their own labels would leak)
-    item_dropout: float = 0.0  # in training, an item's own id vector -> 0 (unknown) with this probability; side features stay
+    item_dropout: float = 0.3  # in training, an item's own id vector -> 0 (unknown) with this probability; side features stay
     workers: int = -1  # processes collating batches beside training; 0 = none; -1 = auto (climber.data.loader.auto_workers)
     bucket: bool = True  # train batches of rows with similar history lengths: less padding, same rows per epoch
     # several processes (torchrun; docs/distributed.md): batch_size is the global batch, split over them
