@@ -122,3 +122,12 @@ def test_id_dropout_drops_the_id_vector_at_its_rate_in_training_only_and_keeps_s
     assert set(out.unique().tolist()) == {-10.0, -9.0}
     assert abs(float((out == -10).float().mean()) - 0.3) < 0.01
     assert torch.equal(emb.eval()(ids)[..., 0], torch.full((200, 50), -9.0))  # eval: no dropout
+
+
+def test_a_checkpoint_from_before_id_row_loads_with_every_id_on_its_own_row(tiny_synth):
+    info = DataInfo.from_prepared(tiny_synth)
+    model = build_model("climber", {}, info, prepared=tiny_synth)
+    model.emb.item.id_row.zero_()  # as if every item were unseen
+    old = {k: v for k, v in build_model("climber", {}, info).state_dict().items() if not k.endswith("id_row")}
+    model.load_state_dict(old)  # strict: no missing key
+    assert torch.equal(model.emb.item.id_row, torch.arange(info.num_items + 1))

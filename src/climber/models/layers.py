@@ -412,6 +412,11 @@ class ItemEmbedding(nn.Embedding):
         self.register_buffer("feature_ids", torch.zeros(num_items + 1, len(features), dtype=torch.long))
         self.register_buffer("id_row", torch.arange(num_items + 1))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before id_row (issue 21) were trained with every id on its own row
+        state_dict.setdefault(prefix + "id_row", torch.arange(self.num_embeddings))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def side_ids(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., F) side feature value ids
         return self.feature_ids[ids]
 
