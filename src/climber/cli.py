@@ -68,9 +68,18 @@ def _print_manifest(m: dict, where) -> None:
 
 
 def _data_synth(args) -> None:
+    if args.kind == "lifelong":
+        from climber.data.lifelong import synthesize_lifelong
+
+        m = synthesize_lifelong(Path(args.out), users=args.users if args.users is not None else 2000,
+                                median_events=args.median_events, items=args.items if args.items is not None else 20_000,
+                                artists=args.artists, genres=args.genres, seed=args.seed, force=args.force)
+        _print_manifest(m, args.out)
+        return
     from climber.data.synthetic import synthesize
 
-    m = synthesize(Path(args.out), users=args.users, events_per_user=args.events_per_user, items=args.items,
+    m = synthesize(Path(args.out), users=args.users if args.users is not None else 2000,
+                   events_per_user=args.events_per_user, items=args.items if args.items is not None else 1000,
                    topics=args.topics, seed=args.seed, force=args.force)
     _print_manifest(m, args.out)
 
@@ -455,10 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sy = data.add_parser("synth", help="synthetic log with known true click probabilities")
     sy.add_argument("--out", required=True)
-    sy.add_argument("--users", type=int, default=2000)
-    sy.add_argument("--events-per-user", type=int, default=100)
-    sy.add_argument("--items", type=int, default=1000)
-    sy.add_argument("--topics", type=int, default=20)
+    sy.add_argument("--kind", choices=["topics", "lifelong"], default="topics",
+                    help="topics: generator v3 (default); lifelong: generator v4, docs/benchmarks/lifelong.md")
+    sy.add_argument("--users", type=int, default=None, help="default 2000")
+    sy.add_argument("--events-per-user", type=int, default=100, help="topics: mean events per user")
+    sy.add_argument("--items", type=int, default=None, help="default 1000 (topics), 20000 (lifelong: tracks)")
+    sy.add_argument("--topics", type=int, default=20, help="topics only")
+    sy.add_argument("--median-events", type=int, default=1000, help="lifelong: median history length")
+    sy.add_argument("--artists", type=int, default=2000, help="lifelong: artists, each in one genre")
+    sy.add_argument("--genres", type=int, default=24, help="lifelong: genres")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--force", action="store_true")
     sy.set_defaults(func=_data_synth)
