@@ -44,8 +44,6 @@ model knows: an upper bound of the attainable. Manifest: ``bayes`` (p_bayes), ``
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +54,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from climber.data import readers
-from climber.data.prepare import prepare
 from climber.data.schema import DataError, LabelRule, RawSource
 from climber.data.split import split_sizes
-from climber.data.synthetic import TS_START, _bayes, _cumulative, _sample
+from climber.data.synthetic import TS_START, _bayes, _cumulative, _sample, prepare_generated
 
 GENERATOR_VERSION = 4
 DEFAULTS = {"users": 2000, "median_events": 1000, "items": 20_000, "artists": 2000, "genres": 24, "seed": 0}
@@ -424,18 +421,15 @@ def synthesize_lifelong(out: Path, *, users: int = DEFAULTS["users"], median_eve
         "session_window": SESSION_WINDOW, "favourites": FAVOURITES, "chunk_users": CHUNK_USERS,
         "bayes_simulations": BAYES_SIMULATIONS,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    raw_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.raw-", dir=out.parent))
-    try:
-        raw = raw_dir / "events.parquet"
-        log(f"synthesizing lifelong: {users:,} users x median {median_events} events (seed {seed}) -> {out}")
-        _write_raw(raw, users=users, median_events=median_events, items=items, artists=artists, genres=genres,
-                   seed=seed, log=log)
-        source = RawSource(name="synthetic-lifelong", frame=readers.scan_table(raw, columns={c: c for c in RAW_SCHEMA.names}),
-                           label_rule=LabelRule.parse(LABEL_RULE), actions=OUTCOMES,
-                           numeric_columns=("p_true", "p_bayes"), files=(raw,))
-        return prepare(source, out, force=force, log=log,
-                       extra=lambda tmp: {"bayes": _bayes(tmp), "oracle": _bayes(tmp, "p_true"),
-                                          "generator": generator})
-    finally:
-        shutil.rmtree(raw_dir, ignore_errors=True)
+    log(f"synthesizing lifelong: {users:,} users x median {median_events} events (seed {seed}) -> {out}")
+
+    def source(raw: Path) -> RawSource:
+        return RawSource(name="synthetic-lifelong", frame=readers.scan_table(raw, columns={c: c for c in RAW_SCHEMA.names}),
+                         label_rule=LabelRule.parse(LABEL_RULE), actions=OUTCOMES,
+                         numeric_columns=("p_true", "p_bayes"), files=(raw,))
+
+    return prepare_generated(
+        out, lambda raw: _write_raw(raw, users=users, median_events=median_events, items=items, artists=artists,
+                                    genres=genres, seed=seed, log=log),
+        source, lambda tmp: {"bayes": _bayes(tmp), "oracle": _bayes(tmp, "p_true"), "generator": generator},
+        force, log)

@@ -322,24 +322,29 @@ def synthesize(
         "chunk_users": CHUNK_USERS,
         "bayes_simulations": BAYES_SIMULATIONS,
     }
+    log(f"synthesizing {users:,} users x ~{events_per_user} events (seed {seed}) -> {out}")
+
+    def source(raw: Path) -> RawSource:
+        return RawSource(name="synthetic", frame=readers.scan_table(raw, columns={c: c for c in RAW_SCHEMA.names}),
+                         label_rule=LabelRule.parse("label"), actions=ACTIONS,
+                         numeric_columns=("p_true", "p_bayes", "p_bayes_split_items"), files=(raw,))
+
+    return prepare_generated(
+        out, lambda raw: _write_raw(raw, users=users, events_per_user=events_per_user, items=items, topics=topics,
+                                    seed=seed, log=log),
+        source, lambda tmp: {"bayes": _bayes(tmp), "bayes_split_items": _bayes(tmp, "p_bayes_split_items"),
+                             "oracle": _bayes(tmp, "p_true"), "generator": generator}, force, log)
+
+
+def prepare_generated(out: Path, write_raw, source, extra, force: bool, log) -> dict:
+    """Write a generated raw log with ``write_raw(path)`` into a hidden folder beside ``out``, prepare
+    ``source(path)`` into ``out`` with the manifest entries ``extra(prepared tmp dir)``, and remove the
+    raw log whatever happens."""
     out.parent.mkdir(parents=True, exist_ok=True)
     raw_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.raw-", dir=out.parent))
     try:
         raw = raw_dir / "events.parquet"
-        log(f"synthesizing {users:,} users x ~{events_per_user} events (seed {seed}) -> {out}")
-        _write_raw(raw, users=users, events_per_user=events_per_user, items=items, topics=topics, seed=seed, log=log)
-        columns = {c: c for c in RAW_SCHEMA.names}
-        source = RawSource(
-            name="synthetic",
-            frame=readers.scan_table(raw, columns=columns),
-            label_rule=LabelRule.parse("label"),
-            actions=ACTIONS,
-            numeric_columns=("p_true", "p_bayes", "p_bayes_split_items"),
-            files=(raw,),
-        )
-        return prepare(source, out, force=force, log=log,
-                       extra=lambda tmp: {"bayes": _bayes(tmp), "bayes_split_items": _bayes(tmp, "p_bayes_split_items"),
-                                          "oracle": _bayes(tmp, "p_true"),
-                                          "generator": generator})
+        write_raw(raw)
+        return prepare(source(raw), out, force=force, log=log, extra=extra)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
