@@ -93,6 +93,7 @@ TS_OFFSET_MAX = 365 * 86_400
 CHUNK_USERS = 500  # users generated and written at once (memory: users x artists x 4 floats, twice)
 BAYES_SIMULATIONS = 256  # forward paths per user for p_bayes
 BAYES_CHUNK_USERS = 32  # users simulated at once (memory: paths x users x artists x 2 floats, 260 MB)
+BAYES_BLOCK_STEPS = 64  # steps whose exposure is drawn at once (memory: steps x paths x users x genres bools, 13 MB)
 
 RAW_SCHEMA = pa.schema(
     [(c, pa.string()) for c in ("user", "item", "ts", "action", "scenario", "item_genre", "item_artist")]
@@ -157,17 +158,23 @@ def history_lengths(rng: np.random.Generator, users: int, median: int) -> np.nda
 
 def _draw_items(rng, cat: Catalogue, shape, scenario_cdf, interest, favourite, mood, seed_artist):
     """Scenario ids and tracks of events of shape (..., n) for n users whose context at the event is
-    scenario_cdf (n, 3), interest (n, G) probabilities, favourite (n, F) artists, mood (n,) genre and
-    seed_artist (n,). Independent of outcomes."""
-    s = _sample(scenario_cdf, rng.random(shape))
+    scenario_cdf (n, 3), interest (..., n, G) probabilities, favourite (..., n, F) artists, mood (..., n)
+    genre and seed_artist (..., n), the context's leading axes broadcasting against ``shape``'s.
+    Independent of outcomes."""
+    s = _sample(scenario_cdf, rng.random(shape))  # shape
     radio = (s == 1) | ((s == 2) & (rng.random(shape) < 0.5))
+    # the artist: radio keeps the session's seed artist with prob SEED_PICK, else draws one in the mood
+    # genre; search keeps a favourite with prob FAVOURITE_PICK, else draws one in a genre of the interest
     slot = rng.integers(0, favourite.shape[-1], shape)
     fav = np.take_along_axis(np.broadcast_to(favourite, shape + favourite.shape[-1:]), slot[..., None], -1)[..., 0]
-    g = _sample(_cumulative(interest), rng.random(shape))
-    searched = np.where(rng.random(shape) < FAVOURITE_PICK, fav, cat.artists_by_genre.draw(g, rng.random(shape)))
-    seed_artist, mood = np.broadcast_to(seed_artist, shape), np.broadcast_to(mood, shape)
-    played = np.where(rng.random(shape) < SEED_PICK, seed_artist, cat.artists_by_genre.draw(mood, rng.random(shape)))
-    artist = np.where(radio, played, searched)
+    kept = rng.random(shape) < np.where(radio, SEED_PICK, FAVOURITE_PICK)
+    artist = np.where(radio, seed_artist, fav)  # shape
+    genre = np.broadcast_to(mood, shape).copy()
+    searched = ~kept & ~radio
+    interest_cdf = np.broadcast_to(_cumulative(interest), shape + interest.shape[-1:])
+    genre[searched] = _sample(interest_cdf[searched], rng.random(int(searched.sum())))  # (m, G) -> (m,)
+    drawn = ~kept
+    artist[drawn] = cat.artists_by_genre.draw(genre[drawn], rng.random(int(drawn.sum())))
     return s, cat.tracks_by_artist.draw(artist, rng.random(shape))
 
 
@@ -324,7 +331,8 @@ def _chunk(rng, sim_rng, cat: Catalogue, n_events: np.ndarray, genres: int) -> d
         idx = np.minimum(f[:, None] + np.arange(J), n_events[:, None] - 1)  # (n, J), past a user's split: its last
         ctx = {k: np.take_along_axis(v, np.minimum(idx - first["val"][:, None], v.shape[1] - 1).reshape(
             (n, J) + (1,) * (v.ndim - 2)), 1) for k, v in rec.items()}
-        got = expected_p(sim_rng, cat, snapshot[name], tsf, start, scenario, item, idx, scenario_cdf, ctx)
+        got = expected_p(sim_rng, cat, snapshot[name], tsf, start, scenario, item, idx, length[name],
+                         scenario_cdf, ctx)
         valid = np.arange(J)[None] < length[name][:, None]
         r, c = np.nonzero(valid)
         p_bayes[r, idx[r, c]] = got[r, c]
@@ -333,28 +341,38 @@ def _chunk(rng, sim_rng, cat: Catalogue, n_events: np.ndarray, genres: int) -> d
             "scenario_cdf": scenario_cdf, "context": rec}
 
 
-def expected_p(rng, cat: Catalogue, state: State, ts, start, scenario, item, idx, scenario_cdf, ctx) -> np.ndarray:
+def expected_p(rng, cat: Catalogue, state: State, ts, start, scenario, item, idx, length, scenario_cdf,
+               ctx) -> np.ndarray:
     """E[p_true] of each split event (n, J) given the state at the split ``state`` (n users) and the event:
     the mean over BAYES_SIMULATIONS paths in which the split's earlier events get scenario and track
     drawn afresh from the user's context at them (``ctx``: interest (n, J, G), favourite (n, J, F), mood,
     seed (n, J)) and outcome from the dynamics. ``idx`` (n, J): the split events' indices into the (n, T)
-    arrays ts (float s), start, scenario, item."""
+    arrays ts (float s), start, scenario, item; ``length`` (n,): the split's length per user (entries past
+    it are NaN). Exposure does not depend on outcomes, so a block of steps' scenarios and tracks are drawn
+    at once for all paths."""
     n, J = idx.shape
-    S, out = BAYES_SIMULATIONS, np.empty((n, J))
+    S, out = BAYES_SIMULATIONS, np.full((n, J), np.nan)
     take = lambda a: np.take_along_axis(a, idx, 1)  # noqa: E731 - (n, T) -> (n, J)
     ts, start, scenario, item = take(ts), take(start), take(scenario), take(item)
+    by_length = np.argsort(-length, kind="stable")  # users simulated together end about together
     for lo in range(0, n, BAYES_CHUNK_USERS):
-        part = np.arange(lo, min(lo + BAYES_CHUNK_USERS, n))
+        part = np.sort(by_length[lo: lo + BAYES_CHUNK_USERS])  # n' users
+        steps = int(length[part].max())
         paths = state.take(part, S)  # leading shape (S, n')
         shape = (S, len(part))
-        for j in range(J):
+        for j in range(steps):
             tj, sj = np.broadcast_to(ts[part, j], shape), np.broadcast_to(start[part, j], shape)
             out[part, j] = p_label(paths.utility(tj, sj, np.broadcast_to(scenario[part, j], shape),
                                                  np.broadcast_to(item[part, j], shape), cat)).mean(0)
-            if j == J - 1:
+            if j == steps - 1:
                 break
-            s, i = _draw_items(rng, cat, shape, scenario_cdf[part], ctx["interest"][part, j],
-                               ctx["favourite"][part, j], ctx["mood"][part, j], ctx["seed"][part, j])
+            k = j % BAYES_BLOCK_STEPS
+            if k == 0:  # draw steps j .. j + K - 1 (K <= BAYES_BLOCK_STEPS, the last one simulated: steps - 2)
+                block = slice(j, min(j + BAYES_BLOCK_STEPS, steps - 1))
+                at = {c: np.moveaxis(v[part, block], 1, 0)[:, None] for c, v in ctx.items()}  # (K, 1, n', ...)
+                s_block, i_block = _draw_items(rng, cat, (block.stop - j,) + shape, scenario_cdf[part],
+                                               at["interest"], at["favourite"], at["mood"], at["seed"])  # (K, S, n')
+            s, i = s_block[k], i_block[k]  # (S, n')
             paths.update(tj, sj, i, draw_outcome(rng, paths.utility(tj, sj, s, i, cat)), cat)
     return out
 

@@ -92,9 +92,9 @@ def _event_counts(rng: np.random.Generator, users: int, events_per_user: int) ->
 
 
 def _cumulative(probs: np.ndarray) -> np.ndarray:
-    """Row-wise CDF whose last column is exactly 1, so ``(cdf < u).sum(1)`` is in range for u in [0, 1)."""
-    cdf = np.cumsum(probs, axis=1)
-    return cdf / cdf[:, -1:]
+    """CDF along the last axis whose last entry is exactly 1, so ``(cdf < u).sum(-1)`` is in range for u in [0, 1)."""
+    cdf = np.cumsum(probs, axis=-1)
+    return cdf / cdf[..., -1:]
 
 
 def _sample(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
