@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -104,19 +105,32 @@ LABEL_RULE = "action in " + ",".join(OUTCOMES[LABEL_FROM:])
 
 class _Grouped:
     """Draw a member of a group by popularity: groups 0..g-1, each member in one group.
-    ``draw(group, u)`` for uniforms u in [0, 1): member ids, same shape."""
+    ``draw(group, u)`` for uniforms u in [0, 1): member ids, same shape. Walker's alias method within each
+    group (O(1) a draw): ``u * size`` picks a slot of the group, its fraction accepts the slot's member
+    or the slot's alias."""
 
     def __init__(self, group_of: np.ndarray, weight: np.ndarray):
-        self.order = np.argsort(group_of, kind="stable")  # members sorted by group
+        self.order = np.argsort(group_of, kind="stable")  # members sorted by group; slots index this
         g, w = group_of[self.order], weight[self.order]
-        cum = np.cumsum(w)
-        start = np.concatenate([[0.0], cum])[np.searchsorted(g, g)]  # cumulative weight before the group
-        total = np.bincount(g, weights=w)[g]
-        self.key = g + (cum - start) / total  # in (g, g + 1], last of each group exactly g + 1
+        self.size = np.bincount(g)  # members per group
+        self.first = np.cumsum(self.size) - self.size  # the group's first slot
+        scaled = (w * self.size[g] / np.bincount(g, weights=w)[g]).tolist()  # mean 1 within each group
+        self.accept, self.alias = np.ones(len(g)), np.arange(len(g))
+        for lo, n in zip(self.first.tolist(), self.size.tolist()):  # Vose's construction, one group
+            small = [k for k in range(lo, lo + n) if scaled[k] < 1.0]
+            large = [k for k in range(lo, lo + n) if scaled[k] >= 1.0]
+            while small and large:
+                k, big = small.pop(), large.pop()
+                self.accept[k], self.alias[k] = scaled[k], big
+                scaled[big] -= 1.0 - scaled[k]
+                (small if scaled[big] < 1.0 else large).append(big)
+            # what is left has weight 1 up to rounding: accept 1 (alias itself)
 
     def draw(self, group: np.ndarray, u: np.ndarray) -> np.ndarray:
-        at = np.searchsorted(self.key, group + u, side="right")
-        return self.order[np.minimum(at, len(self.order) - 1)]
+        x = u * self.size[group]
+        k = np.minimum(x.astype(np.int64), self.size[group] - 1)  # slot within the group
+        slot = self.first[group] + k
+        return self.order[np.where(x - k < self.accept[slot], slot, self.alias[slot])]
 
 
 @dataclass
@@ -129,7 +143,7 @@ class Catalogue:
     artists_by_genre: _Grouped  # draw(genre, u) -> artist
     tracks_by_artist: _Grouped  # draw(artist, u) -> track
 
-    @property
+    @cached_property
     def genre(self) -> np.ndarray:  # (I,) genre of each track
         return self.genre_of_artist[self.artist]
 
@@ -245,7 +259,7 @@ def p_label(u: np.ndarray) -> np.ndarray:
 def draw_outcome(rng, u: np.ndarray) -> np.ndarray:
     """Ordered-logit outcome index (into OUTCOMES) for utilities u."""
     z = u + rng.logistic(size=u.shape)
-    return (z[..., None] > THRESHOLDS).sum(-1)
+    return np.searchsorted(THRESHOLDS, z)  # how many thresholds lie below z
 
 
 def utilities(ts, start, scenario, item, outcome, t0, cat: Catalogue, genres: int, artists: int) -> np.ndarray:
