@@ -94,7 +94,8 @@ TS_OFFSET_MAX = 365 * 86_400
 CHUNK_USERS = 500  # users generated and written at once (memory: users x artists x 4 floats, twice)
 BAYES_SIMULATIONS = 256  # forward paths per user for p_bayes
 BAYES_CHUNK_USERS = 32  # users simulated at once (memory: paths x users x artists x 2 floats, 260 MB)
-BAYES_BLOCK_STEPS = 64  # steps whose exposure is drawn at once (memory: steps x paths x users x genres bools, 13 MB)
+BAYES_BLOCK_STEPS = 64  # steps whose exposure is drawn at once (memory: steps x paths x users x genres bools, 13 MB;
+# steps x paths x users int64s, 4 MB, a few)
 
 RAW_SCHEMA = pa.schema(
     [(c, pa.string()) for c in ("user", "item", "ts", "action", "scenario", "item_genre", "item_artist")]
@@ -183,10 +184,7 @@ def _draw_items(rng, cat: Catalogue, shape, scenario_cdf, interest, favourite, m
     fav = np.take_along_axis(np.broadcast_to(favourite, shape + favourite.shape[-1:]), slot[..., None], -1)[..., 0]
     kept = rng.random(shape) < np.where(radio, SEED_PICK, FAVOURITE_PICK)
     artist = np.where(radio, seed_artist, fav)  # shape
-    genre = np.broadcast_to(mood, shape).copy()
-    searched = ~kept & ~radio
-    interest_cdf = np.broadcast_to(_cumulative(interest), shape + interest.shape[-1:])
-    genre[searched] = _sample(interest_cdf[searched], rng.random(int(searched.sum())))  # (m, G) -> (m,)
+    genre = np.where(~kept & ~radio, _sample(_cumulative(interest), rng.random(shape)), mood)  # shape
     drawn = ~kept
     artist[drawn] = cat.artists_by_genre.draw(genre[drawn], rng.random(int(drawn.sum())))
     return s, cat.tracks_by_artist.draw(artist, rng.random(shape))
