@@ -68,9 +68,19 @@ ITEM_PREFIX = "item_"  # categorical side columns named item_* are item features
 RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, computed from the train split
 
 
-def item_rate_buckets(prepared, num_items: int, buckets: int, min_events: int = 1) -> torch.Tensor:
-    """(num_items + 1,) int64 in 1 .. ``buckets``: each item's train positive rate, smoothed towards the
-    global rate (``climber.eval.floor.item_train_rates``), cut at the quantiles of the rates of the items
+def train_rates(prepared):
+    """``climber.eval.floor.item_train_rates`` of a prepared dir: ((item, events, rate) of each item with
+    a train event, the global train rate); one read of the events, shared by the tables built from it."""
+    import polars as pl
+
+    from climber.eval.floor import item_train_rates
+
+    return item_train_rates(pl.read_parquet(Path(prepared) / "events.parquet", columns=["item", "label", "split"]))
+
+
+def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) -> torch.Tensor:
+    """(num_items + 1,) int64 in 1 .. ``buckets``: each item's train positive rate (``rates``, from
+    :func:`train_rates`: smoothed towards the global rate), cut at the quantiles of the rates of the items
     with at least ``min_events`` train events; an item with fewer has the global rate. A popularity prior
     that an item shares with items of a similar rate, so its vector is trained on many events (row 0,
     padding, stays 0).
@@ -81,23 +91,29 @@ def item_rate_buckets(prepared, num_items: int, buckets: int, min_events: int = 
     import numpy as np
     import polars as pl
 
-    from climber.eval.floor import item_train_rates
-
-    per_item, rate = item_train_rates(pl.read_parquet(Path(prepared) / "events.parquet",
-                                                      columns=["item", "label", "split"]))
+    per_item, rate = rates
     per_item = per_item.filter(pl.col("events") >= min_events)
-    rates = np.full(num_items + 1, rate)
-    rates[per_item["item"].to_numpy()] = per_item["rate"].to_numpy()
+    values = np.full(num_items + 1, rate)
+    values[per_item["item"].to_numpy()] = per_item["rate"].to_numpy()
     edges = np.quantile(per_item["rate"].to_numpy(), np.arange(1, buckets) / buckets) if per_item.height else []
-    table = torch.from_numpy(np.searchsorted(edges, rates, side="right").astype("int64") + 1)
+    table = torch.from_numpy(np.searchsorted(edges, values, side="right").astype("int64") + 1)
     table[0] = 0
     return table
 
 
-def item_feature_table(prepared, info: DataInfo, rate_min_events: int = 1) -> torch.Tensor:
+def train_item_rows(rates, num_items: int) -> torch.Tensor:
+    """(num_items + 1,) int64: each item's own id when it has a train event (``rates``, from
+    :func:`train_rates`), else 0 (the unknown item)."""
+    seen = torch.from_numpy(rates[0]["item"].to_numpy().astype("int64"))
+    rows = torch.zeros(num_items + 1, dtype=torch.long)
+    rows[seen] = seen
+    return rows
+
+
+def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
     """(num_items + 1, F) int64: each item's value id of each item feature column (its first occurrence
-    in the prepared events; 0 for row 0 and for items never seen with a value), and its rate bucket for
-    ``RATE_FEATURE``."""
+    in the prepared events; 0 for row 0 and for items never seen with a value); the ``RATE_FEATURE``
+    column, last when present, stays 0 here (``build_model`` fills it)."""
     import polars as pl
 
     columns = [c for c, _ in info.item_features if c != RATE_FEATURE]
@@ -108,9 +124,6 @@ def item_feature_table(prepared, info: DataInfo, rate_min_events: int = 1) -> to
         ids = torch.from_numpy(first["item"].to_numpy().astype("int64"))
         values = first.select(columns).fill_null(0).to_numpy().astype("int64")
         table[ids, : len(columns)] = torch.from_numpy(values)
-    for f, (column, buckets) in enumerate(info.item_features):
-        if column == RATE_FEATURE:
-            table[:, f] = item_rate_buckets(prepared, info.num_items, buckets, rate_min_events)
     return table
 
 
@@ -166,17 +179,6 @@ def _lookup(name: str):
     return getattr(mod, cfg_name), getattr(mod, model_name)
 
 
-def train_item_rows(prepared, info: DataInfo) -> torch.Tensor:
-    """(num_items + 1,) int64: each item's own id when it has a train event, else 0 (the unknown item)."""
-    import polars as pl
-
-    seen = (pl.scan_parquet(Path(prepared) / "events.parquet").filter(pl.col("split") == "train")
-            .select(pl.col("item").unique()).collect()["item"].to_numpy().astype("int64"))
-    rows = torch.zeros(info.num_items + 1, dtype=torch.long)
-    rows[seen] = torch.from_numpy(seen)
-    return rows
-
-
 def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all",
                 rate_min_events: int = 1) -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
@@ -192,10 +194,13 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     if prepared is None:
         return model
     tables = {}
+    rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" else None
     if info.item_features:
-        tables["feature_ids"] = item_feature_table(prepared, info, rate_min_events)
+        tables["feature_ids"] = item_feature_table(prepared, info)
+    if info.rate_buckets:  # DataInfo.from_prepared puts the rate feature last
+        tables["feature_ids"][:, -1] = item_rate_buckets(rates, info.num_items, info.rate_buckets, rate_min_events)
     if item_vocab == "train":
-        tables["id_row"] = train_item_rows(prepared, info)
+        tables["id_row"] = train_item_rows(rates, info.num_items)
     for module in model.modules():
         if isinstance(module, ItemEmbedding):
             for buffer, table in tables.items():
