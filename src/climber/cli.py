@@ -68,19 +68,17 @@ def _print_manifest(m: dict, where) -> None:
 
 
 def _data_synth(args) -> None:
+    given = {k: v for k, v in (("users", args.users), ("items", args.items)) if v is not None}  # else the generator's
     if args.kind == "lifelong":
         from climber.data.lifelong import synthesize_lifelong
 
-        m = synthesize_lifelong(Path(args.out), users=args.users if args.users is not None else 2000,
-                                median_events=args.median_events, items=args.items if args.items is not None else 20_000,
-                                artists=args.artists, genres=args.genres, seed=args.seed, force=args.force)
-        _print_manifest(m, args.out)
-        return
-    from climber.data.synthetic import synthesize
+        m = synthesize_lifelong(Path(args.out), **given, median_events=args.median_events, artists=args.artists,
+                                genres=args.genres, seed=args.seed, force=args.force)
+    else:
+        from climber.data.synthetic import synthesize
 
-    m = synthesize(Path(args.out), users=args.users if args.users is not None else 2000,
-                   events_per_user=args.events_per_user, items=args.items if args.items is not None else 1000,
-                   topics=args.topics, seed=args.seed, force=args.force)
+        m = synthesize(Path(args.out), **given, events_per_user=args.events_per_user, topics=args.topics,
+                       seed=args.seed, force=args.force)
     _print_manifest(m, args.out)
 
 

@@ -32,7 +32,6 @@ knows the split's labels: not attainable).
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from climber.data import readers
-from climber.data.prepare import prepare
+from climber.data.prepare import prepare, staging_dir
 from climber.data.schema import DataError, LabelRule, RawSource
 from climber.data.split import split_sizes
 from climber.eval import metrics
@@ -340,8 +339,7 @@ def prepare_generated(out: Path, write_raw, source, extra, force: bool, log) -> 
     """Write a generated raw log with ``write_raw(path)`` into a hidden folder beside ``out``, prepare
     ``source(path)`` into ``out`` with the manifest entries ``extra(prepared tmp dir)``, and remove the
     raw log whatever happens."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    raw_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.raw-", dir=out.parent))
+    raw_dir = staging_dir(out)
     try:
         raw = raw_dir / "events.parquet"
         write_raw(raw)
