@@ -74,7 +74,7 @@ class TrainConfig:
     aux_weight: float = 0.5  # weight of multi-task action-head losses (models with action heads)
     rank_weight: float = 0.0  # weight of a pairwise logistic loss between a row's positives and negatives
     seed: int = 0
-    patience: int = 3  # epochs without a better val figure (``select``) before stopping
+    patience: int = 3  # epochs without a better val figure (``select``) before stopping; epochs that end in the lr warmup do not count
     select: str = "auc"  # the val figure that picks the best checkpoint and stops early: auc | gauc | logloss
     eval_batch_size: int = 64
     threads: int = 0  # torch intra-op threads; 0 = all cores

@@ -141,6 +141,28 @@ def test_best_checkpoint_and_early_stop_follow_the_selected_val_figure(data, tmp
     assert len(val) == min(4, best + 2)  # patience 1: one epoch without a better figure, then stop
 
 
+def test_epochs_that_end_in_the_lr_warmup_do_not_count_against_patience(data, tmp_path, monkeypatch):
+    # 20 epochs: the warmup (capped at a tenth of the run) covers exactly the first two epochs' steps
+    cfg = resolve("climber-tiny", None, TINY + ["train.epochs=20", "train.patience=1", "train.warmup_steps=100000"])
+    trainer = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False)
+    evaluate, calls = trainer._evaluate, []
+
+    def worse_every_epoch(split):
+        out = evaluate(split)
+        if split == "val":
+            calls.append(split)
+            out["metrics"]["auc"] = 1.0 - 0.01 * len(calls)  # the first epoch stays the best
+        return out
+
+    monkeypatch.setattr(trainer, "_evaluate", worse_every_epoch)
+    trainer.fit()
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
+    steps_per_epoch = epochs[0]["step"]
+    assert 20 * steps_per_epoch // 10 == 2 * steps_per_epoch  # epoch 1 ends on the warmup's last step
+    # patience 1: epoch 1 (in the warmup) does not count, epoch 2 does, so the run stops after it
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+
+
 def test_a_run_with_the_rate_feature_evaluates_and_serves_from_its_checkpoint(data, tmp_path, capsys):
     from climber.serve.app import Service
 

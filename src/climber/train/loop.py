@@ -44,7 +44,7 @@ from climber.models import DataInfo, build_model
 from climber.models.layers import ItemEmbedding
 from climber.train import checkpoint, distributed
 from climber.train.distributed import Dist, Parallel
-from climber.train.optim import WeightAverage, lr_at, make_optimizer
+from climber.train.optim import WeightAverage, lr_at, make_optimizer, warmup_steps
 from climber.train.progress import Progress
 
 
@@ -241,7 +241,7 @@ class Trainer:
                 with self._averaged():  # the weights that were evaluated
                     self._save(self.run_dir / "checkpoints" / "best.safetensors",
                                self._state_meta(epoch, step, best, bad_epochs))
-            else:
+            elif step > warmup_steps(self.total_steps, tc):  # an epoch that ends in the warmup is no evidence
                 bad_epochs += 1
             if self.dist.main:
                 with open(self.run_dir / "epochs.jsonl", "a") as f:

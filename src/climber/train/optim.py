@@ -10,11 +10,15 @@ import torch
 from climber.config import TrainConfig
 
 
+def warmup_steps(total: int, cfg: TrainConfig) -> int:
+    """Steps of linear warmup in a run of ``total`` steps: ``warmup_steps``, but at most a tenth of the
+    run, so a small data set (a few steps per epoch) still trains at the peak rate."""
+    return max(1, min(cfg.warmup_steps, total // 10))
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak at ``total``. The warmup lasts
-    ``warmup_steps`` but at most a tenth of the run, so a small data set (a few steps per epoch) still
-    trains at the peak rate."""
-    warmup = max(1, min(cfg.warmup_steps, total // 10))
+    """Linear warmup (``warmup_steps``), then cosine decay to 10% of the peak at ``total``."""
+    warmup = warmup_steps(total, cfg)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
