@@ -46,6 +46,13 @@ def test_bench_train_report(capsys):
     assert main(["bench", "train", "--lengths", "8", "--candidates", "2", "--steps", "1", "--json",
                  *[x for s in TINY_CLIMBER for x in ("--set", s)]]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["history"] == 8
+
+
+def test_bench_train_multi_form_only(capsys):
+    assert main(["bench", "train", "--lengths", "8", "--candidates", "2", "--steps", "1", "--no-single",
+                 *[x for s in TINY_CLIMBER for x in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 2 |" in out and "- | - | - |" in out  # the multi form's figures, none for the single form
     assert main(["bench", "train", "--lengths", "8,x"]) == 2
     assert "comma separated integers" in capsys.readouterr().err
 

@@ -97,10 +97,11 @@ def _time_steps(step, steps: int, warmup: int) -> float:
 
 def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=(8, 64), rows: int = 2,
                 steps: int = 3, warmup: int = 1, overrides: list[str] | None = None, compile: bool = False,
-                peak: float | None = None, log=print, device="cpu") -> dict:
+                peak: float | None = None, log=print, device="cpu", single: bool = True) -> dict:
     """Forward + backward throughput (candidates scored per second) of the two sample forms over
     history length x candidates per user. A "multi" step is ``rows`` users x C candidates; the "single"
-    step scores the same rows x C candidates as rows x C one-candidate rows."""
+    step scores the same rows x C candidates as rows x C one-candidate rows (C times the history work:
+    ``single=False`` times the multi form only, for sizing at long histories)."""
     peak = peak or gemm_peak(device=device)
     results = []
     for L in lengths:
@@ -109,7 +110,8 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
         for C in candidates:
             batch = random_batch(tuple(s.length for s in model.strategies()), rows, C).to(next(model.parameters()).device)
             entry = {"history": L, "candidates": C, "rows": rows}
-            for form, b, shape in (("multi", batch, C), ("single", single_item_rows(batch), 1)):
+            forms = [("multi", batch, C)] + ([("single", single_item_rows(batch), 1)] if single else [])
+            for form, b, shape in forms:
                 def step():
                     model.zero_grad(set_to_none=True)
                     run(b)[b.cand_mask].sum().backward()
@@ -118,10 +120,12 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
                 flops = 3 * model.flops(SampleShape(tuple(s.length for s in model.strategies()), shape))
                 flops *= b.cand_item.shape[0]
                 entry[form] = {"samples_per_s": rows * C / seconds, "step_s": seconds, **_rate(flops, seconds, peak)}
-            entry["speedup"] = entry["multi"]["samples_per_s"] / entry["single"]["samples_per_s"]
-            log(f"  history {L:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s "
-                f"(MFU {entry['multi']['mfu']:.1%})  single {entry['single']['samples_per_s']:8.0f}/s "
-                f"(MFU {entry['single']['mfu']:.1%})  x{entry['speedup']:.1f}")
+            line = f"  history {L:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s (MFU {entry['multi']['mfu']:.1%})"
+            if single:
+                entry["speedup"] = entry["multi"]["samples_per_s"] / entry["single"]["samples_per_s"]
+                line += (f"  single {entry['single']['samples_per_s']:8.0f}/s (MFU {entry['single']['mfu']:.1%})"
+                         f"  x{entry['speedup']:.1f}")
+            log(line)
             results.append(entry)
     return {"benchmark": "train", "model": model_name, "overrides": list(overrides or []), "compile": compile,
             "threads": torch.get_num_threads(), "gemm_peak_flop_per_s": peak, "results": results}
@@ -260,7 +264,8 @@ def markdown(out: dict) -> str:
         lines = ["| history | candidates/user | multi samples/s | multi MFU | single samples/s | single MFU | speed-up |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['history']} | {r['candidates']} | {r['multi']['samples_per_s']:,.0f} | {r['multi']['mfu']:.1%} | "
-                  f"{r['single']['samples_per_s']:,.0f} | {r['single']['mfu']:.1%} | {r['speedup']:.1f}x |"
+                  + (f"{r['single']['samples_per_s']:,.0f} | {r['single']['mfu']:.1%} | {r['speedup']:.1f}x |"
+                     if "single" in r else "- | - | - |")
                   for r in out["results"]]
     else:
         lines = ["| history | candidates | cached p50 / p99 ms | full p50 / p99 ms | full / cached (p50) | FLOPs full / cached "

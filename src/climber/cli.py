@@ -351,7 +351,8 @@ def _bench(args) -> None:
         print(json.dumps(out, indent=2) if args.json else "\n" + bench_attention.markdown(out))
         return
     if args.bench_command == "train":
-        out = bench.bench_train(args.model, rows=args.rows, steps=args.steps, compile=args.compile, **grid)
+        out = bench.bench_train(args.model, rows=args.rows, steps=args.steps, compile=args.compile,
+                                single=not args.no_single, **grid)
     else:
         out = bench.bench_serve(args.model, requests=args.requests, **grid)
     print(json.dumps(out, indent=2) if args.json else "\n" + bench.markdown(out))
@@ -608,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--rows", type=int, default=2, help="users per step")
     bt.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
     bt.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    bt.add_argument("--no-single", action="store_true",
+                    help="time the multi form only (the single form repeats the history once per candidate)")
     bs.add_argument("--requests", type=int, default=20, help="timed requests per point")
     ba.add_argument("--mode", default="train", choices=["train", "forward"], help="training steps or forwards")
     ba.add_argument("--rows", type=int, default=8, help="users per step")
