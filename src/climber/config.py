@@ -68,6 +68,7 @@ class TrainConfig:
     mode: str = "multi"  # "multi" | "single" ("single user, single item", C = 1)
     lr: float = 1e-3
     weight_decay: float = 0.01
+    embedding_decay: float = 0.0  # AdamW weight decay on the embedding tables (ids, side features, item bias)
     warmup_steps: int = 100  # capped at a tenth of the run's steps
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for eval (0 = off)
@@ -119,7 +120,7 @@ class TrainConfig:
             raise ConfigError(f"train.item_rate_min_events must be >= 1, got {self.item_rate_min_events}")
         if self.shard_embedding_rows < 0:
             raise ConfigError(f"train.shard_embedding_rows must be >= 0, got {self.shard_embedding_rows}")
-        for name in ("aux_weight", "rank_weight"):
+        for name in ("aux_weight", "rank_weight", "weight_decay", "embedding_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 

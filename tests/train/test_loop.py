@@ -177,6 +177,28 @@ def test_a_run_with_the_rate_feature_evaluates_and_serves_from_its_checkpoint(da
     assert service.engine.model.info.rate_buckets == 8
 
 
+def test_embedding_decay_shrinks_the_rows_no_batch_looks_up(data):
+    from climber.config import ConfigError
+    from climber.models import DataInfo, build_model
+    from climber.train.optim import make_optimizer
+
+    cfg = resolve("climber-tiny", None, ["train.lr=0.01", "train.embedding_decay=2.0", "train.weight_decay=0.5"])
+    model = build_model(cfg.model, cfg.model_config, DataInfo.from_prepared(data, 0))
+    table = model.emb.item.weight
+    groups = {id(p): g["weight_decay"] for g in make_optimizer(model, cfg.train).param_groups for p in g["params"]}
+    assert groups[id(table)] == 2.0 and groups[id(model.emb.action.weight)] == 2.0
+    assert groups[id(model.click_out.weight)] == 0.5 and groups[id(model.click_out.bias)] == 0.0
+    optimizer = make_optimizer(model, cfg.train)
+    before = table.detach().clone()
+    table.sum().backward()  # every row gets a gradient ...
+    table.grad[5:] = 0  # ... but only rows 0..4 were looked up
+    optimizer.step()
+    assert torch.allclose(table[5:], before[5:] * (1 - 0.01 * 2.0))  # decoupled decay alone: lr x decay
+    assert not torch.allclose(table[1:5], before[1:5] * (1 - 0.01 * 2.0))
+    with pytest.raises(ConfigError, match="embedding_decay"):
+        resolve("climber-tiny", None, ["train.embedding_decay=-1"])
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = resolve("climber-tiny", None, ["train.lr=0.01", "train.warmup_steps=10"]).train
     lrs = [lr_at(s, 100, cfg) for s in range(100)]

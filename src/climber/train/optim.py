@@ -26,11 +26,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and embeddings (they are 1-d or lookup tables)."""
-    decay, no_decay = [], []
+    """AdamW: ``weight_decay`` on weight matrices, none on biases and norms (1-d), and
+    ``embedding_decay`` on the lookup tables. Decoupled decay shrinks every row at every step, so a row
+    that few batches look up (a rare item or user) drifts back towards zero between its updates."""
+    decay, no_decay, tables = [], [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "emb" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (tables if "emb" in name and p.dim() == 2 else no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": tables, "weight_decay": cfg.embedding_decay}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
