@@ -155,3 +155,28 @@ def test_cli_writes_a_prepared_dir(tmp_path, capsys):
     assert manifest["users"] == 20 and set(manifest["side_columns"]) == {"item_genre", "item_artist"}
     assert set(manifest["bayes"]) == {"val", "test"} and manifest["generator"]["genres"] == 6
     assert "Bayes-optimal" in capsys.readouterr().out
+
+
+def test_table2_configs_read_the_designed_history(tmp_path):
+    """configs/lifelong: Climber's blocks sum to 2,000 events and each finds its events in the generated
+    data (the scenario names match the generator's); every other model reads the 2,000 most recent."""
+    from pathlib import Path
+
+    from climber.config import resolve
+    from climber.data.loader import SampleLoader
+    from climber.models import DataInfo, build_model
+
+    L.synthesize_lifelong(tmp_path / "d", **SIZE, seed=5, log=_quiet)
+    info = DataInfo.from_prepared(tmp_path / "d", 0)
+    configs = sorted((Path(__file__).parents[2] / "configs" / "lifelong").glob("*.yaml"))
+    assert len(configs) == 9  # 8 models and the one-block (-MSE) Climber
+    for path in configs:
+        cfg = resolve(None, path, [])
+        strategies = build_model(cfg.model, cfg.model_config, info).strategies()
+        assert sum(s.length for s in strategies) == 2000, path.name
+        assert (cfg.train.candidates_per_row, cfg.train.epochs) == (256, 6), path.name
+        if path.name == "climber.yaml":
+            batch = next(iter(SampleLoader(tmp_path / "d", "test", strategies, batch_size=SIZE["users"],
+                                           candidates_per_row=8)))
+            for s, seq in zip(strategies, batch.seqs):
+                assert seq.mask.any(), s.name  # every block gets events
