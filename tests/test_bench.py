@@ -91,3 +91,15 @@ def test_bench_attention_report(capsys):
     assert "'flash' not one of structured" in capsys.readouterr().err
     assert main(["bench", "attention", "--candidates", "4,8"]) == 2
     assert "one --candidates value" in capsys.readouterr().err
+
+
+def test_bench_train_times_a_config_file_as_configured(capsys, tmp_path):
+    config = tmp_path / "two-blocks.yaml"
+    config.write_text("model: climber\nmodel_config:\n  d_model: 16\n  n_layers: 1\n  strategies:\n"
+                      "    - {name: recent, kind: recency, length: 12}\n    - {name: positive, kind: positive, length: 20}\n")
+    args = ["bench", "train", "--config", str(config), "--candidates", "2", "--steps", "1", "--rows", "1", "--no-single"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == str(config) and out["results"][0]["history"] == 12 + 20  # the blocks' own lengths
+    assert main([*args, "--lengths", "8"]) == 2  # a length would override the config's own
+    assert "leave out --lengths" in capsys.readouterr().err

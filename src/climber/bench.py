@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,12 +71,13 @@ def single_item_rows(batch: Batch) -> Batch:
     return dataclasses.replace(single, **per_candidate)
 
 
-def bench_model(model_name: str, overrides: list[str], length: int | None, device="cpu") -> torch.nn.Module:
-    """The preset of ``model_name`` with every subsequence length set to ``length`` (None: as it is), on
-    ``device`` (a name for climber.devices.resolve_device)."""
+def bench_model(model_name: str | None, overrides: list[str], length: int | None, device="cpu",
+                config: Path | None = None) -> torch.nn.Module:
+    """The preset of ``model_name`` (or the run config file ``config``) with every subsequence length set
+    to ``length`` (None: as it is), on ``device`` (a name for climber.devices.resolve_device)."""
     from climber.devices import resolve_device
 
-    cfg = resolve(model_name, None, overrides)
+    cfg = resolve(model_name, config, overrides)
     model_cfg = dict(cfg.model_config)
     if length is not None and ("strategies" in model_cfg or cfg.model == "climber"):
         model = build_model(cfg.model, model_cfg, INFO)  # the preset's strategies, lengths replaced below
@@ -97,19 +99,23 @@ def _time_steps(step, steps: int, warmup: int) -> float:
 
 def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=(8, 64), rows: int = 2,
                 steps: int = 3, warmup: int = 1, overrides: list[str] | None = None, compile: bool = False,
-                peak: float | None = None, log=print, device="cpu", single: bool = True) -> dict:
+                peak: float | None = None, log=print, device="cpu", single: bool = True,
+                config: Path | None = None) -> dict:
     """Forward + backward throughput (candidates scored per second) of the two sample forms over
     history length x candidates per user. A "multi" step is ``rows`` users x C candidates; the "single"
     step scores the same rows x C candidates as rows x C one-candidate rows (C times the history work:
-    ``single=False`` times the multi form only, for sizing at long histories)."""
+    ``single=False`` times the multi form only, for sizing at long histories). With ``config`` (a run
+    config file) and ``lengths=(None,)`` the model is timed as configured; "history" is then the sum of
+    its subsequence lengths."""
     peak = peak or gemm_peak(device=device)
     results = []
     for L in lengths:
-        model = bench_model(model_name, list(overrides or []), L, device).train()
+        model = bench_model(model_name, list(overrides or []), L, device, config).train()
         run = torch.compile(model, dynamic=False) if compile else model  # static: one graph per batch shape
         for C in candidates:
-            batch = random_batch(tuple(s.length for s in model.strategies()), rows, C).to(next(model.parameters()).device)
-            entry = {"history": L, "candidates": C, "rows": rows}
+            lengths_of_blocks = tuple(s.length for s in model.strategies())
+            batch = random_batch(lengths_of_blocks, rows, C).to(next(model.parameters()).device)
+            entry = {"history": L or sum(lengths_of_blocks), "candidates": C, "rows": rows}
             forms = [("multi", batch, C)] + ([("single", single_item_rows(batch), 1)] if single else [])
             for form, b, shape in forms:
                 def step():
@@ -120,14 +126,14 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
                 flops = 3 * model.flops(SampleShape(tuple(s.length for s in model.strategies()), shape))
                 flops *= b.cand_item.shape[0]
                 entry[form] = {"samples_per_s": rows * C / seconds, "step_s": seconds, **_rate(flops, seconds, peak)}
-            line = f"  history {L:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s (MFU {entry['multi']['mfu']:.1%})"
+            line = f"  history {entry['history']:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s (MFU {entry['multi']['mfu']:.1%})"
             if single:
                 entry["speedup"] = entry["multi"]["samples_per_s"] / entry["single"]["samples_per_s"]
                 line += (f"  single {entry['single']['samples_per_s']:8.0f}/s (MFU {entry['single']['mfu']:.1%})"
                          f"  x{entry['speedup']:.1f}")
             log(line)
             results.append(entry)
-    return {"benchmark": "train", "model": model_name, "overrides": list(overrides or []), "compile": compile,
+    return {"benchmark": "train", "model": model_name or str(config), "overrides": list(overrides or []), "compile": compile,
             "threads": torch.get_num_threads(), "gemm_peak_flop_per_s": peak, "results": results}
 
 

@@ -336,6 +336,8 @@ def _bench(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *_: None) if args.json else print
+    args.lengths_given = args.lengths is not None
+    args.lengths = args.lengths or args.default_lengths
     grid = dict(lengths=_csv_ints(args.lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,
                 device=args.device or "auto")
     if args.bench_command == "attention":
@@ -351,8 +353,13 @@ def _bench(args) -> None:
         print(json.dumps(out, indent=2) if args.json else "\n" + bench_attention.markdown(out))
         return
     if args.bench_command == "train":
-        out = bench.bench_train(args.model, rows=args.rows, steps=args.steps, compile=args.compile,
-                                single=not args.no_single, **grid)
+        if args.config:
+            if args.lengths_given:
+                raise ConfigError("bench train: --config times the model as configured; leave out --lengths")
+            grid["lengths"] = (None,)
+        out = bench.bench_train(None if args.config else args.model, rows=args.rows, steps=args.steps,
+                                compile=args.compile, single=not args.no_single,
+                                config=Path(args.config) if args.config else None, **grid)
     else:
         out = bench.bench_serve(args.model, requests=args.requests, **grid)
     print(json.dumps(out, indent=2) if args.json else "\n" + bench.markdown(out))
@@ -599,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "each point in a fresh process")
     for b, lengths, cands in ((bt, "64,256,512", "8,64"), (bs, "256,1024,4096", "16,128,512"), (ba, "512,2048", "64")):
         b.add_argument("--model", default="climber", help="model or preset name (default: climber)")
-        b.add_argument("--lengths", default=lengths, help=f"history lengths, comma separated (default {lengths})")
+        b.add_argument("--lengths", help=f"history lengths, comma separated (default {lengths})")
+        b.set_defaults(default_lengths=lengths)
         b.add_argument("--candidates", default=cands, help=f"candidates per user, comma separated (default {cands})")
         b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         b.add_argument("--set", action="append", metavar="KEY=VALUE", help="model override, e.g. model.attention=reference")
@@ -609,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--rows", type=int, default=2, help="users per step")
     bt.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
     bt.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    bt.add_argument("--config", help="a run config file (train --config), timed as configured: its own history lengths")
     bt.add_argument("--no-single", action="store_true",
                     help="time the multi form only (the single form repeats the history once per candidate)")
     bs.add_argument("--requests", type=int, default=20, help="timed requests per point")
