@@ -92,3 +92,24 @@ def test_the_table_gives_a_spread_only_where_several_seeds_ran():
         row.update({m: v, f"{m}_std": 0.01})
     assert "| m | 1 | 0.7500 | 0.6500 | 0.5000 | 0.7000 | 0.6000 | 1.0 | 2.0 | 10 | 2.50 |" in markdown([{**row, "seeds": 1}])
     assert "| m | 3 | 0.7500 ± 0.0100 | 0.6500 ± 0.0100 | 0.5000 ± 0.0100 |" in markdown([{**row, "seeds": 3}])
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    from climber.compare import Entry, train_or_skip
+    from climber.config import ConfigError, save_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"best": {"epoch": 0}}))
+    saved = Entry.parse("climber").config(["train.lr=0.002", "train.threads=2"]).to_dict()
+    del saved["train"]["embedding_decay"]  # a run written before the setting existed: not checkable
+    save_yaml(saved, run / "config.yaml")
+    same = Entry.parse("climber").config(["train.lr=0.002", "train.threads=1", "train.embedding_decay=0"])
+    assert train_or_skip(run, tmp_path, same, "x", log=lambda *_: None) == {"best": {"epoch": 0}}
+    other = Entry.parse("climber").config(["train.lr=0.001"])
+    with pytest.raises(ConfigError, match=r"train.lr: 0.002 -> 0.001"):
+        train_or_skip(run, tmp_path, other, "x", log=lambda *_: None)
+    saved["model_config"]["strategies"][0]["length"] = 7  # a list of dicts is compared item by item
+    save_yaml(saved, run / "config.yaml")
+    with pytest.raises(ConfigError, match=r"model_config.strategies\[0\].length: 7 -> 64"):
+        train_or_skip(run, tmp_path, same, "x", log=lambda *_: None)

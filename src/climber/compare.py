@@ -81,11 +81,32 @@ def run_flops_per_candidate(run_dir: Path, data: Path) -> float:
     return flops_per_candidate(net, cfg["train"]["candidates_per_row"])
 
 
+EXECUTION_ONLY = {"threads", "workers", "device", "tensorboard", "eval_batch_size"}  # train.* keys that leave results alone
+
+
+def config_differences(saved, wanted, key: str = "") -> list[str]:
+    """Settings where a finished run's saved config (``config.yaml``, as a dict) differs from the one
+    asked for, as "key: saved -> wanted". Keys the saved file lacks (written before the setting existed)
+    cannot be checked and are left out, as are the execution-only train settings."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [d for k in saved.keys() & wanted.keys() if not (key == "train" and k in EXECUTION_ONLY)
+                for d in config_differences(saved[k], wanted[k], f"{key}.{k}" if key else k)]
+    if isinstance(saved, list) and isinstance(wanted, list) and len(saved) == len(wanted):  # e.g. strategies
+        return [d for i, (a, b) in enumerate(zip(saved, wanted)) for d in config_differences(a, b, f"{key}[{i}]")]
+    return [] if saved == wanted else [f"{key}: {saved!r} -> {wanted!r}"]
+
+
 def train_or_skip(run_dir: Path, data: Path, cfg, name: str, log=print) -> dict:
-    """metrics.json of ``run_dir``, training it first (or resuming an interrupted run) when it is missing."""
+    """metrics.json of ``run_dir``, training it first (or resuming an interrupted run) when it is missing.
+    A finished run trained with other settings than ``cfg`` is refused, not reused."""
+    from climber.config import ConfigError, load_yaml
     from climber.train.loop import Trainer
 
     if (run_dir / "metrics.json").exists():
+        differences = config_differences(load_yaml(run_dir / "config.yaml"), cfg.to_dict())
+        if differences:
+            raise ConfigError(f"{run_dir} was trained with other settings ({'; '.join(sorted(differences)[:3])}): "
+                              "delete it, or give the entry another name")
         log(f"[{name}] done already, skipped")
     else:
         log(f"[{name}] training -> {run_dir}")
