@@ -23,6 +23,8 @@ CLIMBER = dict(d_model=16, n_heads=2, n_layers=2, dropout=0.0,
 CASES = {
     "climber": CLIMBER,
     "climber-noatl": {**CLIMBER, "use_atl": False},
+    "climber-notemperature": {**CLIMBER, "use_temperature": False},
+    "climber-nobias": {**CLIMBER, "use_relative_bias": False},
     "climber-nobgf": {**CLIMBER, "use_bgf": False},
     "climber-nomse": {**CLIMBER, "use_mse": False},
     "climber-one-layer": {**CLIMBER, "n_layers": 1},

@@ -79,6 +79,10 @@ def test_ablation_flags_add_and_remove_parameters():
     no_atl = names(use_atl=False)
     assert not [n for n in no_atl if "rel_bias" in n or "temperature" in n]
     assert "fusion.attn.qkv.weight" in no_atl
+    no_temperature = names(use_temperature=False)  # the -temperature ablation keeps the bias ...
+    assert not [n for n in no_temperature if "temperature" in n] and "blocks.1.rel_bias.time_bias" in no_temperature
+    no_bias = names(use_relative_bias=False)  # ... and -bias keeps the temperatures, BGF's included
+    assert not [n for n in no_bias if "rel_bias" in n] and {"blocks.1.temperature.raw", "fusion_temperature.raw"} <= no_bias
     no_bgf = names(use_bgf=False)
     assert not [n for n in no_bgf if n.startswith(("fusion", "se."))]
     assert "blocks.1.temperature.raw" in no_bgf

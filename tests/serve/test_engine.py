@@ -41,6 +41,8 @@ CACHED = [  # (model, config): every Climber ablation, every strategy kind, the 
     ("transformer", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("hstu", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("climber", {**CLIMBER, "attention_sink": True}),
+    ("climber", {**CLIMBER, "use_temperature": False}),
+    ("climber", {**CLIMBER, "use_relative_bias": False}),
     ("climber", {**CLIMBER, "match_bias": True}),
     ("climber", {**CLIMBER, "match_mask": True}),
 ]

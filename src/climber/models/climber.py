@@ -7,7 +7,8 @@ fusion (BGF), scoring C candidates of one user in one pass ("single user, multip
     head MLP on [Y ; candidate item embedding]                   -> logits             (B, C)
 
 Ablations: use_mse=False -> one block over the full recent history; use_atl=False -> no relative bias,
-temperature fixed at 1; use_bgf=False -> mean of the block outputs into the same head.
+temperature fixed at 1 (use_relative_bias=False / use_temperature=False: one of the two off);
+use_bgf=False -> mean of the block outputs into the same head.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class ClimberConfig(ModelConfig):
     dropout: float = 0.1
     strategies: list[dict] = field(default_factory=_default_strategies)  # Strategy dicts, one block each
     use_atl: bool = True  # relative bias + per-(strategy, scenario) temperature
+    use_relative_bias: bool = True  # with use_atl: the relative position / time bias (False: the -bias ablation)
+    use_temperature: bool = True  # with use_atl: the learned temperatures, blocks and BGF (False: the -temperature ablation)
     use_bgf: bool = True  # bit-wise gating fusion of the block outputs (else their mean)
     use_mse: bool = True  # one block per strategy (else one block over the longest recent history)
     pos_buckets: int = 32
@@ -81,6 +84,14 @@ class ClimberConfig(ModelConfig):
         self._at_least(1, "n_layers", "ffn_mult", "time_buckets")
         self._at_least(2, "pos_buckets")
 
+    @property
+    def has_relative_bias(self) -> bool:
+        return self.use_atl and self.use_relative_bias
+
+    @property
+    def has_temperature(self) -> bool:
+        return self.use_atl and self.use_temperature
+
     def block_strategies(self) -> list[Strategy]:
         """The strategies the loader must build, in block order."""
         given = [Strategy.from_dict(s) for s in self.strategies]
@@ -103,12 +114,14 @@ class Block(Steps):
                              cfg.attention_sink)
             for _ in range(cfg.n_layers)
         )
-        if cfg.use_atl:
+        self.has_bias, self.has_tau = cfg.has_relative_bias, cfg.has_temperature
+        if self.has_bias:
             self.rel_bias = RelativeBias(cfg.n_heads, cfg.pos_buckets, cfg.time_buckets, max_distance,
                                          match_features if cfg.match_bias else 0)
+        if self.has_tau:
             self.temperature = Temperature(num_scenarios + 1)
-        self.use_atl, self.match_mask = cfg.use_atl, cfg.match_mask
-        self.uses_side = cfg.match_mask or (cfg.use_atl and cfg.match_bias and match_features > 0)
+        self.match_mask = cfg.match_mask
+        self.uses_side = cfg.match_mask or (self.has_bias and cfg.match_bias and match_features > 0)
         self.ln_f = nn.LayerNorm(d)
 
     def full(self, x, mask, pos, ts, scenario, side):
@@ -116,8 +129,8 @@ class Block(Steps):
         (B, N) and item side feature ids side (B, N, F) of the tokens -> (B, N, d)."""
         if self.match_mask:
             mask = mask & same_side_mask(side)
-        bias = self.rel_bias(pos[0], ts, side) if self.use_atl else None  # (B, H, N, N)
-        tau = self.temperature(scenario) if self.use_atl else None  # (B, N), by the query's scenario
+        bias = self.rel_bias(pos[0], ts, side) if self.has_bias else None  # (B, H, N, N)
+        tau = self.temperature(scenario) if self.has_tau else None  # (B, N), by the query's scenario
         for layer in self.layers:
             x = layer(x, mask, bias, tau)
         return self.ln_f(x)
@@ -140,10 +153,9 @@ class Block(Steps):
                             kernel, match_mask=self.match_mask, **self._atl(scenario))
 
     def _atl(self, scenario) -> dict:
-        """ATL's relative bias and per-query temperature (by scenario), or neither without ATL."""
-        if not self.use_atl:
-            return {"tau": None, "rel_bias": None}
-        return {"tau": self.temperature(scenario), "rel_bias": self.rel_bias}
+        """ATL's relative bias and per-query temperature (by scenario); None for a part that is off."""
+        return {"tau": self.temperature(scenario) if self.has_tau else None,
+                "rel_bias": self.rel_bias if self.has_bias else None}
 
 
 class Climber(nn.Module):
@@ -161,7 +173,7 @@ class Climber(nn.Module):
                                     for _ in strategies)
         if cfg.use_bgf:
             self.fusion = TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, full_sequence_impl(cfg.attention))
-            if cfg.use_atl:
+            if cfg.has_temperature:
                 self.fusion_temperature = Temperature(info.num_scenarios + 1)
             self.fusion_ln = nn.LayerNorm(d)
             se_hidden = max(1, nb * d // 4)  # reduction ratio 4
@@ -259,7 +271,7 @@ class Climber(nn.Module):
         if self.cfg.use_bgf:
             g = E.reshape(B * C, nb, d)
             tau = None
-            if self.cfg.use_atl:  # by the candidate's scenario only
+            if self.cfg.has_temperature:  # by the candidate's scenario only
                 tau = self.fusion_temperature(batch.cand_scenario).reshape(B * C, 1).expand(B * C, nb)
             g = self.fusion_ln(self.fusion(g, tau=tau)).reshape(B, C, nb * d)  # (B, C, Nb * d)
             g = g * torch.sigmoid(self.se(g))  # bit-wise (per element) squeeze-and-excitation gate
