@@ -174,7 +174,7 @@ def test_table2_configs_read_the_designed_history(tmp_path):
         cfg = resolve(None, path, [])
         strategies = build_model(cfg.model, cfg.model_config, info).strategies()
         assert sum(s.length for s in strategies) == 2000, path.name
-        assert (cfg.train.candidates_per_row, cfg.train.epochs) == (256, 6), path.name
+        assert (cfg.train.candidates_per_row, cfg.train.epochs, cfg.train.batch_size) == (256, 6, 4), path.name
         if path.name == "climber.yaml":
             batch = next(iter(SampleLoader(tmp_path / "d", "test", strategies, batch_size=SIZE["users"],
                                            candidates_per_row=8)))
