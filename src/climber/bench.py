@@ -123,7 +123,7 @@ def bench_train(model_name: str = "climber", lengths=(64, 256, 512), candidates=
                     run(b)[b.cand_mask].sum().backward()
 
                 seconds = _time_steps(step, steps, warmup)
-                flops = 3 * model.flops(SampleShape(tuple(s.length for s in model.strategies()), shape))
+                flops = 3 * model.flops(SampleShape(lengths_of_blocks, shape))
                 flops *= b.cand_item.shape[0]
                 entry[form] = {"samples_per_s": rows * C / seconds, "step_s": seconds, **_rate(flops, seconds, peak)}
             line = f"  history {entry['history']:5d}  candidates {C:4d}: multi {entry['multi']['samples_per_s']:9.0f}/s (MFU {entry['multi']['mfu']:.1%})"

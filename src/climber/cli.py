@@ -336,9 +336,8 @@ def _bench(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *_: None) if args.json else print
-    args.lengths_given = args.lengths is not None
-    args.lengths = args.lengths or args.default_lengths
-    grid = dict(lengths=_csv_ints(args.lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,
+    lengths_given = args.lengths is not None
+    grid = dict(lengths=_csv_ints(args.lengths or args.default_lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,
                 device=args.device or "auto")
     if args.bench_command == "attention":
         from climber import bench_attention
@@ -354,7 +353,7 @@ def _bench(args) -> None:
         return
     if args.bench_command == "train":
         if args.config:
-            if args.lengths_given:
+            if lengths_given:
                 raise ConfigError("bench train: --config times the model as configured; leave out --lengths")
             grid["lengths"] = (None,)
         out = bench.bench_train(None if args.config else args.model, rows=args.rows, steps=args.steps,

@@ -185,10 +185,10 @@ def test_embedding_decay_shrinks_the_rows_no_batch_looks_up(data):
     cfg = resolve("climber-tiny", None, ["train.lr=0.01", "train.embedding_decay=2.0", "train.weight_decay=0.5"])
     model = build_model(cfg.model, cfg.model_config, DataInfo.from_prepared(data, 0))
     table = model.emb.item.weight
-    groups = {id(p): g["weight_decay"] for g in make_optimizer(model, cfg.train).param_groups for p in g["params"]}
+    optimizer = make_optimizer(model, cfg.train)
+    groups = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert groups[id(table)] == 2.0 and groups[id(model.emb.action.weight)] == 2.0
     assert groups[id(model.click_out.weight)] == 0.5 and groups[id(model.click_out.bias)] == 0.0
-    optimizer = make_optimizer(model, cfg.train)
     before = table.detach().clone()
     table.sum().backward()  # every row gets a gradient ...
     table.grad[5:] = 0  # ... but only rows 0..4 were looked up
