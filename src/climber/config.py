@@ -64,6 +64,7 @@ ITEM_VOCABS = ("all", "train")  # train.item_vocab
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 32  # rows (users) per step
+    min_steps_per_epoch: int = 0  # > 0: fewer rows per step where batch_size would give an epoch fewer optimizer steps
     candidates_per_row: int = 32  # C: candidates sharing one history ("single user, multiple items")
     mode: str = "multi"  # "multi" | "single" ("single user, single item", C = 1)
     lr: float = 1e-3
@@ -97,6 +98,8 @@ class TrainConfig:
         check_types(self, "train")
         if self.mode not in ("multi", "single"):
             raise ConfigError(f"train.mode must be 'multi' or 'single', got {self.mode!r}")
+        if self.min_steps_per_epoch < 0:
+            raise ConfigError(f"train.min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
         for name in ("epochs", "batch_size", "candidates_per_row", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

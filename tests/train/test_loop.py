@@ -163,6 +163,26 @@ def test_epochs_that_end_in_the_lr_warmup_do_not_count_against_patience(data, tm
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
 
 
+def test_min_steps_per_epoch_takes_fewer_rows_a_step_and_keeps_every_row(data, tmp_path):
+    from climber.config import ConfigError
+
+    def trainer(extra):
+        cfg = resolve("climber-tiny", None, TINY + extra)
+        return Trainer(tmp_path / "_".join(extra), data, cfg, log=lambda *_: None, progress=False).train_loader
+
+    def candidates(loader):
+        return sorted((int(u), int(i)) for b in loader for u, row in zip(b.user, b.cand_item) for i in row[row > 0])
+
+    wide = trainer(["train.batch_size=64"])
+    assert len(wide) < 40  # the tiny log gives few steps at 64 rows
+    narrow = trainer(["train.batch_size=64", "train.min_steps_per_epoch=40"])
+    assert narrow.batch_size < 64 and len(narrow) >= 40
+    assert candidates(narrow) == candidates(wide)  # the same candidates, in smaller batches
+    assert trainer(["train.batch_size=64", f"train.min_steps_per_epoch={len(wide)}"]).batch_size == 64
+    with pytest.raises(ConfigError, match="min_steps_per_epoch"):
+        resolve("climber-tiny", None, ["train.min_steps_per_epoch=-1"])
+
+
 def test_a_run_with_the_rate_feature_evaluates_and_serves_from_its_checkpoint(data, tmp_path, capsys):
     from climber.serve.app import Service
 

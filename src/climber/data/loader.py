@@ -144,6 +144,13 @@ class SampleLoader:
         """Batches in the current epoch (train run offsets, hence row counts, change with the epoch)."""
         return sum(-(-self._num_rows(k) // self.batch_size) for k in range(len(self._counts)))
 
+    def rows_per_step_for(self, steps: int) -> int:
+        """The most rows a batch may hold (at most ``batch_size``) for an epoch of at least ``steps`` batches."""
+        if len(self) >= steps:
+            return self.batch_size
+        rows = sum(self._num_rows(k) for k in range(len(self._counts)))
+        return max(1, min(self.batch_size, rows // steps))
+
     def __iter__(self) -> Iterator[Batch]:
         """The epoch's batches, collated in ``workers`` processes (0: in this one)."""
         loader = DataLoader(_EpochBatches(self), batch_size=None, num_workers=self.workers,

@@ -113,6 +113,12 @@ class Trainer:
         feed = {"workers": tc.workers, "pin_memory": dist.device.type == "cuda"}  # collate processes; pinned for CUDA
         self.train_loader = SampleLoader(self.data_dir, "train", strategies, batch_size=batch_size, candidates_per_row=c,
                                          mode=tc.mode, seed=tc.seed, shards=files, bucket=tc.bucket, **feed)
+        if tc.min_steps_per_epoch:
+            rows_per_step = dist.min_int(self.train_loader.rows_per_step_for(tc.min_steps_per_epoch))
+            if rows_per_step < batch_size:
+                log(f"{len(self.train_loader)} steps an epoch at {batch_size} rows a step, under "
+                    f"train.min_steps_per_epoch={tc.min_steps_per_epoch}: {rows_per_step} rows a step")
+                self.train_loader.batch_size = rows_per_step
         self.eval_loaders = {
             split: SampleLoader(self.data_dir, split, strategies, batch_size=tc.eval_batch_size,
                                 candidates_per_row=tc.candidates_per_row, mode="multi", seed=tc.seed, shards=files,
