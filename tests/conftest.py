@@ -15,7 +15,7 @@ from climber.data.synthetic import synthesize
 torch.set_num_threads(1)
 
 # Training overrides that make a run take seconds on 2 cores.
-TINY = ["train.epochs=3", "train.patience=5", "train.batch_size=16", "train.candidates_per_row=8",
+TINY = ["train.epochs=3", "train.patience=5", "train.batch_size=16", "train.min_steps_per_epoch=0", "train.candidates_per_row=8",
         "train.warmup_steps=5", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
         "train.threads=1"]
 

@@ -64,7 +64,7 @@ ITEM_VOCABS = ("all", "train")  # train.item_vocab
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 32  # rows (users) per step
-    min_steps_per_epoch: int = 0  # > 0: fewer rows per step where batch_size would give an epoch fewer optimizer steps
+    min_steps_per_epoch: int = 64  # fewer rows a step where batch_size would give an epoch fewer optimizer steps (0 = off); robustness suite
     candidates_per_row: int = 32  # C: candidates sharing one history ("single user, multiple items")
     mode: str = "multi"  # "multi" | "single" ("single user, single item", C = 1)
     lr: float = 1e-3
