@@ -45,6 +45,8 @@ def test_compare_runs_seeds_skips_finished_and_tables_match(tiny_synth, tmp_path
     ceiling = json.loads((tiny_synth / "manifest.json").read_text())["bayes"]
     assert res["bayes"] == ceiling  # synthetic data: the table states the attainable ceiling
     assert f"attainable under the protocol): AUC {ceiling['test']['auc']:.4f}" in (tmp_path / "results.md").read_text()
+    gap = ceiling["test"]["gauc"] - res["rows"][1]["gauc"]  # and each model's distance to it
+    assert f"| nobgf | {ceiling['test']['auc'] - res['rows'][1]['auc']:.4f} | {gap:.4f} |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     assert main(args) == 0  # everything finished: all skipped

@@ -150,8 +150,22 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
-    """Bar chart of test AUC and GAUC (mean, std as error bars) per model; False when matplotlib is missing."""
+def ceiling_gaps(rows: list[dict], ceiling: dict) -> str:
+    """Markdown table of each model's distance to the Bayes ceiling ``ceiling`` (a split's ``bayes``
+    figures): ceiling minus mean test figure for AUC and GAUC, mean test figure minus ceiling for
+    LogLoss (so every gap is >= 0 up to seed noise), and the share of the ceiling's lead over chance
+    (AUC 0.5) the model reaches."""
+    head = ("| model | AUC gap | GAUC gap | LogLoss gap | share of (ceiling AUC - 0.5) reached |\n"
+            "|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['model']} | {ceiling['auc'] - r['auc']:.4f} | {ceiling['gauc'] - r['gauc']:.4f} "
+        f"| {r['logloss'] - ceiling['logloss']:.4f} | {(r['auc'] - 0.5) / (ceiling['auc'] - 0.5):.0%} |\n"
+        for r in rows)
+
+
+def plot(rows: list[dict], path: Path, title: str, ceiling: dict | None = None) -> bool:
+    """Bar chart of test AUC and GAUC (mean, std as error bars) per model, with the Bayes ceiling
+    (a split's ``bayes`` figures) as a dashed line when given; False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -164,8 +178,12 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     for ax, m in zip(axes, ("auc", "gauc")):
         means, stds = [r[m] for r in rows], [r[f"{m}_std"] for r in rows]
         ax.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
-        lo = min(a - s for a, s in zip(means, stds))
-        ax.set_ylim(max(0.0, lo - 0.02), min(1.0, max(a + s for a, s in zip(means, stds)) + 0.01))
+        lo, hi = min(a - s for a, s in zip(means, stds)), max(a + s for a, s in zip(means, stds))
+        if ceiling:
+            ax.axhline(ceiling[m], color="#c44e52", linestyle="--", label="Bayes ceiling")
+            ax.legend(loc="lower right")
+            hi = max(hi, ceiling[m])
+        ax.set_ylim(max(0.0, lo - 0.02), min(1.0, hi + 0.01))
         ax.set_title(f"test {m.upper()}")
         ax.tick_params(axis="x", rotation=45)
     fig.suptitle(f"{title}: mean ± std over seeds")
@@ -189,15 +207,19 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
               "cost at full history lengths and train.candidates_per_row candidates per row.\n\n")
     if "bayes" in manifest:  # synthetic data: the ceiling of any model under the protocol
         header += f"Test {ceiling_text(manifest['bayes']['test'])}\n\n"
-    (out / "results.md").write_text(header + markdown(rows))
+    table = markdown(rows)
+    if "bayes" in manifest:
+        table += "\nGap to the Bayes ceiling (test):\n\n" + ceiling_gaps(rows, manifest["bayes"]["test"])
+    (out / "results.md").write_text(header + table)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     (out / "results.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
                                                    "bayes": manifest.get("bayes"), "rows": rows}, indent=2) + "\n")
-    if not plot(rows, out / "results.png", f"{manifest['source']} ({fp['sha256'][:12]})"):
+    ceiling = manifest["bayes"]["test"] if "bayes" in manifest else None
+    if not plot(rows, out / "results.png", f"{manifest['source']} ({fp['sha256'][:12]})", ceiling):
         log("matplotlib not installed: no results.png (pip install 'climber[plot]')")
-    log(markdown(rows))
+    log(table)
     log(f"wrote {out}/results.{{md,csv,json}} in {time.time() - t0:.0f}s")
     return rows
