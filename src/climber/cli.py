@@ -265,7 +265,7 @@ def _flops(args) -> None:
 
 
 def _scale_sweep(args) -> None:
-    from climber.scaling.sweep import load_grid_preset, parse_grid, sweep
+    from climber.scaling.sweep import load_grid_preset, parse_grids, sweep
 
     preset = load_grid_preset(args.preset) if args.preset else {}
     models_text = args.models or ",".join(preset.get("models", ["climber"]))
@@ -274,8 +274,8 @@ def _scale_sweep(args) -> None:
         raise ConfigError("scale sweep: give --grid (e.g. \"s=64,128;l=1,2;d=64\") or --preset (cpu, gpu or a YAML file)")
     models = [m.strip() for m in models_text.split(",") if m.strip()]
     command = _command_line("scale sweep")
-    sweep(Path(args.data), models, parse_grid(grid_text), Path(args.out), [*preset.get("set", []), *(args.set or [])],
-          command)
+    sweep(Path(args.data), models, parse_grids(grid_text), Path(args.out), [*preset.get("set", []), *(args.set or [])],
+          command, seeds=args.seeds or preset.get("seeds", 1), blocks=args.blocks or preset.get("blocks", "each"))
 
 
 def _scale_fit(args) -> None:
@@ -284,7 +284,9 @@ def _scale_fit(args) -> None:
     out = fit_sweep(Path(args.sweep), args.metric)
     print(f"{out['metric']} = {out['law']}")
     for model, f in out["fits"].items():
-        print(f"  {model:14s} E {f['E']:.4f}  A {f['A']:.4g}  alpha {f['alpha']:.3f}  R2 {f['r2']:.3f}  ({f['points']} points)")
+        noise = f"  seed std {f['seed_std']:.4f}" if f["seed_std"] is not None else ""
+        print(f"  {model:14s} E {f['E']:.4f}  A {f['A']:.4g}  alpha {f['alpha']:.3f}  R2 {f['r2']:.3f}  ({f['points']} "
+              f"points, {f['seeds']} seed(s) each at most; residual rms {f['residual_rms']:.4f}{noise})")
     print(f"wrote {Path(args.sweep) / 'fit.json'} (with 90% bootstrap bands)")
 
 
@@ -559,9 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw = scale.add_parser("sweep", help="train a grid of length s x depth l x width d per model; one table")
     sw.add_argument("--data", required=True, help="prepared dir")
     sw.add_argument("--preset", help="a grid preset: cpu (the default CPU grid), gpu, or a YAML file with models, "
-                                     "grid and set; --grid, --models and --set given here take precedence / add")
-    sw.add_argument("--grid", help='e.g. "s=64,128,256;l=1,2,4;d=64" (a missing axis keeps the model preset\'s)')
-    sw.add_argument("--models", help="comma separated model or preset names (default: climber)")
+                                     "grid, set, seeds and blocks; --grid, --models, --seeds, --blocks and --set "
+                                     "given here take precedence / add")
+    sw.add_argument("--grid", help='e.g. "s=64,128,256;l=1,2,4;d=64" (a missing axis keeps the model preset\'s); '
+                                   'several grids separated by "|" sweep their union')
+    sw.add_argument("--blocks", choices=("each", "total"),
+                    help="what s sets in Climber's blocks: each one's length (the default), or the sum of their "
+                         "lengths, each block keeping its share")
+    sw.add_argument("--models", help="comma separated model or preset names or YAML configs, as for compare "
+                                     "(default: climber)")
+    sw.add_argument("--seeds", type=int, help="seeds per point (default: the preset's, else 1)")
     sw.add_argument("--out", required=True, help="folder for the run dirs and sweep.{md,json}")
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every point (repeatable)")
     sw.set_defaults(func=_scale_sweep)

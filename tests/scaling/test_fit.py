@@ -47,6 +47,18 @@ def test_too_few_points_and_the_cli(tmp_path, capsys):
     assert main(["scale", "fit", "--sweep", str(tmp_path / "nope")]) == 2
 
 
+def test_seeds_of_a_point_are_averaged_before_the_fit_and_their_spread_reported(tmp_path):
+    c = np.geomspace(1e8, 1e12, 5)
+    rows = [{"model": "m", "s": int(k), "l": 1, "d": 8, "seed": seed, "train_flops": float(x),
+             "test_logloss": float(law(x)) + (0.01 if seed else -0.01), "test_auc": 0.7}
+            for k, x in enumerate(c) for seed in (0, 1)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
+    assert main(["scale", "fit", "--sweep", str(tmp_path)]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())["fits"]["m"]
+    assert fit["points"] == 5 and fit["seeds"] == 2  # the means lie on the law: the seed noise cancels
+    assert fit["r2"] > 0.999 and fit["residual_rms"] < 1e-3 and fit["seed_std"] == pytest.approx(0.01)
+
+
 def test_plot_writes_the_curves_and_a_heat_map_per_model(tmp_path):
     rows = [{"model": m, "s": s, "l": l, "d": 16, "train_flops": float(s * l * 1e9 * k),
              "test_logloss": float(law(s * l * 1e9 * k)), "test_auc": 0.7 + 0.01 * l}

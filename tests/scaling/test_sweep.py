@@ -8,7 +8,7 @@ import pytest
 
 from climber.cli import main
 from climber.config import ConfigError, resolve
-from climber.scaling.sweep import load_grid_preset, parse_grid, point_overrides
+from climber.scaling.sweep import load_grid_preset, parse_grid, parse_grids, point_overrides
 from conftest import TINY
 
 
@@ -18,6 +18,15 @@ def test_parse_grid():
     for bad in ("x=1", "s=", "s=a", "s=0"):
         with pytest.raises(ConfigError):
             parse_grid(bad)
+
+
+def test_a_union_of_grids_and_its_errors():
+    assert parse_grids("s=8,16;l=1 | s=8;l=2") == [{"s": [8, 16], "l": [1]}, {"s": [8], "l": [2]}]
+    assert parse_grids(["s=8;l=1"]) == [{"s": [8], "l": [1]}]
+    with pytest.raises(ConfigError, match="same axes"):
+        parse_grids("s=8;l=1|s=8")
+    with pytest.raises(ConfigError, match="no grid"):
+        parse_grids(" | ")
 
 
 def test_grid_presets_ship_and_files_load(tmp_path):
@@ -57,6 +66,19 @@ def test_point_overrides_reach_each_model():
         point_overrides("din", {"l": 2})
 
 
+
+def test_climber_s_sets_every_block_or_their_sum_each_keeping_its_share(tmp_path):
+    config = tmp_path / "mine.yaml"  # a YAML config, as compare takes it: blocks of 256 and 1,024
+    config.write_text("model: climber\nmodel_config:\n  strategies:\n"
+                      "  - {name: recent, kind: recency, length: 256}\n  - {name: positive, kind: positive, length: 1024}\n")
+    cfg = resolve(None, config, point_overrides(str(config), {"s": 640}, blocks="total"))
+    assert [s["length"] for s in cfg.model_config["strategies"]] == [128, 512]
+    cfg = resolve(None, config, point_overrides(str(config), {"s": 512}))  # the default: every block
+    assert [s["length"] for s in cfg.model_config["strategies"]] == [512, 512]
+    with pytest.raises(ConfigError, match="blocks"):
+        point_overrides(str(config), {"s": 512}, blocks="longest")
+
+
 def test_sweep_runs_the_grid_skips_finished_points_and_tables_match(tiny_synth, tmp_path, capsys):
     sets = [x for s in TINY + ["train.epochs=1"] if not s.startswith(("model.d_model", "model.n_layers"))
             for x in ("--set", s)]
@@ -73,3 +95,10 @@ def test_sweep_runs_the_grid_skips_finished_points_and_tables_match(tiny_synth, 
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("skipped") == 2
+    capsys.readouterr()
+    assert main([*args, "--grid", "s=4;l=1;d=16|s=4;l=1;d=16", "--seeds", "2"]) == 0  # seed 0 is the run above
+    assert capsys.readouterr().out.count("skipped") == 1
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    seed1 = json.loads((tmp_path / "climber-tiny" / "s4-l1-d16-seed1" / "metrics.json").read_text())
+    assert rows[1]["test_logloss"] == seed1["best"]["test"]["logloss"] != rows[0]["test_logloss"]

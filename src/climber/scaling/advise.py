@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from climber.config import ConfigError, resolve
+from climber.compare import Entry
+from climber.config import ConfigError
 from climber.models import build_model, flops_per_candidate as model_flops_per_candidate
 from climber.scaling.sweep import _INFO, load_rows, point_overrides
 
@@ -29,8 +30,9 @@ def _features(points: list[dict], axes: list[str]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def flops_per_candidate(model: str, point: dict, candidates: int) -> float:
-    cfg = resolve(model, None, point_overrides(model, point))
+def flops_per_candidate(model: str, point: dict, candidates: int, blocks: str = "each") -> float:
+    """``model``: a preset, a YAML config or a compare entry, as the sweep took it (``blocks`` likewise)."""
+    cfg = Entry.parse(model).config(point_overrides(model, point, blocks))
     return model_flops_per_candidate(build_model(cfg.model, cfg.model_config, _INFO), candidates)
 
 
@@ -48,7 +50,8 @@ def advise(sweep_dir: Path, budget: float, model: str | None = None, tolerance: 
                           "sweep more points")
     coef, *_ = np.linalg.lstsq(X, np.array([r["test_logloss"] for r in mine]), rcond=None)
     fixed = {a: mine[0][a] for a in ("s", "l", "d") if a in mine[0] and a not in axes}
-    cpr = resolve(model, None, []).train.candidates_per_row  # the FLOPs per candidate of a training row
+    spec = mine[0].get("entry", model)  # what the sweep was given for this model (rows before seeds: the name)
+    cpr = Entry.parse(spec).config().train.candidates_per_row  # the FLOPs per candidate of a training row
     top = {a: max(r[a] for r in mine) for a in axes}
     grid = {"s": [2**k for k in range(2, int(np.log2(2 * top["s"])) + 1)] if "s" in axes else [fixed.get("s")],
             "l": list(range(1, 2 * top["l"] + 1)) if "l" in axes else [fixed.get("l")],
@@ -58,14 +61,15 @@ def advise(sweep_dir: Path, budget: float, model: str | None = None, tolerance: 
         for depth in grid["l"]:
             for d in grid["d"]:
                 point = {k: v for k, v in (("s", s), ("l", depth), ("d", d)) if v is not None}
-                flops = flops_per_candidate(model, point, cpr)
+                flops = flops_per_candidate(spec, point, cpr, mine[0].get("blocks", "each"))
                 if abs(flops / budget - 1) > tolerance:
                     continue
                 inside = all(min(r[a] for r in mine) <= point[a] <= top[a] for a in axes)
                 measured = [r["test_logloss"] for r in mine if all(r.get(a) == point[a] for a in point)]
                 table.append({**point, "flops_per_candidate": flops,
                               "predicted_logloss": float((_features([point], axes) @ coef)[0]),
-                              "measured_logloss": measured[0] if measured else None, "inside_sweep": inside})
+                              "measured_logloss": float(np.mean(measured)) if measured else None,  # over seeds
+                              "inside_sweep": inside})
     if not table:
         raise ConfigError(f"scale advise: no (s, l, d) within {tolerance:.0%} of {budget:.3g} FLOPs per candidate; "
                           "try another budget or a larger --tolerance")

@@ -2,7 +2,9 @@
 
     y(C) = E + A * C ** (-alpha),   y = test LogLoss (or 1 - test AUC), C = training FLOPs,
 
-with R² and a bootstrap confidence band. The fit is dependency-free: for a fixed floor E the law is a
+with R² and a bootstrap confidence band. Seeds of one grid point (the same model, s, l, d) are averaged
+first: the law is fitted through the points' means, and the fit reports the seed spread beside the
+residual, so a low R² can be told apart from seed noise. The fit is dependency-free: for a fixed floor E the law is a
 straight line in log-log space (least squares), and E is searched on grids below the smallest y,
 each finer around the best floor so far; the floor with the smallest squared error in y wins.
 """
@@ -64,6 +66,17 @@ def bootstrap_band(flops, y, at, samples: int = 200, level: float = 0.9, seed: i
     return lo, hi
 
 
+def seed_means(rows: list[dict], metric) -> list[dict]:
+    """One point per grid point (model rows with the same s, l, d; a row without them stands alone):
+    mean training FLOPs, mean and std over seeds of ``metric(row)``, and the number of seeds."""
+    groups: dict = {}
+    for k, r in enumerate(rows):
+        key = tuple(r.get(a) for a in ("s", "l", "d"))
+        groups.setdefault(key if any(v is not None for v in key) else k, []).append(r)
+    return [{"flops": float(np.mean([r["train_flops"] for r in g])), "y": float(np.mean([metric(r) for r in g])),
+             "std": float(np.std([metric(r) for r in g])), "seeds": len(g)} for g in groups.values()]
+
+
 def fit_sweep(sweep_dir: Path, metric: str = "logloss") -> dict:
     """Fit every model family of ``sweep_dir/sweep.json``; write ``fit.json`` beside it and return it."""
     if metric not in METRICS:
@@ -71,14 +84,17 @@ def fit_sweep(sweep_dir: Path, metric: str = "logloss") -> dict:
     rows = load_rows(sweep_dir)
     fits = {}
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        flops = np.array([r["train_flops"] for r in mine])
-        y = np.array([METRICS[metric](r) for r in mine])
+        points = seed_means([r for r in rows if r["model"] == model], METRICS[metric])
+        flops, y = np.array([p["flops"] for p in points]), np.array([p["y"] for p in points])
         fit = fit_power_law(flops, y)
         at = np.geomspace(flops.min(), flops.max(), 5)
         lo, hi = bootstrap_band(flops, y, at)
-        fits[model] = {**fit, "band": {"flops": at.tolist(), "low": lo.tolist(), "high": hi.tolist(),
-                                       "fit": predict(fit, at).tolist()}}
+        residual = float(np.sqrt(np.mean((y - predict(fit, flops)) ** 2)))
+        spread = [p["std"] for p in points if p["seeds"] > 1]
+        fits[model] = {**fit, "seeds": max(p["seeds"] for p in points), "residual_rms": residual,
+                       "seed_std": float(np.mean(spread)) if spread else None,
+                       "band": {"flops": at.tolist(), "low": lo.tolist(), "high": hi.tolist(),
+                                "fit": predict(fit, at).tolist()}}
     out = {"metric": "test LogLoss" if metric == "logloss" else "1 - test AUC", "law": "E + A * FLOPs^-alpha",
            "fits": fits}
     (Path(sweep_dir) / "fit.json").write_text(json.dumps(out, indent=2) + "\n")
