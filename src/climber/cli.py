@@ -45,8 +45,29 @@ def _data_prepare(args) -> None:
         actions = tuple(args.actions.split(",")) if args.actions else None
         source = RawSource(path.name, frame, LabelRule.parse(args.label), actions=actions, files=(path,),
                            ts_unit=args.ts_unit or "s")
+    source = _with_feature_options(source, args)
     manifest = prepare(source, Path(args.out), force=args.force)
     _print_manifest(manifest, args.out)
+
+
+def _with_feature_options(source, args):
+    """``source`` with the feature options of ``data prepare``: a user table joined, bag columns, time
+    context to derive, the fill of missing numbers."""
+    import dataclasses
+
+    from climber.data.readers import join_user_table, parse_separator, read_user_table
+
+    frame, files = source.frame, source.files
+    if args.user_table:
+        separator = parse_separator(args.user_separator or args.separator)
+        frame = join_user_table(frame, read_user_table(Path(args.user_table), args.user_key, separator))
+        files += (Path(args.user_table),)
+    elif args.user_key != "user" or args.user_separator:
+        raise DataError("--user-key / --user-separator go with --user-table")
+    multi = tuple(c.strip() for c in (args.multi or "").split(",") if c.strip())
+    derive = tuple(d.strip() for d in (args.derive or "").split(",") if d.strip())
+    return dataclasses.replace(source, frame=frame, files=files, multi_columns=source.multi_columns + multi,
+                               multi_separator=args.multi_separator, derive=derive, tz=args.tz, fill=args.fill)
 
 
 def _print_manifest(m: dict, where) -> None:
@@ -457,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--columns", metavar="ROLE=COLUMN,...",
                     help="which file column plays which role, e.g. user=userId,item=movieId,ts=timestamp,"
                          "action=rating. Roles: user, item, ts, action (required); scenario (default: one scenario); "
-                         "label (0/1, for --label label); item_NAME (a categorical item side feature); any other name "
-                         "is kept as an event column. File columns already named after a role need no mapping")
+                         "label (0/1, for --label label); features: item_NAME (categorical, one value per item), "
+                         "user_NAME (categorical, one value per user), ctx_NAME (categorical, per event: device, "
+                         "page), num_NAME (a number per event: price); any other name is kept as an event column "
+                         "no model reads. File columns already named after a role need no mapping (docs/data.md)")
     pr.add_argument("--label", help="label rule for a file: 'action>=4' or 'action in cart,fav,buy' or 'label'")
     pr.add_argument("--actions", help="allowed action values (comma separated); others are an error")
     pr.add_argument("--separator", default=",",
@@ -466,6 +489,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ts-unit", choices=list(TS_UNITS),
                     help="unit of numeric time stamps, converted to seconds (default s; ISO 8601 text is read as such)")
     pr.add_argument("--names", help="column names of a headerless CSV, comma separated")
+    pr.add_argument("--user-table", metavar="FILE",
+                    help="user features: a CSV/Parquet file of one row per user, joined on the user id; each "
+                         "column but the key becomes a categorical user_<column> feature")
+    pr.add_argument("--user-key", default="user", help="the user id column of --user-table (default: user)")
+    pr.add_argument("--user-separator", help="field separator of --user-table (default: --separator)")
+    pr.add_argument("--multi", metavar="COLUMN,...",
+                    help="item_* / user_* columns whose values are bags (e.g. a film's genres 'Drama|War')")
+    pr.add_argument("--multi-separator", default="|", help="between the values of a --multi column (default '|')")
+    pr.add_argument("--derive", metavar="hour,weekday",
+                    help="per-event time context from ts: ctx_hour (0..23) and / or ctx_weekday (mon..sun)")
+    pr.add_argument("--tz", default="UTC", help="IANA time zone of --derive (default UTC), e.g. Asia/Shanghai")
+    pr.add_argument("--fill", choices=["zero", "mean"],
+                    help="missing num_* values: 0, or the train split's mean (default: refused, naming the row)")
     pr.add_argument("--force", action="store_true", help="replace --out if it exists")
     pr.set_defaults(func=_data_prepare)
 

@@ -68,6 +68,6 @@ def test_columns_help_names_every_role(capsys):
         main(["data", "prepare", "--help"])
     out = capsys.readouterr().out
     columns_help = " ".join(out[out.index("\n  --columns"):out.index("\n  --label")].split())
-    for role in ("user, item, ts, action (required)", "scenario", "label (0/1", "item_NAME (a categorical item side "
-                 "feature)", "any other name"):
+    for role in ("user, item, ts, action (required)", "scenario", "label (0/1", "item_NAME (categorical, one value per "
+                 "item)", "user_NAME", "ctx_NAME", "num_NAME", "any other name"):
         assert role in columns_help

@@ -21,7 +21,7 @@ from typing import Callable
 
 import polars as pl
 
-from climber.data.readers import scan_table
+from climber.data.readers import join_user_table, scan_table
 from climber.data.schema import FILE_COLUMN, ROW_COLUMN, DataError, LabelRule, RawSource
 
 
@@ -124,7 +124,8 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
 def _movielens_100k(root: Path) -> RawSource:
     """``u.data`` ratings; item side features ``item_genres`` (the genre set, e.g. "Action|Thriller") and
     ``item_decade`` from ``u.item`` (original layout) or ``items.csv`` (``item_id,title,year,genres``)
-    when one of them is beside it."""
+    when one of them is beside it; user features from ``u.user`` when it is beside it
+    (:func:`_movielens_100k_users`)."""
     path = _find(root, "u.data")
     frame = scan_table(path, names=["user", "item", "action", "ts"], separator="\t", has_header=False)
     items, files = _movielens_100k_items(path.parent), (path,)
@@ -134,7 +135,26 @@ def _movielens_100k(root: Path) -> RawSource:
                  for c in features]
         frame = frame.join(items[0], on="item", how="left").with_columns(known)
         files += (items[1],)
+    if (path.parent / "u.user").exists():
+        frame = join_user_table(frame, _movielens_100k_users(path.parent / "u.user"))
+        files += (path.parent / "u.user",)
     return _rated("movielens-100k", frame, files, WHOLE_STARS)
+
+
+ML_AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))  # else 56+
+
+
+def _movielens_100k_users(path: Path) -> pl.LazyFrame:
+    """``u.user`` (id|age|gender|occupation|zip) as user features: ``user_age`` (the age bands of
+    MovieLens-1M), ``user_gender``, ``user_occupation``, ``user_zip`` (the first digit: a US region)."""
+    raw = pl.scan_csv(path, separator="|", has_header=False, infer_schema=False, quote_char=None,
+                      new_columns=["user", "age", "gender", "occupation", "zip"])
+    age = pl.col("age").cast(pl.Int64, strict=False)
+    band = pl.lit("56+")
+    for upper, name in reversed(ML_AGE_BANDS):
+        band = pl.when(age < upper).then(pl.lit(name)).otherwise(band)
+    return raw.select("user", band.alias("user_age"), pl.col("gender").alias("user_gender"),
+                      pl.col("occupation").alias("user_occupation"), pl.col("zip").str.slice(0, 1).alias("user_zip"))
 
 
 def _movielens_100k_items(folder: Path) -> tuple[pl.LazyFrame, Path] | None:

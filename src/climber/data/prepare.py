@@ -4,8 +4,11 @@ Prepared dir layout (written to a temp dir beside ``out`` and renamed at the end
 
     events.parquet   sorted by (user, ts, item); dense ids start at 1 (0 = padding / unknown)
                      user, item, action, scenario: Int32 dense ids; ts: Int64 seconds; label: Int8;
-                     split: "train" | "val" | "test"; *_raw: the original values; side columns
-    vocab/<col>.parquet   id (Int32), raw (Utf8) for user, item, action, scenario and categorical side columns
+                     split: "train" | "val" | "test"; *_raw: the original values; side columns;
+                     features (docs/data.md): item_* / user_* / ctx_* Int32 value ids (List[Int32] for
+                     a bag), 0 = a value the train split does not hold; num_* Float64
+    vocab/<col>.parquet   id (Int32), raw (Utf8) for user, item, action, scenario and categorical side
+                     columns (features: the train split's values only)
     manifest.json    rows, users, items, positive rate, split sizes, label rule, fingerprint, ...
 """
 
@@ -18,6 +21,7 @@ import os
 import secrets
 import shutil
 import time
+import zoneinfo
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,8 @@ import pyarrow.parquet as pq
 
 from climber.data.schema import (
     DEFAULT_SCENARIO,
+    DERIVABLE,
+    FILLS,
     FILE_COLUMN,
     REQUIRED_COLUMNS,
     ROW_COLUMN,
@@ -33,6 +39,7 @@ from climber.data.schema import (
     DataError,
     RawSource,
     check_epoch,
+    feature_kind,
     iso_seconds,
     numeric_seconds,
 )
@@ -115,7 +122,49 @@ def validate(source: RawSource) -> pl.LazyFrame:
     for col in source.numeric_columns:
         _check(frame, pl.col(col).cast(pl.Float64, strict=False).is_null() & pl.col(col).is_not_null(),
                col, "a number")
-    return frame
+    _check_features(frame, source, names, where)
+    return frame.with_columns(_derived(source))
+
+
+def _check_features(frame: pl.LazyFrame, source: RawSource, names: list[str], where: str) -> None:
+    """The feature columns' own checks: bags only in item_* / user_* columns, numbers in num_* (a missing
+    value only with ``fill``), derivable time context in a known time zone."""
+    for col in source.multi_columns:
+        if col not in names:
+            raise DataError(f"{where}: --multi names {col!r}, which the log does not have")
+        if feature_kind(col) not in ("item", "user"):
+            raise DataError(f"--multi {col!r}: bags of values are for item_* and user_* feature columns")
+    for col in (c for c in names if feature_kind(c) == "num"):
+        text = pl.col(col).str.strip_chars()
+        number = text.cast(pl.Float64, strict=False)
+        _check(frame, number.is_null() & text.is_not_null() & (text != ""), col, "a number")
+        if source.fill is None:
+            _check(frame, text.is_null() | (text == "") | number.is_nan(), col,
+                   "a number (missing: pass --fill zero or --fill mean)")
+    unknown = [d for d in source.derive if d not in DERIVABLE]
+    if unknown:
+        raise DataError(f"--derive {','.join(unknown)}: can derive {', '.join(DERIVABLE)} from ts")
+    if source.fill is not None and source.fill not in FILLS:
+        raise DataError(f"--fill {source.fill!r}: expected one of {', '.join(FILLS)}")
+    if source.derive:
+        try:
+            zoneinfo.ZoneInfo(source.tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise DataError(f"--tz {source.tz!r}: not a time zone name (e.g. UTC, Europe/Berlin, Asia/Shanghai)") from None
+        taken = [DERIVABLE[d] for d in source.derive if DERIVABLE[d] in names]
+        if taken:
+            raise DataError(f"{where}: --derive would add {', '.join(taken)}, which the log already has")
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _derived(source: RawSource) -> list[pl.Expr]:
+    """The ctx_* columns of ``source.derive`` (text, like every raw column), from ts in seconds."""
+    local = pl.from_epoch(pl.col("ts"), "s").dt.replace_time_zone("UTC").dt.convert_time_zone(source.tz)
+    exprs = {"hour": local.dt.hour().cast(pl.Utf8),
+             "weekday": local.dt.weekday().replace_strict(range(1, 8), WEEKDAYS, return_dtype=pl.Utf8)}
+    return [exprs[d].alias(DERIVABLE[d]) for d in source.derive]
 
 
 EVENT_STRING_COLUMNS = ("user", "item", "ts", "action", "scenario")
@@ -155,7 +204,9 @@ def prepare(source: RawSource, out: Path, *, force: bool = False, log=print, ext
     frame = validate(source)
     side = [c for c in frame.collect_schema().names()
             if c not in (*EVENT_STRING_COLUMNS, "label", ROW_COLUMN, FILE_COLUMN)]
-    categorical_side = [c for c in side if c not in source.numeric_columns]
+    features = [c for c in side if feature_kind(c) in ("item", "user", "ctx")]
+    numeric_features = [c for c in side if feature_kind(c) == "num"]
+    categorical_side = [c for c in side if c not in (*source.numeric_columns, *features, *numeric_features)]
 
     tmp = staging_dir(out)
     try:
@@ -180,9 +231,18 @@ def prepare(source: RawSource, out: Path, *, force: bool = False, log=print, ext
             *[f"{c}_raw" for c in ID_COLUMNS],
             *[c for c in categorical_side],
             *source.numeric_columns,
+            *features, *numeric_features,
         )
-        events.sink_parquet(tmp / "events.parquet", row_group_size=1 << 17)
+        if features or numeric_features:
+            events.sink_parquet(tmp / "events.raw.parquet", row_group_size=1 << 17)
+            feature_info = _map_features(source, tmp, features, numeric_features, log)
+            (tmp / "events.raw.parquet").unlink()
+        else:
+            events.sink_parquet(tmp / "events.parquet", row_group_size=1 << 17)
+            feature_info = {}
         manifest = _manifest(source, tmp, vocabs, categorical_side)
+        manifest["side_columns"].update(feature_info.get("side_columns", {}))
+        manifest.update({k: v for k, v in feature_info.items() if k != "side_columns"})
         if extra is not None:
             manifest.update(extra(tmp))
         manifest["prepare_seconds"] = round(time.time() - t0, 2)
@@ -192,6 +252,52 @@ def prepare(source: RawSource, out: Path, *, force: bool = False, log=print, ext
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _map_features(source: RawSource, root: Path, features: list[str], numeric: list[str], log) -> dict:
+    """events.raw.parquet (feature columns as text) -> events.parquet: each categorical feature as value
+    ids (a list of them for a bag), from a vocabulary of the values the train split holds (any other
+    value, and a missing one, is 0: unknown); each num_* as Float64, missing values filled. Writes
+    vocab/<feature>.parquet; returns the manifest's feature entries."""
+    raw = pl.scan_parquet(root / "events.raw.parquet")
+    train = raw.filter(pl.col("split") == "train")
+    sep = source.multi_separator
+    mapped, single, multi = [], {}, {}
+    for col in features:
+        text = pl.col(col).str.strip_chars()
+        if col in source.multi_columns:
+            tokens = train.select(text.str.split(sep).explode().str.strip_chars().alias(col))
+            vocab = _vocab(tokens.filter(pl.col(col).is_not_null() & (pl.col(col) != "")), col)
+            ids = (text.str.split(sep).list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != "")
+                   .replace_strict(vocab["raw"], vocab["id"], default=0, return_dtype=pl.Int32)).fill_null([]))
+            multi[col] = vocab.height
+        else:
+            vocab = _vocab(train.filter(text.is_not_null() & (text != "")).select(text.alias(col)), col)
+            ids = text.replace_strict(vocab["raw"], vocab["id"], default=0, return_dtype=pl.Int32)
+            single[col] = vocab.height
+        vocab.write_parquet(root / "vocab" / f"{col}.parquet")
+        mapped.append(ids.alias(col))
+        log(f"  vocab {col}: {vocab.height:,} values in train{' (bags)' if col in multi else ''}")
+    stats = {}
+    for col in numeric:
+        number = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+        number = pl.when(number.is_nan()).then(None).otherwise(number)
+        row = train.select(number.mean().alias("mean"), number.std(ddof=0).alias("std"),
+                           number.null_count().alias("missing")).collect().row(0, named=True)
+        mean = row["mean"] if row["mean"] is not None else 0.0
+        std = row["std"] if row["std"] else 1.0  # a constant (or empty) column: standardised to 0
+        fill = {"zero": 0.0, "mean": mean}.get(source.fill, 0.0)  # without --fill validate refused gaps
+        stats[col] = {"mean": mean, "std": std, "fill": source.fill}
+        mapped.append(number.fill_null(fill).alias(col))
+    raw.with_columns(mapped).sink_parquet(root / "events.parquet", row_group_size=1 << 17)
+    out = {"side_columns": single}
+    if multi:
+        out["multi_columns"], out["multi_separator"] = multi, sep
+    if stats:
+        out["numeric_features"] = stats
+    if source.derive:
+        out["derived"] = {"columns": [DERIVABLE[d] for d in source.derive], "tz": source.tz}
+    return out
 
 
 def _manifest(source: RawSource, root: Path, vocabs: dict, categorical_side: list[str]) -> dict:

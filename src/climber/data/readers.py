@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from climber.data.schema import FILE_COLUMN, REQUIRED_COLUMNS, ROW_COLUMN, DataError
+from climber.data.schema import FILE_COLUMN, REQUIRED_COLUMNS, ROW_COLUMN, DataError, feature_kind
 
 SEPARATORS = {"tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}  # --separator names
 
@@ -58,7 +58,7 @@ def scan_table(
     ``names`` gives column names for a headerless file; ``quote_char=None`` reads quotes as plain
     text (fields holding JSON). ``columns`` maps our names (user, item, ts, action, scenario, ...)
     to the file's names; unmapped file columns whose name is already one of ours (or that start
-    with ``item_``, item side features) are kept as they are, others are dropped.
+    with a feature prefix: ``item_``, ``user_``, ``ctx_``, ``num_``) are kept as they are, others are dropped.
     """
     path = Path(path)
     if not path.exists():
@@ -103,7 +103,7 @@ def scan_table(
     mapped_sources = set(columns.values())
     keep = {t: s for t, s in columns.items()}
     for c in file_columns:
-        if c not in mapped_sources and c not in keep and (c in _KNOWN_TARGETS or c.startswith("item_")):
+        if c not in mapped_sources and c not in keep and (c in _KNOWN_TARGETS or feature_kind(c) is not None):
             keep[c] = c
     exprs = [pl.col(s).cast(pl.Utf8).alias(t) for t, s in keep.items()]
     return frame.select(
@@ -112,3 +112,43 @@ def scan_table(
 
 
 _KNOWN_TARGETS = {"user", "item", "ts", "action", "scenario", "label"}
+
+
+def read_user_table(path: Path, key: str, separator: str = ",", names: list[str] | None = None) -> pl.LazyFrame:
+    """A user table (CSV/TSV/Parquet, one row per user) as ``user`` + ``user_*`` text columns, to join
+    on the events' raw user id: ``key`` is the user id column; every other column is a user feature,
+    named ``user_<column>`` unless it already starts with ``user_``. ``names``: the columns of a
+    headerless file. A key given twice or empty is refused, naming the rows."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--user-table {path}: file not found")
+    if path.suffix == ".parquet":
+        frame = pl.scan_parquet(path).with_row_index(ROW_COLUMN, offset=1)
+    else:
+        frame = pl.scan_csv(path, separator=separator, has_header=names is None, new_columns=names,
+                            infer_schema=False, row_index_name=ROW_COLUMN, row_index_offset=1 if names else 2)
+    columns = [c for c in frame.collect_schema().names() if c != ROW_COLUMN]
+    if key not in columns:
+        raise DataError(f"--user-table {path}: no column {key!r} (--user-key); the file has {', '.join(columns)}")
+    frame = frame.select(pl.col(ROW_COLUMN), *[pl.col(c).cast(pl.Utf8).str.strip_chars() for c in columns])
+    empty = frame.filter(pl.col(key).is_null() | (pl.col(key) == "")).select(ROW_COLUMN).head(1).collect()
+    if empty.height:
+        raise DataError(f"--user-table {path}: row {empty.item()}: empty user id in column {key!r}")
+    twice = (frame.group_by(key).agg(pl.col(ROW_COLUMN).sort().head(2).alias("rows"), pl.len().alias("n"))
+             .filter(pl.col("n") > 1).sort(pl.col("rows").list.first()).head(1).collect())
+    if twice.height:
+        rows = twice["rows"][0].to_list()
+        raise DataError(f"--user-table {path}: user {twice[key][0]!r} appears more than once (rows {rows[0]} and "
+                        f"{rows[1]}); one row per user")
+    features = {c: c if c.startswith("user_") else f"user_{c}" for c in columns if c != key}
+    return frame.select(pl.col(key).alias("user"), *[pl.col(c).alias(n) for c, n in features.items()])
+
+
+def join_user_table(events: pl.LazyFrame, table: pl.LazyFrame) -> pl.LazyFrame:
+    """``events`` with the user table's features (``read_user_table``) on each event; a user the table
+    lacks gets nulls (the unknown value, 0, once prepared). A feature the events already have is refused."""
+    have = set(events.collect_schema().names())
+    both = [c for c in table.collect_schema().names() if c != "user" and c in have]
+    if both:
+        raise DataError(f"--user-table: the events already have {', '.join(both)}")
+    return events.join(table, on="user", how="left", maintain_order="left")

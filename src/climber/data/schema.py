@@ -126,8 +126,10 @@ class RawSource:
     """What a loader returns: string-typed events plus what prepare needs to know about them.
 
     ``frame`` has at least the REQUIRED_COLUMNS, plus ROW_COLUMN and FILE_COLUMN for error messages,
-    optionally ``scenario``, ``label`` and side columns (kept through prepare: ``item_*`` are item
-    features, anything else is an event feature). All data columns are Utf8.
+    optionally ``scenario``, ``label`` and side columns (kept through prepare; by prefix, ``item_*``,
+    ``user_*`` and ``ctx_*`` are categorical item, user and per-event features, ``num_*`` numeric
+    per-event features, anything else an event column no model reads; docs/data.md). All data columns
+    are Utf8.
     """
 
     name: str
@@ -138,3 +140,22 @@ class RawSource:
     notes: list[str] = field(default_factory=list)  # e.g. "dropped 12 events outside the window"
     files: tuple[Path, ...] = ()
     ts_unit: str = "s"  # unit of numeric ts values (a key of TS_UNITS); prepare converts them to seconds
+    multi_columns: tuple[str, ...] = ()  # item_* / user_* feature columns holding a bag of values
+    multi_separator: str = "|"  # between the values of a multi_columns field
+    derive: tuple[str, ...] = ()  # time context from ts: "hour" -> ctx_hour, "weekday" -> ctx_weekday
+    tz: str = "UTC"  # the IANA time zone of ``derive``
+    fill: str | None = None  # missing num_* values: None (an error), "zero" or "mean" (of the train split)
+
+
+FEATURE_PREFIXES = ("item_", "user_", "ctx_")  # categorical features: per item, per user, per event
+NUMERIC_PREFIX = "num_"  # numeric per-event features, standardised with train statistics
+DERIVABLE = {"hour": "ctx_hour", "weekday": "ctx_weekday"}  # --derive NAME -> the ctx column it adds
+FILLS = ("zero", "mean")  # --fill
+
+
+def feature_kind(column: str) -> str | None:
+    """"item", "user", "ctx" or "num" for a feature column (by its prefix); None for other columns."""
+    for prefix in (*FEATURE_PREFIXES, NUMERIC_PREFIX):
+        if column.startswith(prefix) and len(column) > len(prefix):
+            return prefix[:-1]
+    return None
