@@ -72,7 +72,7 @@ def test_features_are_mapped_from_train_vocabularies(tmp_path, users_csv):
     by_key = dict(zip(zip(raw["uid"], raw["ts"].cast(pl.Int64)), raw["item_tags"]))
     for row in events.head(20).iter_rows(named=True):
         assert row["item_tags"] == [tags[t] for t in by_key[(row["user_raw"], row["ts"])].split("|")]
-    assert manifest["multi_columns"] == {"item_tags": 4}
+    assert manifest["multi_columns"] == {"item_tags": {"values": 4, "longest": 2}}
     # derived time context, against the standard library in the named zone
     hours, weekdays = {v: k for k, v in vocab("ctx_hour").items()}, {v: k for k, v in vocab("ctx_weekday").items()}
     zone = zoneinfo.ZoneInfo("Asia/Shanghai")

@@ -57,9 +57,9 @@ def pad_left(batch: Batch, extra: int) -> Batch:
     """Prepend `extra` padding events to every subsequence."""
 
     def pad(t):
-        return torch.cat([torch.zeros(t.shape[0], extra, dtype=t.dtype), t], dim=1)
+        return torch.cat([torch.zeros(t.shape[0], extra, *t.shape[2:], dtype=t.dtype), t], dim=1)
 
-    seqs = [Subsequence(*(pad(getattr(s, f.name)) for f in dataclasses.fields(s))) for s in batch.seqs]
+    seqs = [s.apply(pad) for s in batch.seqs]
     return replace(batch, seqs=seqs)
 
 

@@ -170,7 +170,7 @@ def with_new_history(batch, row: int):
     g = torch.Generator().manual_seed(1)
     seqs = []
     for s in batch.seqs:
-        s = dataclasses.replace(s, **{f.name: getattr(s, f.name).clone() for f in dataclasses.fields(s)})
+        s = s.apply(torch.clone)
         L = s.item.shape[1]
         s.mask[row] = True
         s.item[row] = torch.randint(1, INFO.num_items + 1, (L,), generator=g)

@@ -4,7 +4,6 @@ split first layer against the plain Linear over [h, c, h - c, h * c], Dice, conf
 
 from __future__ import annotations
 
-import dataclasses
 from importlib import resources
 
 import pytest
@@ -45,8 +44,7 @@ def test_weights_are_unnormalised_and_zero_at_padding():
     assert (w[~pad] != 0).all()
     # every event twice: each weight is repeated, so the pooled interest doubles (no softmax to undo it)
     seq = batch.seqs[0]
-    twice = dataclasses.replace(seq, **{f.name: getattr(seq, f.name).repeat_interleave(2, dim=1)
-                                        for f in dataclasses.fields(seq)})
+    twice = seq.apply(lambda t: t.repeat_interleave(2, dim=1))
     doubled = replace(batch, seqs=[twice])
     assert close(model.activation_weights(doubled), w.repeat_interleave(2, dim=-1))
     assert close(model.interest(doubled), 2 * model.interest(batch))

@@ -18,12 +18,13 @@ from climber.data.samples import Rows, UserEvents, collate
 from climber.data.schema import DataError
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
-from climber.models.layers import ItemEmbedding
+from climber.models.layers import ItemEmbedding, UserFeatures
 from climber.serve.engine import Engine, UserHistory
 from conftest import perturb_parameters
 
 INFO = DataInfo(num_users=20, num_items=50, actions=("click", "like", "skip"), scenarios=("home", "search", "radio"),
-                item_features=(("item_topic", 3),))
+                item_features=(("item_topic", 3),), item_bags=(("item_tags", 5, 3),),
+                user_features=(("user_age", 4),), user_bags=(("user_likes", 6, 2),))
 
 RECENT_POS = [{"name": "recent", "kind": "recency", "length": 5}, {"name": "pos", "kind": "positive", "length": 8}]
 CLIMBER = dict(d_model=16, n_heads=2, n_layers=2, strategies=RECENT_POS)
@@ -59,12 +60,13 @@ def close(a, b, tol=1e-5):
 
 def build(name: str, cfg: dict, seed: int = 0) -> nn.Module:
     """The tiny model with every parameter perturbed (non-trivial biases and temperatures), in eval mode;
-    items get random topics, some unknown (0)."""
+    items get random topics and tag bags, users random ages and bags, some values unknown (0)."""
     torch.manual_seed(seed)
     model = build_model(name, cfg, INFO)
     for m in model.modules():
-        if isinstance(m, ItemEmbedding):
+        if isinstance(m, (ItemEmbedding, UserFeatures)):
             m.feature_ids[1:] = torch.randint(0, 4, m.feature_ids[1:].shape)
+            m.bag_ids[1:] = torch.randint(0, 5, m.bag_ids[1:].shape)
     return perturb_parameters(model, seed).eval()
 
 

@@ -20,10 +20,12 @@ class Subsequence:
     scenario: torch.Tensor  # (B, L) int64 dense scenario ids, 0 = padding
     ts: torch.Tensor  # (B, L) int64 seconds, 0 at padding
     mask: torch.Tensor  # (B, L) bool, True = real event
+    ctx: torch.Tensor | None = None  # (B, L, F_ctx) int64 ctx_* value ids, 0 at padding; None: the data has none
+    num: torch.Tensor | None = None  # (B, L, F_num) float32 num_* values (raw), 0 at padding; None: none
 
     def apply(self, fn) -> "Subsequence":
         """``fn`` applied to every tensor."""
-        return Subsequence(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        return Subsequence(**{f.name: _maybe(fn, getattr(self, f.name)) for f in fields(self)})
 
     def to(self, device) -> "Subsequence":
         return self.apply(lambda t: t.to(device))
@@ -39,10 +41,12 @@ class Batch:
     cand_mask: torch.Tensor  # (B, C) bool, True = real candidate
     label: torch.Tensor  # (B, C) float32, 0 at padding
     cand_action: torch.Tensor  # (B, C) int64 dense action id: a training TARGET (multi-task heads), never an input
+    cand_ctx: torch.Tensor | None = None  # (B, C, F_ctx) int64 the candidates' ctx_* value ids (request context)
+    cand_num: torch.Tensor | None = None  # (B, C, F_num) float32 the candidates' num_* values
 
     def apply(self, fn) -> "Batch":
         """``fn`` applied to every tensor, subsequences included."""
-        moved = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name != "seqs"}
+        moved = {f.name: _maybe(fn, getattr(self, f.name)) for f in fields(self) if f.name != "seqs"}
         return Batch(seqs=[s.apply(fn) for s in self.seqs], **moved)
 
     def to(self, device) -> "Batch":
@@ -55,9 +59,7 @@ class Batch:
 
     def take(self, rows) -> "Batch":
         """The rows ``rows`` (an index tensor, list or slice) of every field, subsequences included."""
-        taken = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "seqs"}
-        seqs = [Subsequence(*(getattr(s, f.name)[rows] for f in fields(s))) for s in self.seqs]
-        return Batch(seqs=seqs, **taken)
+        return self.apply(lambda t: t[rows])
 
     @property
     def num_candidates(self) -> int:
@@ -67,3 +69,8 @@ class Batch:
         """(padding, all) history token slots, summed over the subsequences: B * L_k each."""
         slots = sum(s.mask.numel() for s in self.seqs)
         return slots - sum(int(s.mask.sum()) for s in self.seqs), slots
+
+
+def _maybe(fn, value):
+    """``fn(value)``, or None for a feature the batch does not carry."""
+    return None if value is None else fn(value)

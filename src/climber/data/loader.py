@@ -40,6 +40,7 @@ from climber.data.batch import Batch
 from climber.data.prepare import load_manifest
 from climber.data.samples import (
     COLUMNS,
+    CONTEXT_PREFIX,
     SPLITS,
     UserEvents,
     check_mode,
@@ -47,10 +48,11 @@ from climber.data.samples import (
     Rows,
     collate,
     count_rows,
+    event_feature_columns,
     history_lengths,
     make_rows,
 )
-from climber.data.schema import DataError
+from climber.data.schema import NUMERIC_PREFIX, DataError
 from climber.data.sequences import Strategy, resolve
 
 READ_BATCH_ROWS = 1 << 16  # rows per parquet record batch while reading a chunk
@@ -114,6 +116,7 @@ class SampleLoader:
         self.bucket, self.pin_memory = bucket, pin_memory
         self.workers = auto_workers() if workers == -1 else workers
         self.resolved = resolve(strategies, manifest["actions"], manifest["scenarios"])
+        self.columns = [*COLUMNS, *event_features(manifest)]  # what a chunk reads
         self.epoch = 0
 
         self._counts, self._file_rows, self._keys = [], [], []  # per chunk: (U_k, 3), (file, start, stop), RNG key
@@ -175,7 +178,7 @@ class SampleLoader:
     def _chunk_batches(self, chunk: int, files: dict) -> tuple[UserEvents, list[Rows]]:
         """The events of a chunk and the rows of each of its batches, in the epoch's order."""
         shard, start, stop = self._file_rows[chunk]
-        events = UserEvents.from_table(_read_rows(files[shard], start, stop))
+        events = UserEvents.from_table(_read_rows(files[shard], start, stop, self.columns))
         if not np.array_equal(events.split_counts(), self._counts[chunk]):
             raise DataError(f"{self.files[shard]}: events are not sorted by user; re-run `climber data prepare`")
         rng = self._rng(chunk)
@@ -238,13 +241,20 @@ def _user_split_counts(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return per_user.select(SPLITS).to_numpy().astype(np.int64), per_user["events"].to_numpy()
 
 
-def _read_rows(pf: pq.ParquetFile, start: int, stop: int) -> pa.Table:
-    """File rows [start, stop): only the row groups that hold them, in record batches of READ_BATCH_ROWS."""
+def event_features(manifest: dict) -> list[str]:
+    """The per-event feature columns (``ctx_*``, ``num_*``) of a prepared dir, in their Batch order."""
+    return [*event_feature_columns(manifest.get("side_columns", {}), CONTEXT_PREFIX),
+            *event_feature_columns(manifest.get("numeric_features", {}), NUMERIC_PREFIX)]
+
+
+def _read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: Sequence[str] = COLUMNS) -> pa.Table:
+    """File rows [start, stop) of ``columns``: only the row groups that hold them, in record batches of
+    READ_BATCH_ROWS."""
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
     group_start = np.cumsum([0, *sizes])  # (G + 1,)
     groups = [g for g in range(len(sizes)) if group_start[g] < stop and group_start[g + 1] > start]
     pieces, pos = [], int(group_start[groups[0]])
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=list(COLUMNS)):
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=list(columns)):
         lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
         if lo < hi:
             pieces.append(batch.slice(lo, hi - lo))

@@ -292,7 +292,9 @@ def _map_features(source: RawSource, root: Path, features: list[str], numeric: l
     raw.with_columns(mapped).sink_parquet(root / "events.parquet", row_group_size=1 << 17)
     out = {"side_columns": single}
     if multi:
-        out["multi_columns"], out["multi_separator"] = multi, sep
+        longest = pl.scan_parquet(root / "events.parquet").select(pl.col(c).list.len().max() for c in multi).collect()
+        out["multi_columns"] = {c: {"values": n, "longest": int(longest[c][0] or 0)} for c, n in multi.items()}
+        out["multi_separator"] = sep
     if stats:
         out["numeric_features"] = stats
     if source.derive:

@@ -24,12 +24,13 @@ import torch
 from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.prepare import SPLIT_CODES
-from climber.data.schema import DataError
+from climber.data.schema import NUMERIC_PREFIX, DataError
 from climber.data.sequences import ResolvedStrategy, Selector
 
 SPLITS = tuple(SPLIT_CODES)  # ("train", "val", "test"), codes 0, 1, 2
 MODES = ("multi", "single")
-COLUMNS = ("user", "item", "action", "scenario", "ts", "label", "split")  # what samples read
+COLUMNS = ("user", "item", "action", "scenario", "ts", "label", "split")  # what samples read (+ ctx_*, num_*)
+CONTEXT_PREFIX = "ctx_"  # per-event categorical features
 
 
 def check_split(split: str) -> None:
@@ -63,11 +64,14 @@ class UserEvents:
     ts: np.ndarray  # (N,) int64 seconds
     label: np.ndarray  # (N,) int8
     split: np.ndarray  # (N,) int8: 0 train, 1 val, 2 test
+    ctx: np.ndarray | None = None  # (N, F_ctx) int32 ctx_* value ids (sorted by name); None: no such columns
+    num: np.ndarray | None = None  # (N, F_num) float32 num_* values (sorted by name); None: no such columns
     _selectors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_table(cls, table: pa.Table | pl.DataFrame) -> "UserEvents":
-        """From prepared events (at least COLUMNS) in file order, each user's events complete."""
+        """From prepared events (at least COLUMNS; and the per-event features, ``ctx_*`` and ``num_*``
+        columns, it holds) in file order, each user's events complete."""
         if isinstance(table, pl.DataFrame):
             table = table.to_arrow()
         missing = [c for c in COLUMNS if c not in table.column_names]
@@ -88,6 +92,8 @@ class UserEvents:
             ts=column("ts", np.int64),
             label=column("label", np.int8),
             split=split_codes(table.column("split")),
+            ctx=_stack(table, CONTEXT_PREFIX, np.int32),
+            num=_stack(table, NUMERIC_PREFIX, np.float32),
         )
         events._check_order()
         return events
@@ -217,6 +223,8 @@ def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]
             scenario=_take(events.scenario, index, mask),
             ts=_take(events.ts, index, mask),
             mask=torch.from_numpy(mask),
+            ctx=_take_features(events.ctx, index, mask),
+            num=_take_features(events.num, index, mask),
         ))
     return Batch(
         user=torch.from_numpy(events.user[rows.user]),
@@ -227,7 +235,23 @@ def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]
         cand_mask=torch.from_numpy(cand_mask),
         label=_take(events.label, cand, cand_mask).float(),
         cand_action=_take(events.action, cand, cand_mask),
+        cand_ctx=_take_features(events.ctx, cand, cand_mask),
+        cand_num=_take_features(events.num, cand, cand_mask),
     )
+
+
+def _stack(table: pa.Table, prefix: str, dtype) -> np.ndarray | None:
+    """(N, F) the table's columns named ``prefix``* (sorted by name), or None without any."""
+    names = event_feature_columns(table.column_names, prefix)
+    if not names:
+        return None
+    return np.stack([table.column(c).to_numpy().astype(dtype, copy=False) for c in names], axis=1)
+
+
+def event_feature_columns(columns: Sequence[str], prefix: str) -> list[str]:
+    """The per-event feature columns of ``prefix`` (``ctx_`` or ``num_``) among ``columns``, sorted by
+    name: the order of their features everywhere (Batch, DataInfo)."""
+    return sorted(c for c in columns if c.startswith(prefix) and len(c) > len(prefix))
 
 
 def _first_and_cuts(events: UserEvents, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
@@ -239,3 +263,12 @@ def _first_and_cuts(events: UserEvents, rows: Rows) -> tuple[np.ndarray, np.ndar
 def _take(column: np.ndarray, index: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """column[index] as int64, 0 where mask is False."""
     return torch.from_numpy(np.where(mask, column[index], 0).astype(np.int64))
+
+
+def _take_features(columns: np.ndarray | None, index: np.ndarray, mask: np.ndarray) -> torch.Tensor | None:
+    """columns (N, F)[index] -> (..., F): int64 ids or float32 values, 0 where mask is False; None
+    when the events carry no such features."""
+    if columns is None:
+        return None
+    taken = np.where(mask[..., None], columns[index], 0)
+    return torch.from_numpy(taken.astype(np.int64 if columns.dtype.kind == "i" else np.float32))

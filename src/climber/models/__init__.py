@@ -25,6 +25,11 @@ class DataInfo:
     actions: tuple[str, ...]  # raw action values; dense id = index + 1
     scenarios: tuple[str, ...]  # raw scenario values; dense id = index + 1
     item_features: tuple[tuple[str, int], ...] = ()  # categorical item side columns: (name, vocab size)
+    item_bags: tuple[tuple[str, int, int], ...] = ()  # item_* bags of values: (name, vocab size, longest bag)
+    user_features: tuple[tuple[str, int], ...] = ()  # categorical user_* columns: (name, vocab size)
+    user_bags: tuple[tuple[str, int, int], ...] = ()  # user_* bags of values: (name, vocab size, longest bag)
+    ctx_features: tuple[tuple[str, int], ...] = ()  # per-event categorical ctx_* columns: (name, vocab size)
+    numeric_features: tuple[tuple[str, float, float], ...] = ()  # per-event num_* columns: (name, train mean, std)
 
     @property
     def num_actions(self) -> int:
@@ -39,10 +44,16 @@ class DataInfo:
         """With ``item_rate_buckets`` > 0, one more item feature: the item's train positive rate bucket
         (``RATE_FEATURE``, :func:`item_rate_buckets`)."""
         m = load_manifest(prepared)
-        features = tuple((c, n) for c, n in sorted(m.get("side_columns", {}).items()) if c.startswith(ITEM_PREFIX))
+        side, bags = sorted(m.get("side_columns", {}).items()), sorted(m.get("multi_columns", {}).items())
+        features = tuple((c, n) for c, n in side if c.startswith(ITEM_PREFIX))
         if item_rate_buckets:
             features += ((RATE_FEATURE, item_rate_buckets),)
-        return cls(m["users"], m["items"], tuple(m["actions"]), tuple(m["scenarios"]), features)
+        return cls(m["users"], m["items"], tuple(m["actions"]), tuple(m["scenarios"]), features,
+                   item_bags=tuple((c, b["values"], b["longest"]) for c, b in bags if c.startswith(ITEM_PREFIX)),
+                   user_features=tuple((c, n) for c, n in side if c.startswith(USER_PREFIX)),
+                   user_bags=tuple((c, b["values"], b["longest"]) for c, b in bags if c.startswith(USER_PREFIX)),
+                   ctx_features=tuple((c, n) for c, n in side if c.startswith(CONTEXT_PREFIX)),
+                   numeric_features=tuple((c, v["mean"], v["std"]) for c, v in sorted(m.get("numeric_features", {}).items())))
 
     @property
     def rate_buckets(self) -> int:
@@ -57,7 +68,8 @@ class DataInfo:
     def from_dict(cls, d: dict) -> "DataInfo":
         d = dict(d)
         d["actions"], d["scenarios"] = tuple(d["actions"]), tuple(d["scenarios"])
-        d["item_features"] = tuple((c, n) for c, n in d.get("item_features", ()))
+        for key in ("item_features", "item_bags", "user_features", "user_bags", "ctx_features", "numeric_features"):
+            d[key] = tuple(tuple(x) for x in d.get(key, ()))
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -65,6 +77,8 @@ class DataInfo:
 
 
 ITEM_PREFIX = "item_"  # categorical side columns named item_* are item features (one value per item)
+USER_PREFIX = "user_"  # and user_* ones user features (one value per user)
+CONTEXT_PREFIX = "ctx_"  # and ctx_* ones per-event features (the Batch carries them)
 RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, computed from the train split
 
 
@@ -111,19 +125,43 @@ def train_item_rows(rates, num_items: int) -> torch.Tensor:
 
 
 def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
-    """(num_items + 1, F) int64: each item's value id of each item feature column (its first occurrence
-    in the prepared events; 0 for row 0 and for items never seen with a value); the ``RATE_FEATURE``
-    column, last when present, stays 0 here (``build_model`` fills it)."""
-    import polars as pl
-
+    """(num_items + 1, F) int64: each item's value id of each item feature column (:func:`first_values`);
+    the ``RATE_FEATURE`` column, last when present, stays 0 here (``build_model`` fills it)."""
     columns = [c for c, _ in info.item_features if c != RATE_FEATURE]
     table = torch.zeros(info.num_items + 1, len(info.item_features), dtype=torch.long)
+    table[:, : len(columns)] = first_values(prepared, "item", columns, info.num_items + 1)
+    return table
+
+
+def first_values(prepared, key: str, columns: list[str], rows: int) -> torch.Tensor:
+    """(rows, F) int64: each ``key`` id's (item's or user's) value id of each single-valued feature
+    column, from its first event in the prepared data; 0 for row 0 and for ids never seen with a value."""
+    import polars as pl
+
+    table = torch.zeros(rows, len(columns), dtype=torch.long)
     if columns:
-        first = (pl.scan_parquet(Path(prepared) / "events.parquet").select("item", *columns)
-                 .group_by("item").agg(pl.col(c).first() for c in columns).collect())
-        ids = torch.from_numpy(first["item"].to_numpy().astype("int64"))
-        values = first.select(columns).fill_null(0).to_numpy().astype("int64")
-        table[ids, : len(columns)] = torch.from_numpy(values)
+        first = (pl.scan_parquet(Path(prepared) / "events.parquet").select(key, *columns)
+                 .group_by(key).agg(pl.col(c).first() for c in columns).collect())
+        ids = torch.from_numpy(first[key].to_numpy().astype("int64"))
+        table[ids] = torch.from_numpy(first.select(columns).fill_null(0).to_numpy().astype("int64"))
+    return table
+
+
+def first_bags(prepared, key: str, bags: tuple, rows: int) -> torch.Tensor:
+    """(rows, F, K) int64: each ``key`` id's bag of value ids of each bag column (``bags``: (name, vocab
+    size, longest bag K)), from its first event, right-padded with 0; empty for ids never seen."""
+    import polars as pl
+
+    longest = max((k for *_, k in bags), default=0)
+    table = torch.zeros(rows, len(bags), longest, dtype=torch.long)
+    if bags:
+        columns = [c for c, *_ in bags]
+        first = (pl.scan_parquet(Path(prepared) / "events.parquet").select(key, *columns)
+                 .group_by(key).agg(pl.col(c).first() for c in columns).collect())
+        ids = torch.from_numpy(first[key].to_numpy().astype("int64"))
+        for f, column in enumerate(columns):
+            for row, bag in zip(ids.tolist(), first[column].to_list()):
+                table[row, f, : len(bag or ())] = torch.tensor(bag or [], dtype=torch.long)
     return table
 
 
@@ -185,7 +223,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`),
     and with ``item_vocab="train"`` items without a train event embed as the unknown item
     (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
-    from climber.models.layers import ItemEmbedding
+    from climber.models.layers import ItemEmbedding, UserFeatures
 
     cfg_cls, model_cls = _lookup(name)
     if isinstance(cfg, dict):
@@ -199,10 +237,15 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         tables["feature_ids"] = item_feature_table(prepared, info)
     if info.rate_buckets:  # DataInfo.from_prepared puts the rate feature last
         tables["feature_ids"][:, -1] = item_rate_buckets(rates, info.num_items, info.rate_buckets, rate_min_events)
+    if info.item_bags:
+        tables["bag_ids"] = first_bags(prepared, "item", info.item_bags, info.num_items + 1)
     if item_vocab == "train":
         tables["id_row"] = train_item_rows(rates, info.num_items)
+    user_tables = {"feature_ids": first_values(prepared, "user", [c for c, _ in info.user_features], info.num_users + 1),
+                   "bag_ids": first_bags(prepared, "user", info.user_bags, info.num_users + 1)}
     for module in model.modules():
-        if isinstance(module, ItemEmbedding):
-            for buffer, table in tables.items():
-                getattr(module, buffer).copy_(table)
+        for kind, filled in ((ItemEmbedding, tables), (UserFeatures, user_tables)):
+            if isinstance(module, kind):
+                for buffer, table in filled.items():
+                    getattr(module, buffer).copy_(table)
     return model

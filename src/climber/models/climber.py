@@ -212,7 +212,7 @@ class Climber(nn.Module):
         """Candidate tokens, the same in every block: item + scenario + cand_vec (+ user): (B, C, d)."""
         cand = self.emb.candidate(batch) + self.cand_vec  # (B, C, d)
         if self.cfg.user_embedding:
-            cand = cand + self.emb.user(batch.user)[:, None]
+            cand = cand + self.emb.user_vector(batch)[:, None]
         return cand
 
     def history_tokens(self, b: int, seq: Subsequence) -> torch.Tensor:  # -> (B, L, d), before dropout

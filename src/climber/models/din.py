@@ -143,7 +143,7 @@ class DIN(nn.Module):
         C = c.shape[1]
         interest = self._weights(h, c, mask, batch.cand_mask) @ h  # (B, C, d)
         pooled = masked_mean(h, mask)[:, None].expand(-1, C, -1)  # (B, C, d)
-        user = self.emb.user(batch.user)[:, None].expand(-1, C, -1)  # (B, C, d)
+        user = self.emb.user_vector(batch)[:, None].expand(-1, C, -1)  # (B, C, d)
         x = torch.cat([interest, c, pooled, user], dim=-1)  # (B, C, 4d)
         return self.head(x, batch.cand_mask).squeeze(-1)
 

@@ -94,10 +94,10 @@ class DLRM(nn.Module):
         """The 5 feature vectors of each candidate: (B, C, 5, d) = [user, item, scenario, history, z]."""
         seq = one_history(batch, "DLRM")
         C = batch.cand_item.shape[1]
-        user = self.emb.user(batch.user)[:, None].expand(-1, C, -1)  # (B, C, d)
+        user = self.emb.user_vector(batch)[:, None].expand(-1, C, -1)  # (B, C, d)
         history = masked_mean(self.emb.history(seq), seq.mask)[:, None].expand(-1, C, -1)  # (B, C, d)
         z = self.bottom(dense_features(seq, batch))  # (B, C, d)
-        item, scenario = self.emb.item(batch.cand_item), self.emb.scenario(batch.cand_scenario)  # (B, C, d)
+        item, scenario = self.emb.item(batch.cand_item), self.emb.candidate_scenario(batch)  # (B, C, d)
         return torch.stack([user, item, scenario, history, z], dim=2)
 
     def interact(self, f: torch.Tensor) -> torch.Tensor:

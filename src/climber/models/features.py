@@ -58,8 +58,8 @@ class FeatureTokens(nn.Module):
         recent = F.pad(recent, (0, 0, k - recent.shape[1], 0))  # (B, k, d)
         row = torch.cat([mean[:, None], recent], dim=1)  # (B, 1 + k, d)
         dense = self.dense(dense_features(seq, batch))  # (B, C, d)
-        cand = torch.stack([self.emb.item(batch.cand_item), self.emb.scenario(batch.cand_scenario), dense], dim=2)
-        user = self.emb.user(batch.user)[:, None, None].expand(B, C, 1, self.d)
+        cand = torch.stack([self.emb.item(batch.cand_item), self.emb.candidate_scenario(batch), dense], dim=2)
+        user = self.emb.user_vector(batch)[:, None, None].expand(B, C, 1, self.d)
         return torch.cat([user, cand[:, :, :2], row[:, None].expand(B, C, 1 + k, self.d), cand[:, :, 2:]], dim=2)
 
     def flops(self, candidates: int) -> int:

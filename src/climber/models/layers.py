@@ -406,50 +406,145 @@ class ItemEmbedding(nn.Embedding):
 
     id_dropout: float = 0.0
 
-    def __init__(self, num_items: int, d_model: int, features: tuple = ()):  # features: ((column, vocab size), ...)
+    def __init__(self, num_items: int, d_model: int, features: tuple = (), bags: tuple = ()):
+        # features: ((column, vocab size), ...); bags: ((column, vocab size, longest bag), ...)
         super().__init__(num_items + 1, d_model, padding_idx=0)
-        self.features = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size in features)
-        self.register_buffer("feature_ids", torch.zeros(num_items + 1, len(features), dtype=torch.long))
+        add_side_tables(self, num_items + 1, d_model, features, bags)
         self.register_buffer("id_row", torch.arange(num_items + 1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before id_row (issue 21) were trained with every id on its own row
         state_dict.setdefault(prefix + "id_row", torch.arange(self.num_embeddings))
+        state_dict.setdefault(prefix + "bag_ids", self.bag_ids)  # and from before bags (issue 19) had none
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def side_ids(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., F) side feature value ids
+    def side_ids(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., F) single-valued side feature value ids
         return self.feature_ids[ids]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
         rows = self.id_row[ids]
         if self.training and self.id_dropout:
             rows = torch.where(torch.rand(rows.shape, device=rows.device) < self.id_dropout, 0, rows)
-        out = super().forward(rows)
-        side = self.side_ids(ids)
-        for f, table in enumerate(self.features):
-            out = out + table(side[..., f])
+        return super().forward(rows) + side_vector(self, ids)
+
+
+def add_side_tables(module: nn.Module, rows: int, d_model: int, features: tuple, bags: tuple) -> None:
+    """Give ``module`` the tables of an id's features (an item's or a user's): ``features`` and ``bags``,
+    one embedding table per single-valued feature and per bag feature, and the buffers filled from the
+    data by ``climber.models.build_model`` and saved in checkpoints: ``feature_ids`` (rows, F), each
+    id's value of each feature, and ``bag_ids`` (rows, Fb, K), each id's bag of values, right-padded
+    with 0 (0 = unknown)."""
+    module.features = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size in features)
+    module.bags = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size, _ in bags)
+    module.register_buffer("feature_ids", torch.zeros(rows, len(features), dtype=torch.long))
+    longest = max((k for *_, k in bags), default=0)
+    module.register_buffer("bag_ids", torch.zeros(rows, len(bags), longest, dtype=torch.long))
+
+
+def side_vector(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(...) ids -> (..., d): the sum over ``module``'s features (:func:`add_side_tables`) of their
+    value's vector, a bag's vector being the mean of its values' (zero for an empty bag)."""
+    out = 0.0
+    values = module.feature_ids[ids]  # (..., F)
+    for f, table in enumerate(module.features):
+        out = out + table(values[..., f])
+    bags = module.bag_ids[ids]  # (..., Fb, K)
+    for f, table in enumerate(module.bags):
+        bag = bags[..., f, :]  # (..., K)
+        count = (bag > 0).sum(dim=-1, keepdim=True).clamp(min=1)  # (..., 1)
+        out = out + table(bag).sum(dim=-2) / count  # padding rows are zero
+    return out
+
+
+class EventContext(nn.Module):
+    """An event's context features (per-event ``ctx_*`` value ids and ``num_*`` values): the sum of one
+    vector per ctx feature value and a linear map of the numbers, standardised with the train split's
+    mean and std (``DataInfo.numeric_features``). ``forward(ctx (..., F_ctx), num (..., F_num), mask (...))``
+    -> (..., d), zero at padding (mask False) and where the data has no such features."""
+
+    def __init__(self, info, d_model: int):
+        super().__init__()
+        self.features = nn.ModuleList(nn.Embedding(size + 1, d_model, padding_idx=0) for _, size in info.ctx_features)
+        numeric = info.numeric_features
+        self.numbers = nn.Linear(len(numeric), d_model, bias=False) if numeric else None
+        self.register_buffer("mean", torch.tensor([m for _, m, _ in numeric], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor([s for *_, s in numeric], dtype=torch.float32))
+
+    def forward(self, ctx: torch.Tensor | None, num: torch.Tensor | None, mask: torch.Tensor):
+        out = 0.0
+        if len(self.features):
+            if ctx is None:
+                raise ValueError("the model reads ctx_* features, the batch carries none")
+            for f, table in enumerate(self.features):
+                out = out + table(ctx[..., f])
+        if self.numbers is not None:
+            if num is None:
+                raise ValueError("the model reads num_* features, the batch carries none")
+            out = out + self.numbers((num - self.mean) / self.std) * mask[..., None]  # padding stays zero
         return out
 
 
+class UserFeatures(nn.Module):
+    """The ``user_*`` features of each user id (:func:`add_side_tables`); a user the table lacks (new at
+    serving time) has none. ``forward(user)`` (B,) -> (B, d)."""
+
+    def __init__(self, num_users: int, d_model: int, features: tuple = (), bags: tuple = ()):
+        super().__init__()
+        add_side_tables(self, num_users + 1, d_model, features, bags)
+        self.d = d_model
+
+    def __bool__(self) -> bool:  # whether there is any feature to add
+        return bool(len(self.features) or len(self.bags))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for buffer in ("feature_ids", "bag_ids"):  # checkpoints from before issue 19: no user features
+            state_dict.setdefault(prefix + buffer, getattr(self, buffer))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, user: torch.Tensor) -> torch.Tensor:
+        user = torch.where(user < self.feature_ids.shape[0], user, 0)
+        return side_vector(self, user) + torch.zeros(*user.shape, self.d, device=user.device)
+
+
 class IdEmbeddings(nn.Module):
-    """The id lookup tables of a model, width d: item (with its side features), action, scenario, and
-    with ``user`` a user table. Ids start at 1; 0 is padding and embeds to the zero vector. A history
-    token is item + action + scenario embedding, a candidate token item + scenario (its action is a
-    target, never an input). The tables keep PyTorch's default init until the owner applies ``init_weights``."""
+    """The id lookup tables of a model, width d: item (with its side features), action, scenario, the
+    user's features (``user_*`` columns; :class:`UserFeatures`), and with ``user`` a user id table. Ids
+    start at 1; 0 is padding and embeds to the zero vector. A history token is item + action + scenario
+    embedding, a candidate token item + scenario (its action is a target, never an input).
+
+    Where the user's features go: with ``user`` (models with a user vector: DLRM, DIN, TWIN, Wukong,
+    RankMixer, Climber with ``user_embedding``) they are part of that vector, ``user_vector(batch)``,
+    which the model places; without (the Transformer, HSTU, Climber), they are added to every candidate
+    token. Either way they enter per candidate, never the history, so a user's cached history stays
+    valid whatever the request. The tables keep PyTorch's default init until the owner applies
+    ``init_weights``."""
 
     def __init__(self, info, d_model: int, user: bool = False):  # info: climber.models.DataInfo
         super().__init__()
         if user:
             self.user = nn.Embedding(info.num_users + 1, d_model, padding_idx=0)
-        self.item = ItemEmbedding(info.num_items, d_model, info.item_features)
+        self.item = ItemEmbedding(info.num_items, d_model, info.item_features, info.item_bags)
         self.action = nn.Embedding(info.num_actions + 1, d_model, padding_idx=0)
         self.scenario = nn.Embedding(info.num_scenarios + 1, d_model, padding_idx=0)
+        self.user_features = UserFeatures(info.num_users, d_model, info.user_features, info.user_bags)
+        self.context = EventContext(info, d_model)
 
     def history(self, seq) -> torch.Tensor:  # seq: Subsequence -> (B, L, d)
-        return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario)
+        return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario) + self.context(seq.ctx, seq.num, seq.mask)
 
     def candidate(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
-        return self.item(batch.cand_item) + self.scenario(batch.cand_scenario)
+        tokens = self.item(batch.cand_item) + self.candidate_scenario(batch)
+        if self.user_features and not hasattr(self, "user"):
+            tokens = tokens + self.user_features(batch.user)[:, None]
+        return tokens
+
+    def candidate_scenario(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
+        """Where a candidate is shown: its scenario and its context features (ctx_*, num_*)."""
+        return self.scenario(batch.cand_scenario) + self.context(batch.cand_ctx, batch.cand_num, batch.cand_mask)
+
+    def user_vector(self, batch) -> torch.Tensor:  # batch: Batch -> (B, d), with ``user``: id + features
+        out = self.user(batch.user)
+        return out + self.user_features(batch.user) if self.user_features else out
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

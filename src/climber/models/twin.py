@@ -105,7 +105,7 @@ class TWIN(nn.Module):
         q, k, bias, v, mask = self.project(batch)
         y = self.esu(q, k, bias, v, *self.gsu(q, k, bias, mask))  # (B, C, d)
         C = y.shape[1]
-        user = self.emb.user(batch.user)[:, None].expand(-1, C, -1)  # (B, C, d)
+        user = self.emb.user_vector(batch)[:, None].expand(-1, C, -1)  # (B, C, d)
         return self.head(torch.cat([y, self.emb.candidate(batch), user], dim=-1)).squeeze(-1)
 
     def flops(self, shape: SampleShape) -> int:

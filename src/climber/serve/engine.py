@@ -159,13 +159,17 @@ def _stack(batches: list[Batch]) -> Batch:
     """One-row batches -> one batch: each subsequence left-padded, the candidates right-padded, to the
     longest (the padding's masks are False)."""
     C = max(b.cand_item.shape[1] for b in batches)
-    cands = {f.name: torch.cat([_pad(getattr(b, f.name), C, left=False) for b in batches])
+
+    def joined(parts: list, size: int, left: bool):  # None: a feature the batches do not carry
+        return None if parts[0] is None else torch.cat([_pad(t, size, left=left) for t in parts])
+
+    cands = {f.name: joined([getattr(b, f.name) for b in batches], C, left=False)
              for f in fields(Batch) if f.name.startswith("cand_") or f.name == "label"}
     seqs = []
     for k in range(len(batches[0].seqs)):
         L = max(b.seqs[k].item.shape[1] for b in batches)
-        seqs.append(Subsequence(*(torch.cat([_pad(getattr(b.seqs[k], f.name), L, left=True) for b in batches])
-                                  for f in fields(Subsequence))))
+        seqs.append(Subsequence(**{f.name: joined([getattr(b.seqs[k], f.name) for b in batches], L, left=True)
+                                   for f in fields(Subsequence)}))
     return Batch(user=torch.cat([b.user for b in batches]), seqs=seqs, **cands)
 
 
@@ -237,6 +241,10 @@ class Engine:
             raise ConfigError(f"{name} has no KV-cached path (models with one: {known}) and fallback=False")
         if not (hasattr(model, "strategies") and hasattr(model, "info")):
             raise ConfigError(f"{name} is not a climber model: the engine needs model.strategies() and model.info")
+        context = [c for c, *_ in (*model.info.ctx_features, *model.info.numeric_features)]
+        if context:
+            raise ConfigError(f"this model reads per-event features ({', '.join(context)}), which the service does "
+                              "not take yet (issue 19); train without them to serve (prepare without those columns)")
         self.model = model.eval()
         self.info = model.info
         self._cached = cached
