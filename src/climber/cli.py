@@ -55,7 +55,7 @@ def _with_feature_options(source, args):
     context to derive, the fill of missing numbers."""
     import dataclasses
 
-    from climber.data.readers import join_user_table, parse_separator, read_user_table
+    from climber.data.readers import drop_columns, join_user_table, parse_separator, read_user_table
 
     frame, files = source.frame, source.files
     if args.user_table:
@@ -65,8 +65,14 @@ def _with_feature_options(source, args):
     elif args.user_key != "user" or args.user_separator:
         raise DataError("--user-key / --user-separator go with --user-table")
     multi = tuple(c.strip() for c in (args.multi or "").split(",") if c.strip())
+    single = {c.strip() for c in (args.single or "").split(",") if c.strip()}
     derive = tuple(d.strip() for d in (args.derive or "").split(",") if d.strip())
-    return dataclasses.replace(source, frame=frame, files=files, multi_columns=source.multi_columns + multi,
+    before = set(frame.collect_schema().names())
+    if args.drop:
+        frame = drop_columns(frame, [p.strip() for p in args.drop.split(",") if p.strip()])
+    dropped = before - set(frame.collect_schema().names())
+    bags = tuple(c for c in (*source.multi_columns, *multi) if c not in single | dropped)
+    return dataclasses.replace(source, frame=frame, files=files, multi_columns=bags,
                                multi_separator=args.multi_separator, derive=derive, tz=args.tz, fill=args.fill)
 
 
@@ -497,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--multi", metavar="COLUMN,...",
                     help="item_* / user_* columns whose values are bags (e.g. a film's genres 'Drama|War')")
     pr.add_argument("--multi-separator", default="|", help="between the values of a --multi column (default '|')")
+    pr.add_argument("--single", metavar="COLUMN,...",
+                    help="keep these columns one value (the whole set) where the data set makes them bags, "
+                         "e.g. --single item_genres for MovieLens-100k")
+    pr.add_argument("--drop", metavar="PATTERN,...",
+                    help="feature columns to leave out, by name or pattern, e.g. --drop 'user_*'")
     pr.add_argument("--derive", metavar="hour,weekday",
                     help="per-event time context from ts: ctx_hour (0..23) and / or ctx_weekday (mon..sun)")
     pr.add_argument("--tz", default="UTC", help="IANA time zone of --derive (default UTC), e.g. Asia/Shanghai")

@@ -443,10 +443,12 @@ def test_movielens_100k_item_features(tmp_path, layout):
     want = {items[0]: ("Action|Comedy", "1990s"),
             items[1]: ("unknown", "1930s")}  # no genre flag set / an empty genres field
     for r in ev.iter_rows(named=True):
-        for column, value in zip(("item_genres", "item_decade"), want.get(r["item_raw"], ("unknown", "unknown"))):
-            if r[column]:
-                assert vocab[column][r[column]] == value
-            else:  # 0: a value no train event holds
-                assert value not in vocab[column].values()
-    assert ev["item_genres"].n_unique() > 1  # values were mapped, not all unknown
+        genres, decade = want.get(r["item_raw"], ("unknown", "unknown"))
+        for value, got in zip(genres.split("|"), r["item_genres"], strict=True):  # a bag of genres
+            assert vocab["item_genres"][got] == value if got else value not in vocab["item_genres"].values()
+        if r["item_decade"]:
+            assert vocab["item_decade"][r["item_decade"]] == decade
+        else:  # 0: a value no train event holds
+            assert decade not in vocab["item_decade"].values()
+    assert ev["item_decade"].n_unique() > 1  # values were mapped, not all unknown
     assert len(ev) == len(fixture.rows)

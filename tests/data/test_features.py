@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from climber.cli import main
+from conftest import SHARED_DATA
 
 START = 1_700_000_000  # 2023-11-14T22:13:20Z
 
@@ -113,6 +114,7 @@ def test_missing_numbers_are_refused_unless_filled(tmp_path, capsys):
     (["--derive", "hour,month"], None, "--derive month"),
     (["--derive", "hour", "--tz", "Mars/Olympus"], None, "not a time zone"),
     (["--user-key", "id"], None, "go with --user-table"),
+    (["--drop", "user_*"], None, "--drop 'user_\\*': no feature column matches"),
 ])
 def test_bad_feature_input_is_one_line_and_exit_2(tmp_path, capsys, extra, table, match):
     if table is not None:
@@ -140,3 +142,31 @@ def test_a_log_without_features_prepares_as_before(tmp_path):
     assert rc == 0 and manifest["side_columns"] == {} and "multi_columns" not in manifest
     assert np.array_equal(pl.read_parquet(out / "events.parquet").columns[:7],
                           ["user", "item", "ts", "action", "scenario", "label", "split"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ml-100k" / "u.user").exists(), reason="MovieLens-100k not in ../shared/data")
+def test_movielens_100k_genres_are_a_bag_and_u_user_gives_user_features(tmp_path):
+    full, before = tmp_path / "full", tmp_path / "before"
+    source = ["data", "prepare", "movielens-100k", "--source", str(SHARED_DATA / "ml-100k")]
+    assert main([*source, "--out", str(full)]) == 0
+    assert main([*source, "--out", str(before), "--drop", "user_*", "--single", "item_genres"]) == 0
+    events = pl.read_parquet(full / "events.parquet")
+
+    def raw(column, prepared=full):
+        vocab = pl.read_parquet(prepared / "vocab" / f"{column}.parquet")
+        return dict(zip(vocab["id"], vocab["raw"]))
+
+    genres = raw("item_genres")
+    toy_story = events.filter((pl.col("item_raw") == "1") & (pl.col("split") == "train"))["item_genres"][0]
+    assert [genres[g] for g in toy_story] == ["Animation", "Children's", "Comedy"]
+    first = events.filter(pl.col("user_raw").is_in(["1", "2"])).group_by("user_raw").agg(
+        pl.col("user_age", "user_gender", "user_occupation", "user_zip").first()).sort("user_raw")
+    ages, genders, jobs, zips = raw("user_age"), raw("user_gender"), raw("user_occupation"), raw("user_zip")
+    got = [(ages[r["user_age"]], genders[r["user_gender"]], jobs[r["user_occupation"]], zips[r["user_zip"]])
+           for r in first.iter_rows(named=True)]
+    assert got == [("18-24", "M", "technician", "8"), ("50-55", "F", "other", "9")]  # u.user rows 1 and 2
+    manifest = json.loads((before / "manifest.json").read_text())
+    assert "multi_columns" not in manifest and not any(c.startswith("user_") for c in manifest["side_columns"])
+    assert raw("item_genres", before)[pl.read_parquet(before / "events.parquet").filter(
+        pl.col("item_raw") == "1")["item_genres"][0]] == "Animation|Children's|Comedy"  # one value: the set
+    assert json.loads((full / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]

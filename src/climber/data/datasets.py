@@ -122,7 +122,7 @@ ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "C
 
 
 def _movielens_100k(root: Path) -> RawSource:
-    """``u.data`` ratings; item side features ``item_genres`` (the genre set, e.g. "Action|Thriller") and
+    """``u.data`` ratings; item side features ``item_genres`` (the genre set, a bag: "Action|Thriller") and
     ``item_decade`` from ``u.item`` (original layout) or ``items.csv`` (``item_id,title,year,genres``)
     when one of them is beside it; user features from ``u.user`` when it is beside it
     (:func:`_movielens_100k_users`)."""
@@ -138,7 +138,9 @@ def _movielens_100k(root: Path) -> RawSource:
     if (path.parent / "u.user").exists():
         frame = join_user_table(frame, _movielens_100k_users(path.parent / "u.user"))
         files += (path.parent / "u.user",)
-    return _rated("movielens-100k", frame, files, WHOLE_STARS)
+    source = _rated("movielens-100k", frame, files, WHOLE_STARS)
+    source.multi_columns = ("item_genres",) if items is not None else ()  # a film's genres: a bag
+    return source
 
 
 ML_AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))  # else 56+

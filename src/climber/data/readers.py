@@ -152,3 +152,19 @@ def join_user_table(events: pl.LazyFrame, table: pl.LazyFrame) -> pl.LazyFrame:
     if both:
         raise DataError(f"--user-table: the events already have {', '.join(both)}")
     return events.join(table, on="user", how="left", maintain_order="left")
+
+
+def drop_columns(frame: pl.LazyFrame, patterns: list[str]) -> pl.LazyFrame:
+    """``frame`` without the feature columns matching ``patterns`` (names or shell patterns: 'user_*').
+    A pattern that matches no feature column is refused, naming those there are; the event columns
+    (user, item, ts, ...) cannot be dropped."""
+    import fnmatch
+
+    features = [c for c in frame.collect_schema().names() if feature_kind(c) is not None]
+    gone = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(features, pattern)
+        if not hits:
+            raise DataError(f"--drop {pattern!r}: no feature column matches; the log has {', '.join(features) or 'none'}")
+        gone.update(hits)
+    return frame.drop(sorted(gone))
