@@ -181,3 +181,35 @@ def test_table2_configs_read_the_designed_history(tmp_path):
                                            candidates_per_row=8)))
             for s, seq in zip(strategies, batch.seqs):
                 assert seq.mask.any(), s.name  # every block gets events
+
+
+def test_the_scaling_grid_sweeps_the_tuned_configs_over_two_decades_and_more():
+    """configs/lifelong/scaling.yaml: the three families at their tuned configs, s the history read in
+    all (Climber's blocks keep their shares of 2,000), at least 2 decades of forward FLOPs each."""
+    import itertools
+    import math
+    from pathlib import Path
+
+    from climber.compare import Entry
+    from climber.models import DataInfo, build_model, flops_per_candidate
+    from climber.scaling.sweep import load_grid_preset, parse_grids, point_overrides
+
+    root = Path(__file__).parents[2]
+    preset = load_grid_preset(str(root / "configs" / "lifelong" / "scaling.yaml"))
+    assert preset["blocks"] == "total" and preset["seeds"] >= 2 and "train.epochs=1" in preset["set"]
+    grids = parse_grids(preset["grid"])
+    points = [dict(zip("sld", v)) for v in dict.fromkeys(
+        v for g in grids for v in itertools.product(g["s"], g["l"], g["d"]))]
+    assert max(p["s"] for p in points) == 2048 and max(p["l"] for p in points) == 8
+    info = DataInfo(num_users=10, num_items=100, actions=("skip", "play", "full", "like", "share"),
+                    scenarios=("search", "radio", "daily_mix"))
+    for model in preset["models"]:
+        spec = str(root / model)
+        flops = []
+        for p in points:
+            cfg = Entry.parse(spec).config(point_overrides(spec, p, preset["blocks"]))
+            net = build_model(cfg.model, cfg.model_config, info)
+            if cfg.model == "climber":
+                assert abs(sum(s.length for s in net.strategies()) - p["s"]) <= len(net.strategies()), p
+            flops.append(flops_per_candidate(net, cfg.train.candidates_per_row))
+        assert math.log10(max(flops) / min(flops)) >= 2, model
