@@ -21,7 +21,7 @@ import polars as pl
 
 from climber.compare import Entry, compare
 from climber.config import ConfigError
-from climber.data.schema import DataError, RawSource
+from climber.data.schema import DataError, RawSource, feature_kind
 
 MEMBERS = ("ml100k-side", "ml100k-ids", "ml100k-sparse", "taobao", "synth-sparse")
 SPARSE = {"keep_users": 0.7, "aliases": 5, "seed": 0}
@@ -29,9 +29,17 @@ SYNTH_SPARSE = {"users": 2000, "events_per_user": 50, "items": 20000, "topics": 
 
 
 def ids_only(source: RawSource) -> RawSource:
-    """``source`` without its item side features (the ``item_*`` columns)."""
-    keep = [c for c in source.frame.collect_schema().names() if not c.startswith("item_")]
-    return dataclasses.replace(source, name=f"{source.name} (ids only)", frame=source.frame.select(keep))
+    """``source`` without its features (the ``item_*``, ``user_*``, ``ctx_*`` and ``num_*`` columns)."""
+    keep = [c for c in source.frame.collect_schema().names() if feature_kind(c) is None]
+    return dataclasses.replace(source, name=f"{source.name} (ids only)", frame=source.frame.select(keep),
+                               multi_columns=())
+
+
+def item_features_only(source: RawSource) -> RawSource:
+    """``source`` as the suite fixed ``ml100k-side`` (before issue 19): its item side features, each one
+    value (MovieLens-100k's genre set as one value, not a bag), no user features."""
+    keep = [c for c in source.frame.collect_schema().names() if feature_kind(c) in (None, "item")]
+    return dataclasses.replace(source, frame=source.frame.select(keep), multi_columns=())
 
 
 def item_sparse(source: RawSource, keep_users: float, aliases: int, seed: int) -> RawSource:
@@ -70,7 +78,7 @@ def build_member(name: str, out: Path, ml100k: Path, taobao: Path, log=print) ->
     if name == "taobao":
         source = load_dataset("taobao-userbehavior", taobao)
     else:
-        source = load_dataset("movielens-100k", ml100k)
+        source = item_features_only(load_dataset("movielens-100k", ml100k))
         if name == "ml100k-ids":
             source = ids_only(source)
         elif name == "ml100k-sparse":
