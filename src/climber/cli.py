@@ -64,16 +64,18 @@ def _with_feature_options(source, args):
         files += (Path(args.user_table),)
     elif args.user_key != "user" or args.user_separator:
         raise DataError("--user-key / --user-separator go with --user-table")
-    multi = tuple(c.strip() for c in (args.multi or "").split(",") if c.strip())
-    single = {c.strip() for c in (args.single or "").split(",") if c.strip()}
-    derive = tuple(d.strip() for d in (args.derive or "").split(",") if d.strip())
     before = set(frame.collect_schema().names())
     if args.drop:
-        frame = drop_columns(frame, [p.strip() for p in args.drop.split(",") if p.strip()])
+        frame = drop_columns(frame, _names(args.drop))
     dropped = before - set(frame.collect_schema().names())
-    bags = tuple(c for c in (*source.multi_columns, *multi) if c not in single | dropped)
-    return dataclasses.replace(source, frame=frame, files=files, multi_columns=bags,
-                               multi_separator=args.multi_separator, derive=derive, tz=args.tz, fill=args.fill)
+    bags = tuple(c for c in (*source.multi_columns, *_names(args.multi)) if c not in {*_names(args.single), *dropped})
+    return dataclasses.replace(source, frame=frame, files=files, multi_columns=bags, multi_separator=args.multi_separator,
+                               derive=tuple(_names(args.derive)), tz=args.tz, fill=args.fill)
+
+
+def _names(text: str | None) -> list[str]:
+    """A comma separated option's names, stripped, empty ones left out ([] when the option is not given)."""
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
 
 
 def _print_manifest(m: dict, where) -> None:
@@ -254,8 +256,8 @@ def _floor(args) -> None:
 def _robustness(args) -> None:
     from climber.robustness import MEMBERS, run_suite
 
-    members = [m.strip() for m in (args.members or ",".join(MEMBERS)).split(",") if m.strip()]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    members = _names(args.members or ",".join(MEMBERS))
+    models = _names(args.models)
     run_suite(Path(args.out), models, args.seeds, members, Path(args.ml100k), Path(args.taobao), _overrides(args),
               _command_line("robustness"))
     print(f"wrote {Path(args.out) / 'robustness.md'}")
@@ -299,7 +301,7 @@ def _scale_sweep(args) -> None:
     grid_text = args.grid or preset.get("grid")
     if not grid_text:
         raise ConfigError("scale sweep: give --grid (e.g. \"s=64,128;l=1,2;d=64\") or --preset (cpu, gpu or a YAML file)")
-    models = [m.strip() for m in models_text.split(",") if m.strip()]
+    models = _names(models_text)
     command = _command_line("scale sweep")
     sweep(Path(args.data), models, parse_grids(grid_text), Path(args.out), [*preset.get("set", []), *(args.set or [])],
           command, seeds=args.seeds or preset.get("seeds", 1), blocks=args.blocks or preset.get("blocks", "each"))

@@ -40,7 +40,6 @@ from climber.data.batch import Batch
 from climber.data.prepare import load_manifest
 from climber.data.samples import (
     COLUMNS,
-    CONTEXT_PREFIX,
     SPLITS,
     UserEvents,
     check_mode,
@@ -52,7 +51,7 @@ from climber.data.samples import (
     history_lengths,
     make_rows,
 )
-from climber.data.schema import NUMERIC_PREFIX, DataError
+from climber.data.schema import DataError
 from climber.data.sequences import Strategy, resolve
 
 READ_BATCH_ROWS = 1 << 16  # rows per parquet record batch while reading a chunk
@@ -243,8 +242,8 @@ def _user_split_counts(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def event_features(manifest: dict) -> list[str]:
     """The per-event feature columns (``ctx_*``, ``num_*``) of a prepared dir, in their Batch order."""
-    return [*event_feature_columns(manifest.get("side_columns", {}), CONTEXT_PREFIX),
-            *event_feature_columns(manifest.get("numeric_features", {}), NUMERIC_PREFIX)]
+    return [*event_feature_columns(manifest.get("side_columns", {}), "ctx"),
+            *event_feature_columns(manifest.get("numeric_features", {}), "num")]
 
 
 def _read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: Sequence[str] = COLUMNS) -> pa.Table:

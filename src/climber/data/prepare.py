@@ -266,10 +266,11 @@ def _map_features(source: RawSource, root: Path, features: list[str], numeric: l
     for col in features:
         text = pl.col(col).str.strip_chars()
         if col in source.multi_columns:
-            tokens = train.select(text.str.split(sep).explode().str.strip_chars().alias(col))
-            vocab = _vocab(tokens.filter(pl.col(col).is_not_null() & (pl.col(col) != "")), col)
-            ids = (text.str.split(sep).list.eval(pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != "")
-                   .replace_strict(vocab["raw"], vocab["id"], default=0, return_dtype=pl.Int32)).fill_null([]))
+            bag = text.str.split(sep).list.eval(pl.element().str.strip_chars()).list.eval(pl.element().filter(
+                pl.element() != ""))  # the bag's values, empty ones left out; null for a missing field
+            vocab = _vocab(train.select(bag.explode().alias(col)).drop_nulls(), col)
+            ids = bag.list.eval(pl.element().replace_strict(vocab["raw"], vocab["id"], default=0,
+                                                            return_dtype=pl.Int32)).fill_null([])
             multi[col] = vocab.height
         else:
             vocab = _vocab(train.filter(text.is_not_null() & (text != "")).select(text.alias(col)), col)
@@ -282,8 +283,7 @@ def _map_features(source: RawSource, root: Path, features: list[str], numeric: l
     for col in numeric:
         number = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
         number = pl.when(number.is_nan()).then(None).otherwise(number)
-        row = train.select(number.mean().alias("mean"), number.std(ddof=0).alias("std"),
-                           number.null_count().alias("missing")).collect().row(0, named=True)
+        row = train.select(number.mean().alias("mean"), number.std(ddof=0).alias("std")).collect().row(0, named=True)
         mean = row["mean"] if row["mean"] is not None else 0.0
         std = row["std"] if row["std"] else 1.0  # a constant (or empty) column: standardised to 0
         fill = {"zero": 0.0, "mean": mean}.get(source.fill, 0.0)  # without --fill validate refused gaps

@@ -114,19 +114,19 @@ def scan_table(
 _KNOWN_TARGETS = {"user", "item", "ts", "action", "scenario", "label"}
 
 
-def read_user_table(path: Path, key: str, separator: str = ",", names: list[str] | None = None) -> pl.LazyFrame:
-    """A user table (CSV/TSV/Parquet, one row per user) as ``user`` + ``user_*`` text columns, to join
-    on the events' raw user id: ``key`` is the user id column; every other column is a user feature,
-    named ``user_<column>`` unless it already starts with ``user_``. ``names``: the columns of a
-    headerless file. A key given twice or empty is refused, naming the rows."""
+def read_user_table(path: Path, key: str, separator: str = ",") -> pl.LazyFrame:
+    """A user table (CSV/TSV/Parquet with a header, one row per user) as ``user`` + ``user_*`` text
+    columns, to join on the events' raw user id: ``key`` is the user id column; every other column is a
+    user feature, named ``user_<column>`` unless it already starts with ``user_``. A key given twice or
+    empty is refused, naming the rows."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"--user-table {path}: file not found")
     if path.suffix == ".parquet":
         frame = pl.scan_parquet(path).with_row_index(ROW_COLUMN, offset=1)
     else:
-        frame = pl.scan_csv(path, separator=separator, has_header=names is None, new_columns=names,
-                            infer_schema=False, row_index_name=ROW_COLUMN, row_index_offset=1 if names else 2)
+        frame = pl.scan_csv(path, separator=separator, infer_schema=False, row_index_name=ROW_COLUMN,
+                            row_index_offset=2)  # the file's line number
     columns = [c for c in frame.collect_schema().names() if c != ROW_COLUMN]
     if key not in columns:
         raise DataError(f"--user-table {path}: no column {key!r} (--user-key); the file has {', '.join(columns)}")

@@ -24,13 +24,12 @@ import torch
 from climber.config import ConfigError
 from climber.data.batch import Batch, Subsequence
 from climber.data.prepare import SPLIT_CODES
-from climber.data.schema import NUMERIC_PREFIX, DataError
+from climber.data.schema import DataError, feature_kind
 from climber.data.sequences import ResolvedStrategy, Selector
 
 SPLITS = tuple(SPLIT_CODES)  # ("train", "val", "test"), codes 0, 1, 2
 MODES = ("multi", "single")
 COLUMNS = ("user", "item", "action", "scenario", "ts", "label", "split")  # what samples read (+ ctx_*, num_*)
-CONTEXT_PREFIX = "ctx_"  # per-event categorical features
 
 
 def check_split(split: str) -> None:
@@ -92,8 +91,8 @@ class UserEvents:
             ts=column("ts", np.int64),
             label=column("label", np.int8),
             split=split_codes(table.column("split")),
-            ctx=_stack(table, CONTEXT_PREFIX, np.int32),
-            num=_stack(table, NUMERIC_PREFIX, np.float32),
+            ctx=_stack(table, "ctx", np.int32),
+            num=_stack(table, "num", np.float32),
         )
         events._check_order()
         return events
@@ -240,18 +239,18 @@ def collate(events: UserEvents, rows: Rows, resolved: Sequence[ResolvedStrategy]
     )
 
 
-def _stack(table: pa.Table, prefix: str, dtype) -> np.ndarray | None:
-    """(N, F) the table's columns named ``prefix``* (sorted by name), or None without any."""
-    names = event_feature_columns(table.column_names, prefix)
+def _stack(table: pa.Table, kind: str, dtype) -> np.ndarray | None:
+    """(N, F) the table's per-event feature columns of ``kind`` (sorted by name), or None without any."""
+    names = event_feature_columns(table.column_names, kind)
     if not names:
         return None
     return np.stack([table.column(c).to_numpy().astype(dtype, copy=False) for c in names], axis=1)
 
 
-def event_feature_columns(columns: Sequence[str], prefix: str) -> list[str]:
-    """The per-event feature columns of ``prefix`` (``ctx_`` or ``num_``) among ``columns``, sorted by
-    name: the order of their features everywhere (Batch, DataInfo)."""
-    return sorted(c for c in columns if c.startswith(prefix) and len(c) > len(prefix))
+def event_feature_columns(columns: Sequence[str], kind: str) -> list[str]:
+    """The per-event feature columns of ``kind`` ("ctx" or "num", ``feature_kind``) among ``columns``,
+    sorted by name: the order of their features everywhere (Batch, DataInfo)."""
+    return sorted(c for c in columns if feature_kind(c) == kind)
 
 
 def _first_and_cuts(events: UserEvents, rows: Rows) -> tuple[np.ndarray, np.ndarray]:

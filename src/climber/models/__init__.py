@@ -14,6 +14,7 @@ import torch
 
 from climber.config import ConfigError
 from climber.data.prepare import load_manifest
+from climber.data.schema import feature_kind
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,17 @@ class DataInfo:
         (``RATE_FEATURE``, :func:`item_rate_buckets`)."""
         m = load_manifest(prepared)
         side, bags = sorted(m.get("side_columns", {}).items()), sorted(m.get("multi_columns", {}).items())
-        features = tuple((c, n) for c, n in side if c.startswith(ITEM_PREFIX))
-        if item_rate_buckets:
-            features += ((RATE_FEATURE, item_rate_buckets),)
+
+        def singles(kind):  # (name, vocab size) of the single-valued feature columns of ``kind``
+            return tuple((c, n) for c, n in side if feature_kind(c) == kind)
+
+        def bags_of(kind):  # (name, vocab size, longest bag) of the bag columns of ``kind``
+            return tuple((c, b["values"], b["longest"]) for c, b in bags if feature_kind(c) == kind)
+
+        features = singles("item") + (((RATE_FEATURE, item_rate_buckets),) if item_rate_buckets else ())
         return cls(m["users"], m["items"], tuple(m["actions"]), tuple(m["scenarios"]), features,
-                   item_bags=tuple((c, b["values"], b["longest"]) for c, b in bags if c.startswith(ITEM_PREFIX)),
-                   user_features=tuple((c, n) for c, n in side if c.startswith(USER_PREFIX)),
-                   user_bags=tuple((c, b["values"], b["longest"]) for c, b in bags if c.startswith(USER_PREFIX)),
-                   ctx_features=tuple((c, n) for c, n in side if c.startswith(CONTEXT_PREFIX)),
+                   item_bags=bags_of("item"), user_features=singles("user"), user_bags=bags_of("user"),
+                   ctx_features=singles("ctx"),
                    numeric_features=tuple((c, v["mean"], v["std"]) for c, v in sorted(m.get("numeric_features", {}).items())))
 
     @property
@@ -76,9 +80,6 @@ class DataInfo:
         return dataclasses.asdict(self)
 
 
-ITEM_PREFIX = "item_"  # categorical side columns named item_* are item features (one value per item)
-USER_PREFIX = "user_"  # and user_* ones user features (one value per user)
-CONTEXT_PREFIX = "ctx_"  # and ctx_* ones per-event features (the Batch carries them)
 RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, computed from the train split
 
 
@@ -124,45 +125,29 @@ def train_item_rows(rates, num_items: int) -> torch.Tensor:
     return rows
 
 
-def item_feature_table(prepared, info: DataInfo) -> torch.Tensor:
-    """(num_items + 1, F) int64: each item's value id of each item feature column (:func:`first_values`);
-    the ``RATE_FEATURE`` column, last when present, stays 0 here (``build_model`` fills it)."""
-    columns = [c for c, _ in info.item_features if c != RATE_FEATURE]
-    table = torch.zeros(info.num_items + 1, len(info.item_features), dtype=torch.long)
-    table[:, : len(columns)] = first_values(prepared, "item", columns, info.num_items + 1)
-    return table
-
-
-def first_values(prepared, key: str, columns: list[str], rows: int) -> torch.Tensor:
-    """(rows, F) int64: each ``key`` id's (item's or user's) value id of each single-valued feature
-    column, from its first event in the prepared data; 0 for row 0 and for ids never seen with a value."""
+def first_features(prepared, key: str, columns: list[str], bags: tuple, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each ``key`` id's (item's or user's) feature values, from its first event in the prepared data,
+    in one read: (rows, F) int64 value ids of the single-valued ``columns``, and (rows, Fb, K) int64 bags
+    of the bag columns ``bags`` ((name, vocab size, longest bag K), ...), right-padded with 0. Row 0 and
+    ids never seen with a value are 0 (unknown) or an empty bag."""
     import polars as pl
 
-    table = torch.zeros(rows, len(columns), dtype=torch.long)
+    bag_columns = [c for c, *_ in bags]
+    values = torch.zeros(rows, len(columns), dtype=torch.long)
+    bag_ids = torch.zeros(rows, len(bags), max((k for *_, k in bags), default=0), dtype=torch.long)
+    if not columns and not bags:
+        return values, bag_ids
+    first = (pl.scan_parquet(Path(prepared) / "events.parquet").select(key, *columns, *bag_columns)
+             .group_by(key).agg(pl.col(c).first() for c in (*columns, *bag_columns)).collect())
+    ids = torch.from_numpy(first[key].to_numpy().astype("int64"))
     if columns:
-        first = (pl.scan_parquet(Path(prepared) / "events.parquet").select(key, *columns)
-                 .group_by(key).agg(pl.col(c).first() for c in columns).collect())
-        ids = torch.from_numpy(first[key].to_numpy().astype("int64"))
-        table[ids] = torch.from_numpy(first.select(columns).fill_null(0).to_numpy().astype("int64"))
-    return table
-
-
-def first_bags(prepared, key: str, bags: tuple, rows: int) -> torch.Tensor:
-    """(rows, F, K) int64: each ``key`` id's bag of value ids of each bag column (``bags``: (name, vocab
-    size, longest bag K)), from its first event, right-padded with 0; empty for ids never seen."""
-    import polars as pl
-
-    longest = max((k for *_, k in bags), default=0)
-    table = torch.zeros(rows, len(bags), longest, dtype=torch.long)
-    if bags:
-        columns = [c for c, *_ in bags]
-        first = (pl.scan_parquet(Path(prepared) / "events.parquet").select(key, *columns)
-                 .group_by(key).agg(pl.col(c).first() for c in columns).collect())
-        ids = torch.from_numpy(first[key].to_numpy().astype("int64"))
-        for f, column in enumerate(columns):
-            for row, bag in zip(ids.tolist(), first[column].to_list()):
-                table[row, f, : len(bag or ())] = torch.tensor(bag or [], dtype=torch.long)
-    return table
+        values[ids] = torch.from_numpy(first.select(columns).fill_null(0).to_numpy().astype("int64"))
+    for f, column in enumerate(bag_columns):  # one (id, position, value) row per bag element
+        flat = (first.select(key, column).explode(column).drop_nulls(column)
+                .with_columns(pl.int_range(pl.len()).over(key).alias("position")))
+        at = [torch.from_numpy(flat[c].to_numpy().astype("int64")) for c in (key, "position", column)]
+        bag_ids[at[0], f, at[1]] = at[2]
+    return values, bag_ids
 
 
 @dataclass(frozen=True)
@@ -231,18 +216,17 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     model = model_cls(cfg, info)
     if prepared is None:
         return model
-    tables = {}
     rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" else None
-    if info.item_features:
-        tables["feature_ids"] = item_feature_table(prepared, info)
+    columns = [c for c, _ in info.item_features if c != RATE_FEATURE]  # the rate feature, last when present
+    values, bags = first_features(prepared, "item", columns, info.item_bags, info.num_items + 1)
+    tables = {"feature_ids": torch.cat([values, torch.zeros(info.num_items + 1, int(bool(info.rate_buckets)),
+                                                            dtype=torch.long)], dim=1), "bag_ids": bags}
     if info.rate_buckets:  # DataInfo.from_prepared puts the rate feature last
         tables["feature_ids"][:, -1] = item_rate_buckets(rates, info.num_items, info.rate_buckets, rate_min_events)
-    if info.item_bags:
-        tables["bag_ids"] = first_bags(prepared, "item", info.item_bags, info.num_items + 1)
     if item_vocab == "train":
         tables["id_row"] = train_item_rows(rates, info.num_items)
-    user_tables = {"feature_ids": first_values(prepared, "user", [c for c, _ in info.user_features], info.num_users + 1),
-                   "bag_ids": first_bags(prepared, "user", info.user_bags, info.num_users + 1)}
+    user_tables = dict(zip(("feature_ids", "bag_ids"), first_features(
+        prepared, "user", [c for c, _ in info.user_features], info.user_bags, info.num_users + 1)))
     for module in model.modules():
         for kind, filled in ((ItemEmbedding, tables), (UserFeatures, user_tables)):
             if isinstance(module, kind):
