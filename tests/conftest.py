@@ -41,3 +41,25 @@ def perturb_parameters(model: nn.Module, seed: int) -> nn.Module:
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                 m.weight[m.padding_idx].zero_()
     return model
+
+
+def prepare_feature_log(root: Path) -> Path:
+    """A small log with every kind of feature, prepared into ``root / "prep"``: an item bag (item_tags),
+    per-event context (ctx_device; ctx_hour derived from ts, UTC), a number (num_price), and a user table
+    (user_age; the bag user_likes) that lacks user u9."""
+    from climber.cli import main
+
+    lines = ["uid,item,ts,action,item_tags,ctx_device,num_price"]
+    for u in range(10):
+        for k in range(14):
+            tags = ["x|y", "y", "z|x|w"][(u + k) % 3]
+            lines.append(f"u{u},i{(u + 2 * k) % 12},{1_700_000_000 + 3_600 * (u * 20 + k)},{1 + (u * k) % 5},{tags},"
+                         f"{['ios', 'web', 'tv'][(u * k) % 3]},{(u + k) % 7 * 1.5}")
+    (root / "log.csv").write_text("\n".join(lines) + "\n")
+    (root / "users.csv").write_text("uid,age,likes\n" + "".join(f"u{u},{u % 3},{'a|b' if u % 2 else 'c'}\n"
+                                                             for u in range(9)))
+    out = root / "prep"
+    assert main(["data", "prepare", str(root / "log.csv"), "--columns", "user=uid", "--label", "action>=4",
+                 "--user-table", str(root / "users.csv"), "--user-key", "uid", "--multi", "item_tags,user_likes",
+                 "--derive", "hour", "--out", str(out)]) == 0
+    return out

@@ -13,7 +13,7 @@ import torch
 from climber.cli import main
 from climber.models import DataInfo, build_model, model_names
 from climber.models.layers import ItemEmbedding, UserFeatures
-from conftest import TINY
+from conftest import TINY, prepare_feature_log
 import helpers
 
 INFO = dataclasses.replace(helpers.INFO, item_bags=(("item_tags", 4, 3),), user_features=(("user_age", 3),),
@@ -22,21 +22,7 @@ INFO = dataclasses.replace(helpers.INFO, item_bags=(("item_tags", 4, 3),), user_
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    lines = ["uid,item,ts,action,item_tags,ctx_device,num_price"]
-    for u in range(10):
-        for k in range(14):
-            tags = ["x|y", "y", "z|x|w"][(u + k) % 3]
-            lines.append(f"u{u},i{(u + 2 * k) % 12},{1_700_000_000 + 3_600 * (u * 20 + k)},{1 + (u * k) % 5},{tags},"
-                         f"{['ios', 'web', 'tv'][(u * k) % 3]},{(u + k) % 7 * 1.5}")
-    (root / "log.csv").write_text("\n".join(lines) + "\n")
-    (root / "users.csv").write_text("uid,age,likes\n" + "".join(f"u{u},{u % 3},{'a|b' if u % 2 else 'c'}\n"
-                                                             for u in range(9)))
-    out = root / "prep"
-    assert main(["data", "prepare", str(root / "log.csv"), "--columns", "user=uid", "--label", "action>=4",
-                 "--user-table", str(root / "users.csv"), "--user-key", "uid", "--multi", "item_tags,user_likes",
-                 "--derive", "hour", "--out", str(out)]) == 0
-    return out
+    return prepare_feature_log(tmp_path_factory.mktemp("features"))
 
 
 def test_the_tables_hold_each_users_and_items_values(prepared):
@@ -157,12 +143,3 @@ def test_context_enters_tokens_standardised_and_a_candidates_own_context_moves_o
     assert not torch.isclose(before[0, 0], after[0, 0])
     torch.testing.assert_close(before[0, 1:], after[0, 1:])  # candidates never see each other
     torch.testing.assert_close(before[1:], after[1:])
-
-
-def test_serving_refuses_a_model_that_reads_per_event_features(prepared):
-    from climber.config import ConfigError
-    from climber.serve.engine import Engine
-
-    model = build_model("climber", {"d_model": 8, "n_heads": 2}, DataInfo.from_prepared(prepared), prepared=prepared)
-    with pytest.raises(ConfigError, match="ctx_device, ctx_hour, num_price"):
-        Engine(model)

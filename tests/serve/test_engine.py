@@ -5,6 +5,7 @@ bounded in bytes; errors on bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -19,7 +20,7 @@ from climber.data.schema import DataError
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
 from climber.models.layers import ItemEmbedding, UserFeatures
-from climber.serve.engine import Engine, UserHistory
+from climber.serve.engine import Engine, RequestFeatures, UserHistory
 from conftest import perturb_parameters
 
 INFO = DataInfo(num_users=20, num_items=50, actions=("click", "like", "skip"), scenarios=("home", "search", "radio"),
@@ -58,11 +59,11 @@ def close(a, b, tol=1e-5):
     return torch.allclose(a, b, atol=tol, rtol=tol)
 
 
-def build(name: str, cfg: dict, seed: int = 0) -> nn.Module:
+def build(name: str, cfg: dict, seed: int = 0, info: DataInfo = INFO) -> nn.Module:
     """The tiny model with every parameter perturbed (non-trivial biases and temperatures), in eval mode;
     items get random topics and tag bags, users random ages and bags, some values unknown (0)."""
     torch.manual_seed(seed)
-    model = build_model(name, cfg, INFO)
+    model = build_model(name, cfg, info)
     for m in model.modules():
         if isinstance(m, (ItemEmbedding, UserFeatures)):
             m.feature_ids[1:] = torch.randint(0, 4, m.feature_ids[1:].shape)
@@ -90,10 +91,11 @@ def random_candidates(C: int, seed: int, after: int):
             after + np.cumsum(rng.integers(0, 4000, C)))
 
 
-def pipeline_batch(model, h: UserHistory, item, scenario, ts, pad: int = 0) -> Batch:
+def pipeline_batch(model, h: UserHistory, item, scenario, ts, pad: int = 0, features=None) -> Batch:
     """Written out: per strategy the most recent ``length`` events before the candidates that match it
     (window: within window_s of the first candidate), left-padded by ``pad`` more slots (at least one
-    slot in all); the candidates in one row."""
+    slot in all), with their ctx / num features where the history has some; the candidates in one row,
+    with ``features``' ctx and num (its user features are not written out here)."""
 
     def matches(s, i: int) -> bool:
         return {
@@ -109,16 +111,23 @@ def pipeline_batch(model, h: UserHistory, item, scenario, ts, pad: int = 0) -> B
         chosen = [i for i in range(len(h)) if matches(s, i)][-s.length:]
         L = max(1, len(chosen) + pad)
         fields = []
-        for column in (h.item, h.action, h.scenario, h.ts):
-            t = torch.zeros(1, L, dtype=torch.long)
-            t[0, L - len(chosen):] = torch.as_tensor(column[chosen], dtype=torch.long)
+        for column in (h.item, h.action, h.scenario, h.ts, h.ctx, h.num):
+            if column.ndim == 2 and not column.shape[1]:
+                fields.append(None)
+                continue
+            t = torch.zeros(1, L, *column.shape[1:], dtype=torch.as_tensor(column).dtype)
+            t[0, L - len(chosen):] = torch.as_tensor(column[chosen])
             fields.append(t)
-        seqs.append(Subsequence(*fields, mask=torch.arange(L)[None] >= L - len(chosen)))
+        seqs.append(Subsequence(*fields[:4], mask=torch.arange(L)[None] >= L - len(chosen), ctx=fields[4],
+                                num=fields[5]))
     C = len(item)
+    given = features or RequestFeatures()
     return Batch(user=torch.tensor([h.user]), seqs=seqs, cand_item=torch.as_tensor(item)[None],
                  cand_scenario=torch.as_tensor(scenario)[None], cand_ts=torch.as_tensor(ts)[None],
                  cand_mask=torch.ones(1, C, dtype=torch.bool), label=torch.zeros(1, C),
-                 cand_action=torch.zeros(1, C, dtype=torch.long))
+                 cand_action=torch.zeros(1, C, dtype=torch.long),
+                 cand_ctx=None if given.ctx is None else torch.as_tensor(given.ctx)[None],
+                 cand_num=None if given.num is None else torch.as_tensor(given.num, dtype=torch.float32)[None])
 
 
 def assert_scores_equal_the_model(engine, cache, h: UserHistory, seeds=(0, 1, 2), sizes=(1, 4, 7)):
@@ -366,3 +375,119 @@ def test_a_trained_run_serves_its_offline_test_scores(tiny_synth, tmp_path):
         got = pl.DataFrame({"item": test["item"], "logit": scores.numpy()}).sort("item")
         assert got["item"].to_list() == expected["item"].to_list()
         np.testing.assert_allclose(got["logit"].to_numpy(), expected["logit"].to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+# --- per-event context, numbers and user features given with a request (issue 19) ---
+
+INFO_FEATURES = dataclasses.replace(INFO, ctx_features=(("ctx_device", 3), ("ctx_hour", 24)),
+                                    numeric_features=(("num_price", 5.0, 2.0),))
+FEATURE_MODELS = [CACHED[0], CACHED[7], CACHED[8], CACHED[9], CACHED[10], *FALLBACK,
+                  ("dlrm", dict(d_model=8, max_len=6)), ("twin", dict(d_model=8, max_len=6)),
+                  ("wukong", dict(d_model=8, max_len=6))]
+feature_case = pytest.mark.parametrize("name,cfg", FEATURE_MODELS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FEATURE_MODELS)])
+
+
+def with_features(h: UserHistory, seed: int) -> UserHistory:
+    """``h`` with random ctx ids (some unknown: 0) and prices."""
+    rng = np.random.default_rng(seed)
+    n = len(h)
+    return dataclasses.replace(h, ctx=np.stack([rng.integers(0, 4, n), rng.integers(0, 25, n)], axis=1),
+                               num=rng.normal(5, 2, (n, 1)))
+
+
+def candidate_features(C: int, seed: int) -> RequestFeatures:
+    rng = np.random.default_rng(seed)
+    return RequestFeatures(ctx=np.stack([rng.integers(0, 4, C), rng.integers(0, 25, C)], axis=1),
+                           num=rng.normal(5, 2, (C, 1)))
+
+
+@feature_case
+def test_features_reach_the_scores_which_equal_the_model_and_the_cache_holds_no_request_context(name, cfg):
+    """Histories with per-event ctx / num, candidates with their own: scores equal model(batch) for the
+    pipeline's batch, cached or recomputed, before and after an append. One cache serves requests of
+    different contexts (its K/V are the same objects afterwards), and the context changes the scores."""
+    engine = Engine(build(name, cfg, info=INFO_FEATURES))
+    for n in (0, 3, 20):
+        h = with_features(random_events(n, seed=n), seed=n)
+        cache = engine.encode_user(h)
+        blocks = [None if b is None else [t for kv in b.kv for t in kv] for b in cache.blocks]
+        for seed, C in ((0, 1), (1, 4), (2, 7)):
+            item, scenario, ts = random_candidates(C, seed, after=int(h.ts[-1]) if n else 10**6)
+            for context in (candidate_features(C, seed), candidate_features(C, seed + 10)):
+                got = engine.score(cache, item, scenario, ts, context)
+                with torch.no_grad():
+                    want = engine.model(pipeline_batch(engine.model, h, item, scenario, ts, pad=seed,
+                                                       features=context))[0]
+                assert close(got, want), (got, want)
+            other = engine.score(cache, item, scenario, ts, candidate_features(C, seed + 10))
+            assert not close(got, engine.score(cache, item, scenario, ts, candidate_features(C, seed))) or C == 0
+            assert close(other, got)
+        kept = [None if b is None else [t for kv in b.kv for t in kv] for b in cache.blocks]
+        assert all(a is None or all(x is y for x, y in zip(a, b)) for a, b in zip(blocks, kept))
+    new = with_features(random_events(4, seed=9, t0=int(h.ts[-1])), seed=9)
+    latest, full = engine.append(cache, new), h.concat(new)
+    item, scenario, ts = random_candidates(5, 3, after=int(full.ts[-1]))
+    context = candidate_features(5, 3)
+    with torch.no_grad():
+        want = engine.model(pipeline_batch(engine.model, full, item, scenario, ts, features=context))[0]
+    assert close(engine.score(latest, item, scenario, ts, context), want)
+
+
+@feature_case
+def test_user_features_given_with_a_request_replace_the_stored_profile(name, cfg):
+    """Scores with user features given by name equal the scores of the same model whose stored profile
+    holds those values; a feature not named keeps its stored value; batched with requests that give
+    none, each scores as alone; the cached history is the same for every request."""
+    model = build(name, cfg, info=INFO_FEATURES)
+    engine = Engine(model)
+    h = with_features(random_events(12, seed=1), seed=1)
+    cache = engine.encode_user(h)
+    item, scenario, ts = random_candidates(6, 0, after=int(h.ts[-1]))
+    context = candidate_features(6, 0)
+    stored = engine.score(cache, item, scenario, ts, context)
+    given = dataclasses.replace(context, user={"user_likes": [2, 5, 6, 1]})  # longer than the stored bags
+    got = engine.score(cache, item, scenario, ts, given)
+    assert not close(got, stored)
+    profiled = build(name, cfg, info=INFO_FEATURES)
+    profiles = engine.profiles
+    twin_profiles = Engine(profiled).profiles
+    with torch.no_grad():  # the request's bag as the stored one: the table is widened to hold it
+        twin_profiles.bag_ids = torch.nn.functional.pad(profiles.bag_ids, (0, 2)).clone()
+        twin_profiles.bag_ids[h.user, 0] = torch.tensor([2, 5, 6, 1, 0, 0])[:twin_profiles.bag_ids.shape[2]]
+    twin = Engine(profiled)
+    assert close(twin.score(twin.encode_user(h), item, scenario, ts, context), got)
+    age = int(profiles.feature_ids[h.user, 0]) + 1  # another age than the stored one
+    both = dataclasses.replace(context, user={"user_likes": [2, 5, 6, 1], "user_age": age})
+    assert not close(engine.score(cache, item, scenario, ts, both), got)
+    other = random_events(5, seed=2, user=7)
+    requests = [(cache, item, scenario, ts, given), (engine.encode_user(with_features(other, 2)), item[:3],
+                                                     scenario[:3], ts[:3], candidate_features(3, 1)),
+                (cache, item, scenario, ts, both)]
+    for g, request in zip(engine.score_many(requests), requests):
+        assert close(g, engine.score(*request))
+
+
+def test_bad_features_are_a_data_error_saying_what_is_wrong():
+    engine = Engine(build("climber", CLIMBER, info=INFO_FEATURES))
+    h = with_features(random_events(5, seed=0), seed=0)
+    cache = engine.encode_user(h)
+    item, scenario, ts = random_candidates(2, 0, after=int(h.ts[-1]))
+    context = candidate_features(2, 0)
+    with pytest.raises(DataError, match=r"reads ctx_\* features \(ctx_device, ctx_hour\)"):
+        engine.score(cache, item, scenario, ts)
+    with pytest.raises(DataError, match=r"expected shape \(2, 1\)"):
+        engine.score(cache, item, scenario, ts, dataclasses.replace(context, num=np.ones((2, 2))))
+    with pytest.raises(DataError, match="ctx_hour: id 25 outside"):
+        engine.score(cache, item, scenario, ts, dataclasses.replace(context, ctx=np.array([[1, 25], [1, 1]])))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        engine.score(cache, item, scenario, ts, dataclasses.replace(context, num=np.array([[1.0], [np.nan]])))
+    with pytest.raises(DataError, match=r"user features \['user_region'\]: the model was not trained with them"):
+        engine.score(cache, item, scenario, ts, dataclasses.replace(context, user={"user_region": 1}))
+    with pytest.raises(DataError, match="one value expected"):
+        engine.score(cache, item, scenario, ts, dataclasses.replace(context, user={"user_age": [1, 2]}))
+    with pytest.raises(DataError, match=r"ctx: expected shape \(3, 2\)"):
+        engine.encode_user(random_events(3, seed=0))  # a history without its features
+    with pytest.raises(DataError, match=r"ctx: expected shape \(2, 2\)"):
+        engine.append(cache, random_events(2, seed=1, t0=int(h.ts[-1])))
+    with pytest.raises(DataError, match="other feature columns"):
+        h.concat(random_events(2, seed=1, t0=int(h.ts[-1])))

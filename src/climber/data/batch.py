@@ -43,6 +43,8 @@ class Batch:
     cand_action: torch.Tensor  # (B, C) int64 dense action id: a training TARGET (multi-task heads), never an input
     cand_ctx: torch.Tensor | None = None  # (B, C, F_ctx) int64 the candidates' ctx_* value ids (request context)
     cand_num: torch.Tensor | None = None  # (B, C, F_num) float32 the candidates' num_* values
+    user_values: torch.Tensor | None = None  # (B, F_user) int64 user_* value ids given with a request (serving);
+    user_bags: torch.Tensor | None = None  # (B, Fb, K) int64 and its bags; None: the model's stored profile
 
     def apply(self, fn) -> "Batch":
         """``fn`` applied to every tensor, subsequences included."""

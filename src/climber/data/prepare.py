@@ -123,7 +123,7 @@ def validate(source: RawSource) -> pl.LazyFrame:
         _check(frame, pl.col(col).cast(pl.Float64, strict=False).is_null() & pl.col(col).is_not_null(),
                col, "a number")
     _check_features(frame, source, names, where)
-    return frame.with_columns(_derived(source))
+    return frame.with_columns(derived_columns(source.derive, source.tz))
 
 
 def _check_features(frame: pl.LazyFrame, source: RawSource, names: list[str], where: str) -> None:
@@ -159,12 +159,13 @@ def _check_features(frame: pl.LazyFrame, source: RawSource, names: list[str], wh
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-def _derived(source: RawSource) -> list[pl.Expr]:
-    """The ctx_* columns of ``source.derive`` (text, like every raw column), from ts in seconds."""
-    local = pl.from_epoch(pl.col("ts"), "s").dt.replace_time_zone("UTC").dt.convert_time_zone(source.tz)
+def derived_columns(derive, tz: str) -> list[pl.Expr]:
+    """The ctx_* columns of ``derive`` (names of DERIVABLE) in time zone ``tz``, as text like every raw
+    column, from ts in seconds; what prepare adds and the service computes for requests and events."""
+    local = pl.from_epoch(pl.col("ts"), "s").dt.replace_time_zone("UTC").dt.convert_time_zone(tz)
     exprs = {"hour": local.dt.hour().cast(pl.Utf8),
              "weekday": local.dt.weekday().replace_strict(range(1, 8), WEEKDAYS, return_dtype=pl.Utf8)}
-    return [exprs[d].alias(DERIVABLE[d]) for d in source.derive]
+    return [exprs[d].alias(DERIVABLE[d]) for d in derive]
 
 
 EVENT_STRING_COLUMNS = ("user", "item", "ts", "action", "scenario")

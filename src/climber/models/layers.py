@@ -441,14 +441,17 @@ def add_side_tables(module: nn.Module, rows: int, d_model: int, features: tuple,
     module.register_buffer("bag_ids", torch.zeros(rows, len(bags), longest, dtype=torch.long))
 
 
-def side_vector(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def side_vector(module: nn.Module, ids: torch.Tensor, values: torch.Tensor | None = None,
+                bags: torch.Tensor | None = None) -> torch.Tensor:
     """(...) ids -> (..., d): the sum over ``module``'s features (:func:`add_side_tables`) of their
-    value's vector, a bag's vector being the mean of its values' (zero for an empty bag)."""
+    value's vector, a bag's vector being the mean of its values' (zero for an empty bag). ``values``
+    (..., F) and ``bags`` (..., Fb, K'), when given, replace the ids' rows of the tables (features given
+    with a request rather than stored)."""
     out = 0.0
-    values = module.feature_ids[ids]  # (..., F)
+    values = module.feature_ids[ids] if values is None else values  # (..., F)
     for f, table in enumerate(module.features):
         out = out + table(values[..., f])
-    bags = module.bag_ids[ids]  # (..., Fb, K)
+    bags = module.bag_ids[ids] if bags is None else bags  # (..., Fb, K)
     for f, table in enumerate(module.bags):
         bag = bags[..., f, :]  # (..., K)
         count = (bag > 0).sum(dim=-1, keepdim=True).clamp(min=1)  # (..., 1)
@@ -501,9 +504,11 @@ class UserFeatures(nn.Module):
             state_dict.setdefault(prefix + buffer, getattr(self, buffer))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, user: torch.Tensor) -> torch.Tensor:
+    def forward(self, user: torch.Tensor, values: torch.Tensor | None = None, bags: torch.Tensor | None = None):
+        """values (B, F), bags (B, Fb, K): the users' features given with the request (serving), in place
+        of the stored ones."""
         user = torch.where(user < self.feature_ids.shape[0], user, 0)
-        return side_vector(self, user) + torch.zeros(*user.shape, self.d, device=user.device)
+        return side_vector(self, user, values, bags) + torch.zeros(*user.shape, self.d, device=user.device)
 
 
 class IdEmbeddings(nn.Module):
@@ -535,7 +540,7 @@ class IdEmbeddings(nn.Module):
     def candidate(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
         tokens = self.item(batch.cand_item) + self.candidate_scenario(batch)
         if self.user_features and not hasattr(self, "user"):
-            tokens = tokens + self.user_features(batch.user)[:, None]
+            tokens = tokens + self.user_features(batch.user, batch.user_values, batch.user_bags)[:, None]
         return tokens
 
     def candidate_scenario(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
@@ -544,7 +549,7 @@ class IdEmbeddings(nn.Module):
 
     def user_vector(self, batch) -> torch.Tensor:  # batch: Batch -> (B, d), with ``user``: id + features
         out = self.user(batch.user)
-        return out + self.user_features(batch.user) if self.user_features else out
+        return out + self.user_features(batch.user, batch.user_values, batch.user_bags) if self.user_features else out
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

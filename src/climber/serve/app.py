@@ -1,8 +1,9 @@
 """HTTP scoring service: FastAPI over the KV-cached engine and the SQLite history store.
 
-    POST /v1/score                {user, candidates, scenario?, ts?} -> scores in request order + ranked list
-    POST /v1/events               {user, events: [{item, action, ts, scenario?, label?}]} -> stored durably,
-                                  the user's cached K/V extended
+    POST /v1/score                {user, candidates, scenario?, ts?, context?, candidate_context?,
+                                  user_features?} -> scores in request order + ranked list
+    POST /v1/events               {user, events: [{item, action, ts, scenario?, label?, context?}]} -> stored
+                                  durably, the user's cached K/V extended
     GET  /v1/users/{user}/history the stored events, oldest first
     GET  /healthz                 liveness and what is served
     GET  /metrics                 Prometheus text: requests, latency histograms, cache and batch figures
@@ -10,6 +11,14 @@
 Ids are the raw ids of the source data (strings, or integers read as their decimal string), with
 surrounding whitespace stripped as prepare strips it. Unknown user: an empty history (dense id 0).
 Unknown item: the out-of-vocabulary id 0, listed in the reply.
+
+Features (a model trained on data with them; docs/data.md): ``context`` {ctx_*: text, num_*: number}
+of the candidates (``candidate_context``: one object per candidate, over the shared one) and of each
+event; ``user_features`` {user_*: text, or a list of texts for a bag} in place of the stored profile (the
+checkpoint's) for this request. A value the train split did not hold is unknown (id 0), as in prepare; a
+missing ctx_* is unknown, a missing num_* is filled by the data's --fill rule (422 without one); ctx_*
+columns prepare derived from ts (--derive) are computed from the candidate's or event's ts. A feature
+the model was not trained with is a 422 naming it.
 Every request that touches the model or the store runs on one worker thread, in arrival order; with
 dynamic batching, score requests that wait together run as one padded forward (``Engine.score_many``;
 see ``Batcher``).
@@ -36,8 +45,9 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
-from climber.data.schema import DataError, check_epoch
-from climber.serve.engine import Engine, UserCache, UserHistory
+from climber.data.prepare import derived_columns
+from climber.data.schema import DERIVABLE, DataError, check_epoch
+from climber.serve.engine import Engine, RequestFeatures, UserCache, UserHistory
 from climber.serve.store import Event, HistoryStore
 
 
@@ -66,6 +76,7 @@ def _seconds(ts: int) -> int:
 
 
 Ts = Annotated[StrictInt, Field(ge=0), AfterValidator(_seconds)]
+Context = dict[Text, Text | StrictInt | float]  # ctx_* -> its value, num_* -> a number
 
 
 class EventIn(BaseModel):
@@ -75,6 +86,7 @@ class EventIn(BaseModel):
     ts: Ts
     scenario: Text | None = Field(None, description="default: the data's only scenario")
     label: Literal[0, 1] | None = Field(None, description="default: the data's label rule applied to the action")
+    context: Context | None = Field(None, description="the event's ctx_* and num_* values")
 
 
 class HistoryEvent(BaseModel):
@@ -83,6 +95,7 @@ class HistoryEvent(BaseModel):
     scenario: str
     ts: int
     label: int
+    context: dict
 
 
 class ScoreReply(BaseModel):
@@ -140,6 +153,11 @@ def request_models(max_candidates: int, max_events: int):
         scenario: Text | None = Field(None, description="default: the data's only scenario")
         ts: Ts | None = Field(None, description="request time in seconds; default: now (never before the "
                                                  "user's last event)")
+        context: Context | None = Field(None, description="ctx_* / num_* values of every candidate")
+        candidate_context: list[Context] | None = Field(None, description="one object per candidate, over "
+                                                                         "`context`", max_length=max_candidates)
+        user_features: dict[Text, Text | StrictInt | list[Text | StrictInt]] | None = Field(
+            None, description="user_* values (a list for a bag) in place of the stored profile's")
 
     class EventsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -180,9 +198,17 @@ class Service:
         if not model.info.matches(data_dir):
             raise DataError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
         self.run_dir, self.data_dir, self.model_name = run_dir, data_dir, meta["model"]
+        info, manifest = model.info, load_manifest(data_dir)
+        self.ctx_columns = [c for c, _ in info.ctx_features]
+        self.user_columns = [c for c, *_ in (*info.user_features, *info.user_bags)]
+        self.bag_columns = {c for c, *_ in info.user_bags}
+        self.numeric = {c: manifest["numeric_features"][c] for c, *_ in info.numeric_features}  # mean, std, fill
+        derived = manifest.get("derived") or {"columns": [], "tz": "UTC"}
+        self.derived = {column: key for key, column in DERIVABLE.items() if column in derived["columns"]}
+        self.tz = derived["tz"]
         self.vocab = {col: dict(pl.read_parquet(data_dir / "vocab" / f"{col}.parquet").select("raw", "id").iter_rows())
-                      for col in ("user", "item", "action", "scenario")}
-        rule = LabelRule.parse(load_manifest(data_dir)["label_rule"])
+                      for col in ("user", "item", "action", "scenario", *self.ctx_columns, *self.user_columns)}
+        rule = LabelRule.parse(manifest["label_rule"])
         actions = list(self.vocab["action"])
         self.action_label = (None if rule.kind == "given" else dict(zip(  # raw action -> its label
             actions, pl.DataFrame({"action": actions}).select(rule.expr())[:, 0].cast(pl.Int64).to_list())))
@@ -193,14 +219,64 @@ class Service:
             log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
 
     def _raw_events(self) -> pl.DataFrame:
-        """The prepared data's events (every split) with raw ids, for the store's first start."""
-        events = pl.read_parquet(self.data_dir / "events.parquet", columns=["user", "item", "action", "scenario",
-                                                                           "ts", "label"])
-        for col in ("user", "item", "action", "scenario"):
+        """The prepared data's events (every split) with raw ids, for the store's first start; their
+        context (ctx_* text, num_* numbers; not the columns derived from ts) as a JSON object."""
+        given = [c for c in self.ctx_columns if c not in self.derived]
+        events = pl.read_parquet(self.data_dir / "events.parquet", columns=[
+            "user", "item", "action", "scenario", "ts", "label", *given, *self.numeric])
+        for col in ("user", "item", "action", "scenario", *given):
             raw = pl.DataFrame({col: list(self.vocab[col].values()), "raw": list(self.vocab[col])},
                                schema={col: events.schema[col], "raw": pl.String})
             events = events.join(raw, on=col, how="left", maintain_order="left").drop(col).rename({"raw": col})
-        return events.with_columns(pl.col("ts").cast(pl.Int64), pl.col("label").cast(pl.Int64))
+        context = [*given, *self.numeric]
+        as_json = pl.struct(context).struct.json_encode() if context else pl.lit("{}")
+        return events.select("user", "item", "action", "scenario", pl.col("ts").cast(pl.Int64),
+                             pl.col("label").cast(pl.Int64), as_json.alias("context"))
+
+    def context_features(self, contexts: list[dict], ts: list[int], where: str) -> tuple:
+        """Raw context objects of n events or candidates (and their ts) -> (ctx (n, F_ctx) value ids,
+        num (n, F_num) numbers), the model's columns in its order (see the module docstring)."""
+        allowed = [c for c in self.ctx_columns if c not in self.derived] + list(self.numeric)
+        for i, context in enumerate(contexts):
+            for name, value in context.items():
+                if name in self.derived:
+                    raise Rejected(422, f"{where}[{i}].context: {name} is derived from ts (time zone {self.tz}); "
+                                        "leave it out")
+                if name not in allowed:
+                    raise Rejected(422, f"{where}[{i}].context: feature {name!r} is not one the model was trained "
+                                        f"with (its context features: {', '.join(allowed) or 'none'})")
+                if name in self.numeric and (isinstance(value, str) or not np.isfinite(value)):
+                    raise Rejected(422, f"{where}[{i}].context: {name} must be a finite number, got {value!r}")
+        derived = (pl.DataFrame({"ts": ts}, schema={"ts": pl.Int64}).select(derived_columns(self.derived.values(), self.tz))
+                   if self.derived else None)
+        ctx = np.zeros((len(contexts), len(self.ctx_columns)), dtype=np.int64)
+        for f, col in enumerate(self.ctx_columns):
+            raw = derived[col].to_list() if col in self.derived else [c.get(col) for c in contexts]
+            ctx[:, f] = [0 if v is None else self.vocab[col].get(str(v).strip(), 0) for v in raw]
+        num = np.zeros((len(contexts), len(self.numeric)), dtype=np.float32)
+        for f, (col, stats) in enumerate(self.numeric.items()):
+            fill = {"zero": 0.0, "mean": stats["mean"]}.get(stats["fill"])
+            for i, context in enumerate(contexts):
+                if context.get(col) is None and fill is None:
+                    raise Rejected(422, f"{where}[{i}].context: {col} is required (the data was prepared without "
+                                        "--fill, so the model never saw it missing)")
+                num[i, f] = fill if context.get(col) is None else context[col]
+        return ctx, num
+
+    def user_features(self, given: dict) -> dict:
+        """Raw user_* values of a request -> the engine's dense ids (a list for a bag; unknown values 0)."""
+        unknown = sorted(set(given) - set(self.user_columns))
+        if unknown:
+            raise Rejected(422, f"user_features: {unknown} not among the features the model was trained with "
+                                f"({', '.join(self.user_columns) or 'none'})")
+        out = {}
+        for name, value in given.items():
+            values = value if isinstance(value, list) else [value]
+            if name not in self.bag_columns and len(values) != 1:
+                raise Rejected(422, f"user_features.{name}: one value expected (it is not a bag)")
+            ids = [self.vocab[name].get(str(v).strip(), 0) for v in values]
+            out[name] = ids if name in self.bag_columns else ids[0]
+        return out
 
     def scenario_id(self, scenario: str | None, where: str) -> tuple[str, int]:
         known = self.vocab["scenario"]
@@ -213,10 +289,12 @@ class Service:
         return scenario, known[scenario]
 
     def dense_history(self, user_id: int, events: list[Event]) -> UserHistory:
-        """Raw events -> the engine's dense ids (unknown items: 0)."""
+        """Raw events -> the engine's dense ids (unknown items: 0) and features."""
         ids = lambda col: [self.vocab[col].get(getattr(e, col), 0) for e in events]  # noqa: E731
-        return UserHistory(user_id, ids("item"), ids("action"), ids("scenario"), [e.ts for e in events],
-                           [e.label for e in events])
+        ts = [e.ts for e in events]
+        ctx, num = self.context_features([e.context for e in events], ts, "events")
+        return UserHistory(user_id, ids("item"), ids("action"), ids("scenario"), ts, [e.label for e in events],
+                           ctx, num)
 
     def cache(self, user: str) -> tuple[UserCache, bool]:
         """The user's cache (from the LRU, else encoded from the store) and whether the model knows the user."""
@@ -227,16 +305,24 @@ class Service:
             self.engine.store.put(cache, key=user)
         return cache, user in self.vocab["user"]
 
-    def prepare_score(self, user: str, candidates: list[str], scenario: str | None, ts: int | None):
-        """-> the engine request (cache, item ids, scenario ids, ts) and the reply's facts."""
+    def prepare_score(self, user: str, candidates: list[str], scenario: str | None, ts: int | None,
+                      context: dict | None = None, candidate_context: list[dict] | None = None,
+                      user_features: dict | None = None):
+        """-> the engine request (cache, item ids, scenario ids, ts, features) and the reply's facts."""
         _, scenario_id = self.scenario_id(scenario, "score")
+        if candidate_context is not None and len(candidate_context) != len(candidates):
+            raise Rejected(422, f"candidate_context: {len(candidate_context)} objects for {len(candidates)} "
+                                "candidates (one each)")
         cache, known = self.cache(user)
         if ts is not None and ts < cache.last_ts:
             raise Rejected(422, f"score: ts {ts} is before the user's last event (ts {cache.last_ts})")
         when = max(cache.last_ts, int(time.time())) if ts is None else ts
         items = np.array([self.vocab["item"].get(c, 0) for c in candidates], dtype=np.int64)
         C = len(candidates)
-        request = (cache, items, np.full(C, scenario_id), np.full(C, when))
+        contexts = [{**(context or {}), **(candidate_context[i] if candidate_context else {})} for i in range(C)]
+        ctx, num = self.context_features(contexts, [when] * C, "candidates")
+        features = RequestFeatures(ctx, num, self.user_features(user_features or {}))
+        request = (cache, items, np.full(C, scenario_id), np.full(C, when), features)
         return request, {"user": user, "known_user": known, "history_length": len(cache.history),
                          "unknown_items": [c for c, i in zip(candidates, items) if i == 0]}
 
@@ -253,7 +339,8 @@ class Service:
             if e.label is None and self.action_label is None:
                 raise Rejected(422, f"events[{i}].label: required (the data's label rule is 'label')")
             label = e.label if e.label is not None else self.action_label[action]
-            rows.append(Event(str(e.item), action, scenario, e.ts, label))
+            rows.append(Event(str(e.item), action, scenario, e.ts, label, e.context or {}))
+        self.context_features([r.context for r in rows], [r.ts for r in rows], "events")  # 422 before storing
         try:
             total = self.store.append(user, rows)
         except DataError as err:
@@ -474,14 +561,15 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         order, and the candidates ranked best first. An unknown user scores from an empty history; unknown
         items score as the out-of-vocabulary item and are listed in `unknown_items`."""
         candidates = [str(c) for c in body.candidates]
+        features = (body.scenario, body.ts, body.context, body.candidate_context, body.user_features)
         if batcher is None:
-            request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
+            request, reply = await run(service.prepare_score, str(body.user), candidates, *features)
             logits = await run(service.engine.score, *request)
             metrics.batch.observe(1)
         else:
             batcher.pending += 1
             try:
-                request, reply = await run(service.prepare_score, str(body.user), candidates, body.scenario, body.ts)
+                request, reply = await run(service.prepare_score, str(body.user), candidates, *features)
                 logits = await batcher.score(request)
             finally:
                 batcher.pending -= 1

@@ -51,9 +51,11 @@ from climber.data.schema import DataError
 from climber.data.sequences import ResolvedStrategy, resolve, select
 from climber.models.climber import Climber
 from climber.models.hstu import HSTU
+from climber.models.layers import UserFeatures
 from climber.models.transformer import Transformer
 
 EVENT_FIELDS = ("item", "action", "scenario", "ts", "label")
+FEATURE_FIELDS = ("ctx", "num")  # per-event features: (n, F) arrays
 
 
 def _ids(values, name: str) -> np.ndarray:
@@ -66,10 +68,22 @@ def _ids(values, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def _table(values, n: int, dtype, name: str) -> np.ndarray:
+    """A (n, F) array of ``dtype`` from a tensor, array or nested list (None: no columns, (n, 0))."""
+    if values is None:
+        return np.zeros((n, 0), dtype=dtype)
+    a = np.asarray(values.detach().cpu() if torch.is_tensor(values) else values)
+    if a.ndim != 2:
+        raise DataError(f"{name}: expected a 2-d (events x features) table, got shape {a.shape}")
+    if a.size and dtype == np.int64 and not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{name}: expected integer value ids, got dtype {a.dtype}")
+    return a.astype(dtype)
+
+
 @dataclass
 class UserHistory:
     """One user's events in time order, dense ids as in the prepared data; each field (n,) int64
-    (given as tensors, arrays or lists)."""
+    (given as tensors, arrays or lists), the per-event features (n, F)."""
 
     user: int  # dense user id (0: unknown user)
     item: np.ndarray
@@ -77,12 +91,16 @@ class UserHistory:
     scenario: np.ndarray
     ts: np.ndarray  # seconds, non-decreasing
     label: np.ndarray  # 0 / 1 (the ``positive`` strategy selects the 1s)
+    ctx: np.ndarray | None = None  # (n, F_ctx) int64 ctx_* value ids (0: unknown), columns sorted by name
+    num: np.ndarray | None = None  # (n, F_num) float32 num_* values (raw), columns sorted by name
 
     def __post_init__(self):
         self.user = int(self.user)
         for f in EVENT_FIELDS:
             setattr(self, f, _ids(getattr(self, f), f"history of user {self.user}: {f}"))
-        lengths = {f: len(getattr(self, f)) for f in EVENT_FIELDS}
+        for f, dtype in zip(FEATURE_FIELDS, (np.int64, np.float32)):
+            setattr(self, f, _table(getattr(self, f), len(self.ts), dtype, f"history of user {self.user}: {f}"))
+        lengths = {f: len(getattr(self, f)) for f in EVENT_FIELDS + FEATURE_FIELDS}
         if len(set(lengths.values())) > 1:
             raise DataError(f"history of user {self.user}: fields have different lengths {lengths}")
         back = np.flatnonzero(np.diff(self.ts) < 0)
@@ -98,15 +116,34 @@ class UserHistory:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, f).nbytes for f in EVENT_FIELDS)
+        return sum(getattr(self, f).nbytes for f in EVENT_FIELDS + FEATURE_FIELDS)
 
     def take(self, index: np.ndarray) -> "UserHistory":
         """The events at ``index`` (ascending positions)."""
-        return UserHistory(self.user, *(getattr(self, f)[index] for f in EVENT_FIELDS))
+        return UserHistory(self.user, *(getattr(self, f)[index] for f in EVENT_FIELDS + FEATURE_FIELDS))
 
     def concat(self, later: "UserHistory") -> "UserHistory":
         """These events followed by ``later``'s (DataError where the ts would go back)."""
-        return UserHistory(self.user, *(np.concatenate([getattr(self, f), getattr(later, f)]) for f in EVENT_FIELDS))
+        if later.ctx.shape[1] != self.ctx.shape[1] or later.num.shape[1] != self.num.shape[1]:
+            raise DataError(f"history of user {self.user}: the new events have other feature columns "
+                            f"({later.ctx.shape[1]} ctx, {later.num.shape[1]} num) than the cached ones "
+                            f"({self.ctx.shape[1]}, {self.num.shape[1]})")
+        return UserHistory(self.user, *(np.concatenate([getattr(self, f), getattr(later, f)])
+                                        for f in EVENT_FIELDS + FEATURE_FIELDS))
+
+
+@dataclass
+class RequestFeatures:
+    """What a score request says besides its candidates, dense ids as in the prepared data.
+
+    ctx (C, F_ctx) int64 / num (C, F_num) float32: each candidate's ctx_* value ids and num_* values (raw),
+    columns sorted by name, as the model's ``info.ctx_features`` / ``info.numeric_features``; required when
+    the model reads them. user: the user's user_* features given with the request, by name: a value id, or
+    a list of them for a bag; a feature not named keeps the stored profile's value (the checkpoint's)."""
+
+    ctx: np.ndarray | None = None
+    num: np.ndarray | None = None
+    user: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -156,21 +193,26 @@ def _pad(t: torch.Tensor, size: int, left: bool, dim: int = -1) -> torch.Tensor:
 
 
 def _stack(batches: list[Batch]) -> Batch:
-    """One-row batches -> one batch: each subsequence left-padded, the candidates right-padded, to the
-    longest (the padding's masks are False)."""
-    C = max(b.cand_item.shape[1] for b in batches)
+    """One-row batches -> one batch: each subsequence left-padded, the candidates (and a given user's
+    bags) right-padded, to the longest (the padding's masks are False; 0 is an empty bag slot)."""
 
-    def joined(parts: list, size: int, left: bool):  # None: a feature the batches do not carry
-        return None if parts[0] is None else torch.cat([_pad(t, size, left=left) for t in parts])
+    def joined(parts: list, left: bool):  # None: a feature the batches do not carry
+        if parts[0] is None:
+            return None
+        shape = [max(t.shape[d] for t in parts) for d in range(1, parts[0].dim())]
 
-    cands = {f.name: joined([getattr(b, f.name) for b in batches], C, left=False)
-             for f in fields(Batch) if f.name.startswith("cand_") or f.name == "label"}
-    seqs = []
-    for k in range(len(batches[0].seqs)):
-        L = max(b.seqs[k].item.shape[1] for b in batches)
-        seqs.append(Subsequence(**{f.name: joined([getattr(b.seqs[k], f.name) for b in batches], L, left=True)
-                                   for f in fields(Subsequence)}))
-    return Batch(user=torch.cat([b.user for b in batches]), seqs=seqs, **cands)
+        def fit(t):  # every dim after the row's to the longest; on the left only the history's dim 1
+            for d, size in enumerate(shape, start=1):
+                t = _pad(t, size, left=left and d == 1, dim=d)
+            return t
+
+        return torch.cat([fit(t) for t in parts])
+
+    rows = {f.name: joined([getattr(b, f.name) for b in batches], left=False) for f in fields(Batch)
+            if f.name not in ("user", "seqs")}
+    seqs = [Subsequence(**{f.name: joined([getattr(b.seqs[k], f.name) for b in batches], left=True)
+                           for f in fields(Subsequence)}) for k in range(len(batches[0].seqs))]
+    return Batch(user=torch.cat([b.user for b in batches]), seqs=seqs, **rows)
 
 
 class LRUStore:
@@ -241,12 +283,9 @@ class Engine:
             raise ConfigError(f"{name} has no KV-cached path (models with one: {known}) and fallback=False")
         if not (hasattr(model, "strategies") and hasattr(model, "info")):
             raise ConfigError(f"{name} is not a climber model: the engine needs model.strategies() and model.info")
-        context = [c for c, *_ in (*model.info.ctx_features, *model.info.numeric_features)]
-        if context:
-            raise ConfigError(f"this model reads per-event features ({', '.join(context)}), which the service does "
-                              "not take yet (issue 19); train without them to serve (prepare without those columns)")
         self.model = model.eval()
         self.info = model.info
+        self.profiles = next((m for m in model.modules() if isinstance(m, UserFeatures) and m), None)
         self._cached = cached
         self.strategies: list[ResolvedStrategy] = resolve(model.strategies(), self.info.actions, self.info.scenarios)
         self.device = next(model.parameters()).device
@@ -268,7 +307,7 @@ class Engine:
     @torch.inference_mode()
     def encode_user(self, history: UserHistory) -> UserCache:
         """The cache of ``history`` (K/V of every cached block, see the module docstring)."""
-        self._check_history(history)
+        history = self._checked(history)
         last_ts = int(history.ts[-1]) if len(history) else 0
         return self._update(history, last_ts, None)
 
@@ -278,7 +317,7 @@ class Engine:
         ``cache`` itself is left as it was."""
         if events.user != cache.user:
             raise DataError(f"append: events of user {events.user} given to the cache of user {cache.user}")
-        self._check_history(events)
+        events = self._checked(events)
         if not len(events):
             return cache
         if events.ts[0] < cache.last_ts:
@@ -287,17 +326,20 @@ class Engine:
         return self._update(cache.history.concat(events), int(events.ts[-1]), cache)
 
     @torch.inference_mode()
-    def score(self, cache: UserCache, cand_item, cand_scenario, cand_ts) -> torch.Tensor:
+    def score(self, cache: UserCache, cand_item, cand_scenario, cand_ts,
+              features: RequestFeatures | None = None) -> torch.Tensor:
         """Click logits (C,) float32, on the model's device, of C candidates of the cache's user (1-d
-        integer tensors or arrays of equal length); equal to ``model(batch)`` for the batch the data
-        pipeline builds for these candidates after the cached history."""
-        return self.score_many([(cache, cand_item, cand_scenario, cand_ts)])[0]
+        integer tensors or arrays of equal length; ``features``: their context and the user's features
+        given with the request); equal to ``model(batch)`` for the batch the data pipeline builds for
+        these candidates after the cached history. The cache holds no request context: a history token
+        is its event's own item, action, scenario and features."""
+        return self.score_many([(cache, cand_item, cand_scenario, cand_ts, features)])[0]
 
     @torch.inference_mode()
     def score_many(self, requests: list) -> list[torch.Tensor]:
-        """Several requests, each (cache, cand_item, cand_scenario, cand_ts), of any users, in one padded
-        forward (dynamic batching) -> per request its logits (C_r,), equal to scoring each alone: histories
-        are left-padded and candidates right-padded, and the padding is masked out."""
+        """Several requests, each (cache, cand_item, cand_scenario, cand_ts[, features]), of any users, in
+        one padded forward (dynamic batching) -> per request its logits (C_r,), equal to scoring each
+        alone: histories are left-padded and candidates right-padded, and the padding is masked out."""
         out = [torch.zeros(0, device=self.device)] * len(requests)
         todo = [i for i, (_, item, *_) in enumerate(requests) if len(item)]
         if not todo:
@@ -327,10 +369,11 @@ class Engine:
             out[i] = logits[row, :len(requests[i][1])]
         return out
 
-    def batch(self, history: UserHistory, cand_item, cand_scenario, cand_ts) -> Batch:
+    def batch(self, history: UserHistory, cand_item, cand_scenario, cand_ts,
+              features: RequestFeatures | None = None) -> Batch:
         """The one-row batch the data pipeline builds for these candidates after ``history``: what a full
         recompute scores (``model(batch)``)."""
-        batch = self._candidates(history.user, cand_item, cand_scenario, cand_ts)
+        batch = self._candidates(history.user, cand_item, cand_scenario, cand_ts, features)
         first_ts = int(batch.cand_ts[0, 0]) if batch.cand_ts.shape[1] else int(history.ts[-1]) if len(history) else 0
         batch.seqs = [self._subsequence(history, self._select(r, history, first_ts), min_len=1)
                       for r in self.strategies]
@@ -389,14 +432,18 @@ class Engine:
         left-padded."""
         pad = max(0, min_len - len(index))
 
-        def column(f: str) -> torch.Tensor:
-            values = np.concatenate([np.zeros(pad, dtype=np.int64), getattr(history, f)[index]])
+        def column(f: str) -> torch.Tensor | None:  # (1, L) or (1, L, F); None: a feature the model lacks
+            values = getattr(history, f)[index]
+            if values.ndim == 2 and not values.shape[1]:
+                return None
+            values = np.concatenate([np.zeros((pad, *values.shape[1:]), dtype=values.dtype), values])
             return torch.from_numpy(values).to(self.device)[None]
 
         mask = torch.arange(pad + len(index), device=self.device)[None] >= pad
-        return Subsequence(column("item"), column("action"), column("scenario"), column("ts"), mask)
+        return Subsequence(column("item"), column("action"), column("scenario"), column("ts"), mask,
+                           ctx=column("ctx"), num=column("num"))
 
-    def _candidates(self, user: int, cand_item, cand_scenario, cand_ts) -> Batch:
+    def _candidates(self, user: int, cand_item, cand_scenario, cand_ts, features: RequestFeatures | None = None) -> Batch:
         """A one-row Batch of the candidates (no subsequences yet)."""
         given = {"cand_item": cand_item, "cand_scenario": cand_scenario, "cand_ts": cand_ts}
         arrays = {k: _ids(v, k) for k, v in given.items()}
@@ -405,8 +452,12 @@ class Engine:
             raise DataError(f"candidates: cand_item, cand_scenario and cand_ts have different lengths {lengths}")
         self._check_range("cand_item", arrays["cand_item"], self.info.num_items, low=0)
         self._check_range("cand_scenario", arrays["cand_scenario"], self.info.num_scenarios)
-        t = {k: torch.from_numpy(v).to(self.device)[None] for k, v in arrays.items()}  # (1, C) each
         C = lengths["cand_item"]
+        features = features or RequestFeatures()
+        arrays["cand_ctx"] = self._features("candidates: ctx", features.ctx, C, np.int64)
+        arrays["cand_num"] = self._features("candidates: num", features.num, C, np.float32)
+        arrays["user_values"], arrays["user_bags"] = self._user_features(user, features.user or {})
+        t = {k: None if v is None else torch.from_numpy(v).to(self.device)[None] for k, v in arrays.items()}
         return Batch(
             user=torch.tensor([user], device=self.device),
             seqs=[],
@@ -416,12 +467,74 @@ class Engine:
             **t,
         )
 
-    def _check_history(self, history: UserHistory) -> None:
+    def _features(self, name: str, given, n: int, dtype) -> np.ndarray | None:
+        """(n, F) ctx_* value ids (dtype int64) or num_* values (float32) of n events or candidates, checked
+        against the model's features; None where the model reads none of that kind."""
+        kind = "ctx" if dtype == np.int64 else "num"
+        expected = self.info.ctx_features if kind == "ctx" else self.info.numeric_features
+        if not expected and (given is None or not np.size(given)):
+            return None
+        names = [c for c, *_ in expected]
+        if given is None:
+            raise DataError(f"{name}: the model reads {kind}_* features ({', '.join(names)}); give them, "
+                            f"one row per {'candidate' if name.startswith('cand') else 'event'}")
+        table = _table(given, n, dtype, name)
+        if table.shape != (n, len(names)):
+            raise DataError(f"{name}: expected shape ({n}, {len(names)}) (columns {names}), got {table.shape}")
+        if kind == "ctx":
+            for f, (column, size) in enumerate(expected):
+                self._check_range(f"{name} {column}", table[:, f], size, low=0)
+        elif not np.isfinite(table).all():
+            raise DataError(f"{name}: a num_* value is NaN or infinite")
+        return table
+
+    def _user_features(self, user: int, given: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The user's feature value ids (F,) and bags (Fb, K): the stored profile (the checkpoint's tables;
+        nothing for an unknown user), with the features ``given`` by name in place of stored ones. (None,
+        None) for a model without user features."""
+        singles, bags = dict(self.info.user_features), {c: n for c, n, _ in self.info.user_bags}
+        unknown = sorted(set(given) - set(singles) - set(bags))
+        if unknown:
+            known = ", ".join([*singles, *bags]) or "none"
+            raise DataError(f"user features {unknown}: the model was not trained with them (its user features: "
+                            f"{known})")
+        if self.profiles is None:
+            return None, None
+        row = user if user < self.profiles.feature_ids.shape[0] else 0
+        values = self.profiles.feature_ids[row].cpu().numpy().copy()  # (F,)
+        stored = self.profiles.bag_ids[row].cpu().numpy()  # (Fb, K)
+        bag_rows = [stored[f][stored[f] > 0] for f in range(len(bags))]
+        for name, value in given.items():
+            ids = _ids(np.atleast_1d(value), f"user feature {name}")
+            if name in singles:
+                if ids.size != 1:
+                    raise DataError(f"user feature {name}: one value expected (it is not a bag), got {ids.size}")
+                f = list(singles).index(name)
+                self._check_range(f"user feature {name}", ids, singles[name], low=0)
+                values[f] = ids[0]
+            else:
+                self._check_range(f"user feature {name}", ids, bags[name], low=0)
+                bag_rows[list(bags).index(name)] = ids[ids > 0]
+        K = max([stored.shape[1], *(len(b) for b in bag_rows)])
+        padded = np.zeros((len(bags), K), dtype=np.int64)
+        for f, b in enumerate(bag_rows):
+            padded[f, :len(b)] = b
+        return values, padded
+
+    def _checked(self, history: UserHistory) -> UserHistory:
+        """``history``, checked against the model's vocabularies and features (DataError saying what is
+        wrong); no events: with empty feature tables of the model's width."""
         if not 0 <= history.user <= self.info.num_users:
             raise DataError(f"user id {history.user} outside [0, {self.info.num_users}]")
+        if not len(history):
+            widths = (len(self.info.ctx_features), len(self.info.numeric_features))
+            history = replace(history, **{f: np.zeros((0, w)) for f, w in zip(FEATURE_FIELDS, widths)})
+        for f, dtype in zip(FEATURE_FIELDS, (np.int64, np.float32)):
+            self._features(f"history of user {history.user}: {f}", getattr(history, f), len(history), dtype)
         for f, size, low in (("item", self.info.num_items, 0), ("action", self.info.num_actions, 1),
                              ("scenario", self.info.num_scenarios, 1)):
             self._check_range(f"history of user {history.user}: {f}", getattr(history, f), size, low)
+        return history
 
     @staticmethod
     def _check_range(name: str, ids: np.ndarray, size: int, low: int = 1) -> None:

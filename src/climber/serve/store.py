@@ -8,9 +8,10 @@ dense ids when it loads a history.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS events (
     scenario TEXT NOT NULL,
     ts INTEGER NOT NULL,        -- seconds
     label INTEGER NOT NULL,     -- 0 / 1 by the data's label rule
+    context TEXT NOT NULL DEFAULT '{}',  -- JSON object: the event's ctx_* (text) and num_* (number) values
     PRIMARY KEY (user, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +41,11 @@ class Event:
     scenario: str
     ts: int
     label: int
+    context: dict = field(default_factory=dict)  # ctx_* -> text, num_* -> number; a missing one: not a key
+
+    def row(self, user: str, seq: int) -> tuple:
+        return (user, seq, self.item, self.action, self.scenario, self.ts, self.label,
+                json.dumps(self.context, sort_keys=True))
 
 
 class HistoryStore:
@@ -52,6 +59,9 @@ class HistoryStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "context" not in columns:  # a store written before events had context (issue 19)
+            self._db.execute("ALTER TABLE events ADD COLUMN context TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -65,9 +75,9 @@ class HistoryStore:
         """The user's events, oldest first (the most recent ``limit`` when given); [] for an unknown user."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT item, action, scenario, ts, label FROM events WHERE user = ? ORDER BY seq DESC LIMIT ?",
+                "SELECT item, action, scenario, ts, label, context FROM events WHERE user = ? ORDER BY seq DESC LIMIT ?",
                 (user, -1 if limit is None else limit)).fetchall()
-        return [Event(*row) for row in reversed(rows)]
+        return [Event(*row[:5], json.loads(row[5])) for row in reversed(rows)]
 
     def last_ts(self, user: str) -> int | None:
         with self._lock:
@@ -88,9 +98,8 @@ class HistoryStore:
                         what = "the user's last stored event" if i == 0 else f"event {i - 1} of this request"
                         raise DataError(f"events[{i}].ts = {e.ts} is before {what} (ts {bound}); "
                                          "events must arrive in time order")
-                self._db.executemany(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(user, seq + i, e.item, e.action, e.scenario, e.ts, e.label) for i, e in enumerate(events)])
+                self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                     [e.row(user, seq + i) for i, e in enumerate(events)])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -98,18 +107,21 @@ class HistoryStore:
         return seq + len(events)
 
     def seed(self, frame: pl.DataFrame, source: str) -> int | None:
-        """Bulk-load raw events (columns user, item, action, scenario: str; ts, label: int), each user's
-        in (ts, row) order, once: the first call stores them and ``source`` in one transaction and
-        returns the row count; later calls (the store was seeded) store nothing and return None."""
+        """Bulk-load raw events (columns user, item, action, scenario: str; ts, label: int; optional
+        context: str, a JSON object), each user's in (ts, row) order, once: the first call stores them and
+        ``source`` in one transaction and returns the row count; later calls (the store was seeded)
+        store nothing and return None."""
         frame = frame.sort("user", "ts", maintain_order=True).with_columns(
             pl.int_range(pl.len()).over("user").alias("seq"))
-        columns = ("user", "seq", "item", "action", "scenario", "ts", "label")
+        if "context" not in frame.columns:
+            frame = frame.with_columns(pl.lit("{}").alias("context"))
+        columns = ("user", "seq", "item", "action", "scenario", "ts", "label", "context")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             if self._db.execute("SELECT 1 FROM meta WHERE key = 'seeded_from'").fetchone():
                 self._db.execute("ROLLBACK")
                 return None
-            self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", frame.select(columns).iter_rows())
+            self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", frame.select(columns).iter_rows())
             self._db.execute("INSERT INTO meta VALUES ('seeded_from', ?)", (source,))
             self._db.execute("COMMIT")
         return frame.height
