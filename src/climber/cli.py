@@ -398,7 +398,7 @@ def _bench(args) -> None:
 def _require_serving() -> None:
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
 
@@ -431,7 +431,8 @@ def _serve(args) -> None:
                       cache_bytes=int(args.cache_mb * 2**20), device=args.device or "auto")
     app = create_app(service, api_key=key, max_candidates=args.max_candidates, max_events=args.max_events,
                      batch_window_ms=None if args.no_batching else args.batch_window_ms, max_batch=args.max_batch,
-                     max_body_bytes=args.max_body_kb * 1024)
+                     max_body_bytes=args.max_body_kb * 1024, max_queue=args.max_queue,
+                     timeout_ms=args.timeout_ms or None)
     print(f"serving {args.run} ({service.model_name}, KV cache: {service.engine.caches_kv}) on "
           f"http://{args.host}:{args.port}; OpenAPI at /openapi.json (/docs: Swagger UI, from a CDN); "
           f"store {service.store.path}"
@@ -711,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dynamic batching: score requests arriving within this window share one forward")
     se.add_argument("--max-batch", type=int, default=32, help="requests per batched forward at most")
     se.add_argument("--no-batching", action="store_true", help="one forward per score request")
+    se.add_argument("--max-queue", type=int, default=256,
+                    help="requests admitted at once (score and events); past it: 503 with Retry-After at once")
+    se.add_argument("--timeout-ms", type=float, default=2000,
+                    help="a request not answered within this gets 504 and its work is dropped (0: no deadline)")
     se.add_argument("--log-level", default="warning", help="uvicorn log level")
     se.add_argument("--device", help=DEVICE_HELP)
     se.set_defaults(func=_serve)

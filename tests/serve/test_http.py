@@ -258,8 +258,9 @@ def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
 def test_the_openapi_document_lists_every_error_each_endpoint_can_give(server):
     spec = httpx.get(server + "/openapi.json").json()
     schemas = spec["components"]["schemas"]
-    expected = {("/v1/score", "post"): {"200", "401", "413", "422"},
-                ("/v1/events", "post"): {"200", "401", "409", "413", "422"},
+    expected = {("/v1/score", "post"): {"200", "401", "413", "422", "503", "504"},
+                ("/v1/events", "post"): {"200", "401", "409", "413", "422", "503", "504"},
+                ("/v1/admin/reload", "post"): {"200", "401", "403", "409", "422"},
                 ("/v1/users/{user}/history", "get"): {"200", "401", "422"},
                 ("/metrics", "get"): {"200", "401"},
                 ("/healthz", "get"): {"200"}}
@@ -281,11 +282,21 @@ def test_the_docs_page_says_where_to_look_when_its_assets_cannot_load(server):
 
 
 def test_metrics_are_prometheus_text(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        text = httpx.get(server + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    key = ("climber_request_seconds_count", (("route", "/v1/score"), ("status", "200")))
+    before = samples().get(key, 0.0)
     score(server, "3", [1, 2], None)
-    text = httpx.get(server + "/metrics").text
-    assert 'climber_requests_total{path="/v1/score",status="200"}' in text
-    assert 'climber_request_seconds_bucket{path="/v1/score",le="+Inf"}' in text
-    assert "climber_cache_hit_rate " in text and "climber_score_batch_requests_count " in text
+    after = samples()
+    assert after[key] == before + 1
+    assert after[("climber_queue_depth", ())] == 0 and ("climber_shed_total", ()) in after
+    assert ("climber_cache_hit_rate", ()) in after and ("climber_score_batch_requests_count", ()) in after
+    assert any(name == "climber_model_info" for name, _ in after)
 
 
 @pytest.mark.parametrize("path, body, unit", [
@@ -325,7 +336,7 @@ def test_random_bodies_against_the_openapi_schema_never_get_a_5xx(server):
     components = spec["components"]["schemas"]
     posts = {p: ops["post"]["requestBody"]["content"]["application/json"]["schema"]
              for p, ops in spec["paths"].items() if "post" in ops}
-    assert set(posts) == {"/v1/score", "/v1/events"}
+    assert set(posts) == {"/v1/score", "/v1/events", "/v1/admin/reload"}  # without a key, reload is a 403
     client = httpx.Client(base_url=server, timeout=30)
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -353,18 +364,23 @@ def run_batcher(pending: int, n: int, window_s: float = 0.05, max_batch: int = 4
             calls.append(len(requests))
             return [torch.tensor([float(r)]) for r in requests]
 
+    engine = FakeEngine()
+
     async def main():
         async def run(fn, *args):
             return fn(*args)
 
+        async def now(i):
+            return await (await batcher.score(engine, i))
+
         async def later(i):
             await asyncio.sleep(0.01)
-            return await batcher.score(i)
+            return await now(i)
 
-        batcher = Batcher(FakeEngine(), run, window_s=window_s, max_batch=max_batch, metrics=Metrics())
+        batcher = Batcher(run, window_s=window_s, max_batch=max_batch, metrics=Metrics())
         batcher.pending = pending
         task = asyncio.create_task(batcher.serve_forever())
-        out = await asyncio.gather(*(batcher.score(i) for i in range(n)), *(later(n + i) for i in range(late)))
+        out = await asyncio.gather(*(now(i) for i in range(n)), *(later(n + i) for i in range(late)))
         task.cancel()
         return [o.item() for o in out]
 

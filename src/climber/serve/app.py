@@ -28,9 +28,11 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,7 +44,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from climber.data.prepare import derived_columns
@@ -102,9 +104,15 @@ class ScoreReply(BaseModel):
     user: str
     known_user: bool
     history_length: int = Field(description="events the model reads for this user (after the engine's cut)")
+    last_event_ts: int | None = Field(None, description="ts of the user's latest event the scores saw")
     scores: list[float] = Field(description="click probability per candidate, in request order")
     ranked: list[dict] = Field(description="[{item, score}] best first")
     unknown_items: list[str] = Field(description="candidates outside the model's vocabulary (scored as id 0)")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run: Text | None = Field(None, description="run dir to serve; default: the served one")
 
 
 class EventsReply(BaseModel):
@@ -136,6 +144,8 @@ class Invalid(BaseModel):
 UNAUTHORIZED = {401: {"model": Problem, "description": "X-API-Key missing or wrong (when the service has a key)"}}
 TOO_LARGE = {413: {"model": Problem, "description": "request body over the service's limit (--max-body-kb)"}}
 INVALID = {422: {"model": Invalid, "description": "the request is malformed or names what the data does not know"}}
+BUSY = {503: {"model": Problem, "description": "the queue is full (--max-queue): retry after Retry-After seconds"},
+        504: {"model": Problem, "description": "not answered within --timeout-ms; nothing was done"}}
 OUT_OF_ORDER = {409: {"model": Problem, "description": "an event older than the user's last stored one (or than "
                                                        "the event before it): nothing is stored"}}
 OFFLINE_NOTE = ('<p style="font-family: sans-serif; margin: 1em">This page loads Swagger UI from cdn.jsdelivr.net. '
@@ -179,6 +189,35 @@ def default_store_path(run_dir: Path, data_dir: Path) -> Path:
     return root / "climber" / "serve" / f"{run_dir.name}-{key}" / "history.sqlite"
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the service scores with: a run dir's model in its engine (with its own user caches)."""
+
+    run_dir: Path
+    model_name: str
+    engine: Engine
+    fingerprint: str  # sha256 of the served checkpoint file
+
+
+def model_fingerprint(run_dir: Path) -> str:
+    """sha256 of the run's best checkpoint (what ``load_run_model`` serves)."""
+    h = hashlib.sha256()
+    with open(Path(run_dir) / "checkpoints" / "best.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def vocab_digest(data_dir: Path) -> str:
+    """sha256 over a prepared dir's vocabularies (every vocab/*.parquet's raw -> id pairs, by name)."""
+    h = hashlib.sha256()
+    for path in sorted((Path(data_dir) / "vocab").glob("*.parquet")):
+        h.update(path.stem.encode() + b"\0")
+        for raw, i in pl.read_parquet(path).select("raw", "id").iter_rows():
+            h.update(f"{raw}\t{i}\n".encode())
+    return h.hexdigest()
+
+
 class Service:
     """The model of a run dir, the vocabularies and label rule of its data, the engine and the store
     (``store_path``, default :func:`default_store_path`)."""
@@ -197,7 +236,8 @@ class Service:
             raise DataError(f"{data_dir}: no prepared data (its vocabularies map raw ids); pass --data DIR")
         if not model.info.matches(data_dir):
             raise DataError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
-        self.run_dir, self.data_dir, self.model_name = run_dir, data_dir, meta["model"]
+        self.data_dir, self.cache_bytes, self.device = data_dir, cache_bytes, device
+        self.install(Served(run_dir, meta["model"], Engine(model, max_cache_bytes=cache_bytes), model_fingerprint(run_dir)))
         info, manifest = model.info, load_manifest(data_dir)
         self.ctx_columns = [c for c, _ in info.ctx_features]
         self.user_columns = [c for c, *_ in (*info.user_features, *info.user_bags)]
@@ -212,11 +252,44 @@ class Service:
         actions = list(self.vocab["action"])
         self.action_label = (None if rule.kind == "given" else dict(zip(  # raw action -> its label
             actions, pl.DataFrame({"action": actions}).select(rule.expr())[:, 0].cast(pl.Int64).to_list())))
-        self.engine = Engine(model, max_cache_bytes=cache_bytes)
         self.store = HistoryStore(Path(store_path or default_store_path(run_dir, data_dir)))
         seeded = self.store.seed(self._raw_events(), source=str(data_dir))
         if seeded is not None:
             log(f"history store {self.store.path}: seeded with {seeded:,} events of {data_dir}")
+
+    def install(self, served: "Served") -> None:
+        """Serve ``served`` from the next request on (the caller runs this on the model thread, between
+        requests; a request prepared by the previous engine is scored by it)."""
+        self.served = served
+        self.engine, self.run_dir, self.model_name = served.engine, served.run_dir, served.model_name
+
+    def load(self, run_dir: Path) -> "Served":
+        """A run dir to serve in place of the current one, checked compatible with the service: the same
+        model inputs (DataInfo) and, from the data it was trained on, the same vocabularies and label rule
+        as the served data, so raw ids, the store's events and labels mean the same; Rejected (409)
+        saying what differs otherwise. Its user caches start empty (filled as users are scored)."""
+        from climber.config import load_yaml
+        from climber.data.prepare import load_manifest
+        from climber.eval.evaluate import load_run_model
+
+        run_dir = Path(run_dir)
+        try:
+            model, meta = load_run_model(run_dir, device=self.device)
+            trained_on = Path(load_yaml(run_dir / "config.yaml")["data"])
+        except (OSError, ValueError, KeyError) as err:  # ConfigError and DataError are ValueErrors
+            raise Rejected(409, f"reload {run_dir}: cannot load it: {err}") from None
+        if model.info != self.engine.info:
+            raise Rejected(409, f"reload {run_dir}: its model reads other inputs (vocabulary sizes or features) "
+                                f"than the served one: {model.info.to_dict()}")
+        if not (trained_on / "manifest.json").exists():
+            raise Rejected(409, f"reload {run_dir}: its data {trained_on} is not there to check its vocabularies")
+        if vocab_digest(trained_on) != vocab_digest(self.data_dir):
+            raise Rejected(409, f"reload {run_dir}: its data {trained_on} maps raw ids differently from the "
+                                f"served data {self.data_dir}")
+        rules = load_manifest(trained_on)["label_rule"], load_manifest(self.data_dir)["label_rule"]
+        if rules[0] != rules[1]:
+            raise Rejected(409, f"reload {run_dir}: its label rule {rules[0]!r} is not the served {rules[1]!r}")
+        return Served(run_dir, meta["model"], Engine(model, max_cache_bytes=self.cache_bytes), model_fingerprint(run_dir))
 
     def _raw_events(self) -> pl.DataFrame:
         """The prepared data's events (every split) with raw ids, for the store's first start; their
@@ -296,24 +369,27 @@ class Service:
         return UserHistory(user_id, ids("item"), ids("action"), ids("scenario"), ts, [e.label for e in events],
                            ctx, num)
 
-    def cache(self, user: str) -> tuple[UserCache, bool]:
-        """The user's cache (from the LRU, else encoded from the store) and whether the model knows the user."""
-        cache = self.engine.store.get(user)
+    def cache(self, user: str, engine: Engine) -> tuple[UserCache, bool]:
+        """The user's cache in ``engine`` (from its LRU, else encoded from the store) and whether the model
+        knows the user."""
+        cache = engine.store.get(user)
         if cache is None:
             events = self.store.history(user)
-            cache = self.engine.encode_user(self.dense_history(self.vocab["user"].get(user, 0), events))
-            self.engine.store.put(cache, key=user)
+            cache = engine.encode_user(self.dense_history(self.vocab["user"].get(user, 0), events))
+            engine.store.put(cache, key=user)
         return cache, user in self.vocab["user"]
 
     def prepare_score(self, user: str, candidates: list[str], scenario: str | None, ts: int | None,
                       context: dict | None = None, candidate_context: list[dict] | None = None,
                       user_features: dict | None = None):
-        """-> the engine request (cache, item ids, scenario ids, ts, features) and the reply's facts."""
+        """-> the engine that scores it, the engine request (cache, item ids, scenario ids, ts, features)
+        and the reply's facts."""
+        engine = self.engine
         _, scenario_id = self.scenario_id(scenario, "score")
         if candidate_context is not None and len(candidate_context) != len(candidates):
             raise Rejected(422, f"candidate_context: {len(candidate_context)} objects for {len(candidates)} "
                                 "candidates (one each)")
-        cache, known = self.cache(user)
+        cache, known = self.cache(user, engine)
         if ts is not None and ts < cache.last_ts:
             raise Rejected(422, f"score: ts {ts} is before the user's last event (ts {cache.last_ts})")
         when = max(cache.last_ts, int(time.time())) if ts is None else ts
@@ -323,8 +399,9 @@ class Service:
         ctx, num = self.context_features(contexts, [when] * C, "candidates")
         features = RequestFeatures(ctx, num, self.user_features(user_features or {}))
         request = (cache, items, np.full(C, scenario_id), np.full(C, when), features)
-        return request, {"user": user, "known_user": known, "history_length": len(cache.history),
-                         "unknown_items": [c for c, i in zip(candidates, items) if i == 0]}
+        return engine, request, {"user": user, "known_user": known, "history_length": len(cache.history),
+                                 "last_event_ts": cache.last_ts or None,
+                                 "unknown_items": [c for c, i in zip(candidates, items) if i == 0]}
 
     def add_events(self, user: str, events: list) -> dict:
         """Validate every event first (nothing is stored from a rejected request), store them durably,
@@ -352,79 +429,152 @@ class Service:
                 "unknown_items": sorted({r.item for r in rows if r.item not in self.vocab["item"]})}
 
 
-@dataclass
-class Histogram:
-    buckets: tuple
-    counts: list
-    total: float = 0.0
-    n: int = 0
+class Metrics:
+    """The service's Prometheus metrics (``prometheus_client``), in a registry of their own."""
 
-    @classmethod
-    def of(cls, buckets: tuple) -> "Histogram":
-        return cls(buckets, [0] * len(buckets))
+    def __init__(self, service: "Service | None" = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.n += 1
+        r = self.registry = CollectorRegistry()
+        self.latency = Histogram("climber_request_seconds", "request latency by route and status",
+                                 ["route", "status"], registry=r, buckets=LATENCY_BUCKETS)
+        self.batch = Histogram("climber_score_batch_requests", "score requests per batched forward", registry=r,
+                               buckets=BATCH_BUCKETS)
+        self.queue = Gauge("climber_queue_depth", "requests admitted to the model thread, not yet answered",
+                           registry=r)
+        self.shed = Counter("climber_shed", "requests answered 503 at once: the queue was full (--max-queue)",
+                            registry=r)
+        self.expired = Counter("climber_expired", "requests answered 504: past their deadline (--timeout-ms) "
+                               "before their work started, which was dropped", registry=r)
+        self.events = Counter("climber_events_stored", "events stored (acknowledged)", registry=r)
+        self.reloads = Counter("climber_reloads", "model reloads by result", ["result"], registry=r)
+        if service is not None:
+            engine = lambda: service.engine.store  # noqa: E731  (the engine in service now)
+            for name, doc, read in (("climber_cache_hit_rate", "user cache hit rate", lambda: engine().hit_rate),
+                                    ("climber_cache_users", "users in the K/V cache", lambda: len(engine())),
+                                    ("climber_cache_bytes", "bytes of the K/V cache", lambda: engine().nbytes)):
+                Gauge(name, doc, registry=r).set_function(read)
+            self.model = Gauge("climber_model_info", "the served model (1)", ["run", "fingerprint"], registry=r)
+            self.model.labels(str(service.run_dir), service.served.fingerprint).set(1)
 
-    def lines(self, name: str, labels: str) -> list[str]:
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
-        tail = f"{{{labels}}}" if labels else ""
-        return out + [f"{name}_sum{tail} {self.total:.6f}", f"{name}_count{tail} {self.n}"]
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in ROUTES else "/v1/users/{user}/history" if path.startswith("/v1/users/") else "other"
+        self.latency.labels(route, str(status)).observe(seconds)
+
+    def served(self, service: "Service") -> None:
+        """The model info gauge after a reload: only the served model's labels."""
+        self.model.clear()
+        self.model.labels(str(service.run_dir), service.served.fingerprint).set(1)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-ROUTES = ("/v1/score", "/v1/events", "/healthz", "/metrics")
+ROUTES = ("/v1/score", "/v1/events", "/healthz", "/metrics", "/v1/admin/reload")
 
 
-class Metrics:
-    def __init__(self):
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, Histogram] = {}
-        self.batch = Histogram.of(BATCH_BUCKETS)
+class Expired(Exception):
+    """A request's deadline passed before its work started; the work is dropped."""
 
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        route = path if path in ROUTES else "/v1/users/{user}/history" if path.startswith("/v1/users/") else "other"
-        self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
-        self.latency.setdefault(route, Histogram.of(LATENCY_BUCKETS)).observe(seconds)
 
-    def text(self, engine: Engine) -> str:
-        lines = ["# TYPE climber_requests_total counter"]
-        lines += [f'climber_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
-        lines.append("# TYPE climber_request_seconds histogram")
-        for route, hist in sorted(self.latency.items()):
-            lines += hist.lines("climber_request_seconds", f'path="{route}"')
-        lines += ["# TYPE climber_score_batch_requests histogram", *self.batch.lines("climber_score_batch_requests", "")]
-        store = engine.store
-        lines += ["# TYPE climber_cache_hit_rate gauge", f"climber_cache_hit_rate {store.hit_rate:.6f}",
-                  "# TYPE climber_cache_users gauge", f"climber_cache_users {len(store)}",
-                  "# TYPE climber_cache_bytes gauge", f"climber_cache_bytes {store.nbytes}",
-                  "# TYPE climber_cache_hits_total counter", f"climber_cache_hits_total {store.hits}",
-                  "# TYPE climber_cache_misses_total counter", f"climber_cache_misses_total {store.misses}"]
-        return "\n".join(lines) + "\n"
+class Ticket:
+    """One piece of a request's work: it runs only if claimed before its deadline and before the request
+    gave up on it (``drop``); once claimed, it runs to the end (events once being stored are stored)."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline  # time.monotonic() seconds; None: no deadline
+        self._lock = threading.Lock()
+        self._state = "waiting"  # -> "started" | "dropped"
+
+    def claim(self) -> bool:
+        """True: the work may run (and now will); False: it was dropped or is past its deadline."""
+        with self._lock:
+            if self._state == "waiting" and (self.deadline is None or time.monotonic() < self.deadline):
+                self._state = "started"
+            elif self._state == "waiting":
+                self._state = "dropped"
+            return self._state == "started"
+
+    def drop(self) -> bool:
+        """True: the work had not started and now never will; False: it has started."""
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "dropped"
+            return self._state == "dropped"
+
+
+class Work:
+    """The model thread: every piece of work that touches the model or the store runs on it, in arrival
+    order. At most ``max_queue`` requests are admitted at once (the next gets 503 with Retry-After at
+    once); each admitted request has ``timeout_s`` to be answered, after which it is answered 504 if its
+    work has not started (the work is dropped)."""
+
+    def __init__(self, max_queue: int, timeout_s: float | None, metrics: Metrics):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="climber-model")
+        self.max_queue, self.timeout_s, self.metrics = max_queue, timeout_s, metrics
+        self.depth = 0
+
+    @contextmanager
+    def admitted(self):
+        """One request's stay: 503 when the queue is full; yields its deadline (None: no timeout)."""
+        if self.depth >= self.max_queue:
+            self.metrics.shed.inc()
+            raise Rejected(503, f"the service is at its queue limit ({self.max_queue} requests); retry shortly")
+        self.depth += 1
+        self.metrics.queue.set(self.depth)
+        try:
+            yield None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        finally:
+            self.depth -= 1
+            self.metrics.queue.set(self.depth)
+
+    async def run(self, fn, *args, deadline: float | None = None):
+        """``fn(*args)`` on the model thread; 504 (and ``fn`` never runs) when the deadline passes first."""
+        ticket = Ticket(deadline)
+
+        def job():
+            if not ticket.claim():
+                raise Expired
+            return fn(*args)
+
+        return await self.wait(asyncio.get_running_loop().run_in_executor(self.executor, job), ticket)
+
+    async def wait(self, future, ticket: Ticket):
+        """The result of ``future`` (whose work ``ticket`` guards): 504 when the deadline passes before its
+        work started; once started, its result even past the deadline."""
+        try:
+            if ticket.deadline is None:
+                return await future
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, ticket.deadline - time.monotonic()))
+        except (TimeoutError, Expired):
+            if ticket.drop():
+                self.metrics.expired.inc()
+                raise Rejected(504, f"not answered within the deadline ({self.timeout_s * 1000:g} ms); "
+                                    "its work was dropped") from None
+            return await future
 
 
 class Batcher:
-    """Score requests run as one ``Engine.score_many`` on the worker thread when they wait together: a
+    """Score requests run as one ``Engine.score_many`` on the model thread when they wait together: a
     batch takes whatever is queued, then waits (up to ``window_s`` after its first request, at most
     ``max_batch``) only while more score requests are in flight (``pending``: received, not yet
-    answered), so a lone request never waits."""
+    answered), so a lone request never waits. A request past its deadline is left out; requests
+    prepared by different engines (a reload in between) run as one call per engine."""
 
-    def __init__(self, engine: Engine, run, window_s: float, max_batch: int, metrics: Metrics):
-        self.engine, self.run, self.window_s, self.max_batch, self.metrics = engine, run, window_s, max_batch, metrics
+    def __init__(self, run, window_s: float, max_batch: int, metrics: Metrics):
+        self.run, self.window_s, self.max_batch, self.metrics = run, window_s, max_batch, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = 0  # the score endpoint counts its requests in and out
 
-    async def score(self, request) -> torch.Tensor:
+    async def score(self, engine, request, ticket: Ticket | None = None):
+        """(engine, request) -> a future of its logits; ``ticket``: its deadline guard."""
         done = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((request, done))
-        return await done
+        self.queue.put_nowait((engine, request, done, ticket or Ticket(None)))
+        return done
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -442,17 +592,24 @@ class Batcher:
                     waiting.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
                     break
-            self.metrics.batch.observe(len(waiting))
+            live = [w for w in waiting if w[3].claim()]
+            for _, _, done, _ in waiting:
+                if not done.done() and not any(done is w[2] for w in live):
+                    done.set_exception(Expired())
+            if live:
+                self.metrics.batch.observe(len(live))
+                await self._run(live)
+
+    async def _run(self, live: list) -> None:
+        for engine in dict.fromkeys(w[0] for w in live):  # one call per engine, in arrival order
+            group = [w for w in live if w[0] is engine]
             try:
-                results = await self.run(self.engine.score_many, [r for r, _ in waiting])
-            except Exception as err:  # every waiting request fails with it, the loop goes on
-                for _, done in waiting:
-                    if not done.done():
-                        done.set_exception(err)
-                continue
-            for (_, done), logits in zip(waiting, results):
+                results = await self.run(engine.score_many, [w[1] for w in group])
+            except Exception as err:  # every request of the call fails with it, the loop goes on
+                results = [err] * len(group)
+            for (_, _, done, _), out in zip(group, results):
                 if not done.done():
-                    done.set_result(logits)
+                    done.set_exception(out) if isinstance(out, Exception) else done.set_result(out)
 
 
 class BodyLimit:
@@ -502,24 +659,45 @@ def _short(value):
 
 
 def create_app(service: Service, api_key: str | None = None, max_candidates: int = 1000, max_events: int = 1000,
-               batch_window_ms: float | None = 2.0, max_batch: int = 32, max_body_bytes: int = 2**20) -> FastAPI:
-    """The FastAPI app. batch_window_ms None: no dynamic batching (one forward per request)."""
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="climber-model")
-    metrics = Metrics()
+               batch_window_ms: float | None = 2.0, max_batch: int = 32, max_body_bytes: int = 2**20,
+               max_queue: int = 256, timeout_ms: float | None = 2000.0) -> FastAPI:
+    """The FastAPI app. batch_window_ms None: no dynamic batching (one forward per request); timeout_ms
+    None: no deadline."""
+    metrics = Metrics(service)
+    work = Work(max_queue, None if timeout_ms is None else timeout_ms / 1000, metrics)
+    batcher = None if batch_window_ms is None else Batcher(work.run, batch_window_ms / 1000, max_batch, metrics)
+    reloading = asyncio.Lock()
 
-    async def run(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
-
-    batcher = None if batch_window_ms is None else Batcher(service.engine, run, batch_window_ms / 1000, max_batch,
-                                                           metrics)
+    async def reload(run_dir: Path) -> dict:
+        """Load ``run_dir`` beside the served model (requests go on meanwhile), then swap on the model thread."""
+        async with reloading:
+            try:
+                served = await asyncio.get_running_loop().run_in_executor(None, service.load, run_dir)
+            except Rejected:
+                metrics.reloads.labels("refused").inc()
+                raise
+            await work.run(service.install, served)
+            metrics.served(service)
+            metrics.reloads.labels("done").inc()
+            return {"run": str(served.run_dir), "model": served.model_name, "fingerprint": served.fingerprint}
 
     @asynccontextmanager
     async def lifespan(app):
+        loop = asyncio.get_running_loop()
         task = None if batcher is None else asyncio.create_task(batcher.serve_forever())
+        hangups = []  # SIGHUP: reload the served run dir (its checkpoint may be newer)
+
+        def on_hangup():
+            hangups.append(asyncio.create_task(reload(service.run_dir)))
+            hangups[-1].add_done_callback(lambda t: t.cancelled() or t.exception())  # a refusal is in /metrics
+
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
         yield
+        # uvicorn has stopped accepting and answered every request in flight (SIGTERM, SIGINT)
         if task is not None:
             task.cancel()
-        worker.shutdown(wait=True)
+        work.executor.shutdown(wait=True)
         service.store.close()
 
     app = FastAPI(title="climber scoring service", version="1", lifespan=lifespan,
@@ -552,60 +730,87 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
 
     @app.exception_handler(Rejected)
     async def rejected(request: Request, err: Rejected):
-        return JSONResponse({"detail": str(err)}, status_code=err.status)
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        return JSONResponse({"detail": str(err)}, status_code=err.status, headers=headers)
 
     @app.post("/v1/score", response_model=ScoreReply, dependencies=guards,
-              responses={**UNAUTHORIZED, **TOO_LARGE, **INVALID})
+              responses={**UNAUTHORIZED, **TOO_LARGE, **INVALID, **BUSY})
     async def score(body: ScoreRequest):
         """Click probabilities of the candidates for the user, after the user's stored history, in request
         order, and the candidates ranked best first. An unknown user scores from an empty history; unknown
         items score as the out-of-vocabulary item and are listed in `unknown_items`."""
         candidates = [str(c) for c in body.candidates]
         features = (body.scenario, body.ts, body.context, body.candidate_context, body.user_features)
-        if batcher is None:
-            request, reply = await run(service.prepare_score, str(body.user), candidates, *features)
-            logits = await run(service.engine.score, *request)
-            metrics.batch.observe(1)
-        else:
-            batcher.pending += 1
-            try:
-                request, reply = await run(service.prepare_score, str(body.user), candidates, *features)
-                logits = await batcher.score(request)
-            finally:
-                batcher.pending -= 1
+        with work.admitted() as deadline:
+            if batcher is None:
+                engine, request, reply = await work.run(service.prepare_score, str(body.user), candidates, *features,
+                                                        deadline=deadline)
+                logits = (await work.run(engine.score_many, [request], deadline=deadline))[0]
+                metrics.batch.observe(1)
+            else:
+                batcher.pending += 1
+                try:
+                    engine, request, reply = await work.run(service.prepare_score, str(body.user), candidates,
+                                                            *features, deadline=deadline)
+                    ticket = Ticket(deadline)
+                    logits = await work.wait(await batcher.score(engine, request, ticket), ticket)
+                finally:
+                    batcher.pending -= 1
         scores = torch.sigmoid(logits.double()).tolist()
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return {**reply, "scores": scores, "ranked": [{"item": candidates[i], "score": scores[i]} for i in order]}
 
     @app.post("/v1/events", response_model=EventsReply, dependencies=guards,
-              responses={**UNAUTHORIZED, **OUT_OF_ORDER, **TOO_LARGE, **INVALID})
+              responses={**UNAUTHORIZED, **OUT_OF_ORDER, **TOO_LARGE, **INVALID, **BUSY})
     async def events(body: EventsRequest):
         """Store the user's new events (in time order, none before the user's last) durably, all or none,
-        and extend the user's cached history. A label left out comes from the data's label rule."""
-        return await run(service.add_events, str(body.user), body.events)
+        and extend the user's cached history. A label left out comes from the data's label rule. A 2xx
+        means stored, a 504 not stored; a score request sent after the 2xx sees them."""
+        with work.admitted() as deadline:
+            reply = await work.run(service.add_events, str(body.user), body.events, deadline=deadline)
+        metrics.events.inc(reply["stored"])
+        return reply
 
     @app.get("/v1/users/{user}/history", response_model=list[HistoryEvent], dependencies=guards,
              responses={**UNAUTHORIZED, **INVALID})
     async def history(user: Text, limit: Annotated[int | None, Query(ge=1, le=100_000)] = None):
         """The user's stored events, oldest first (the most recent `limit` when given); [] for an unknown
         user."""
-        events = await run(service.store.history, user, limit)
+        events = await asyncio.get_running_loop().run_in_executor(None, service.store.history, user, limit)
         return [e.__dict__ for e in events]
+
+    @app.post("/v1/admin/reload", dependencies=guards, responses={
+        **UNAUTHORIZED, 403: {"model": Problem, "description": "the service has no API key, so no admin endpoint"},
+        409: {"model": Problem, "description": "the run cannot be served in place of this one: why"}})
+    async def admin_reload(body: ReloadRequest | None = None):
+        """Serve another run dir (default: the served one again, e.g. after training went on in it) without
+        a restart: it is loaded beside the served model, checked compatible (same model inputs, and its
+        data's vocabularies and label rule), then swapped in between two requests; user caches refill as
+        users are scored. Requests meanwhile are answered by the old or the new model. SIGHUP does the
+        same for the served run dir."""
+        if api_key is None:
+            raise Rejected(403, "the admin endpoint needs an API key: start the service with $CLIMBER_API_KEY set "
+                                "(or send SIGHUP to reload the served run dir)")
+        return await reload(Path(body.run) if body and body.run else service.run_dir)
 
     @app.get("/healthz")
     async def healthz():
-        """Liveness, and what is served: the model, its run dir, whether it caches K/V, batching on or off.
-        Needs no API key."""
+        """Liveness, and what is served: the model, its run dir and checkpoint fingerprint (sha256), whether
+        it caches K/V, batching on or off, the queue. Needs no API key."""
         return {"status": "ok", "model": service.model_name, "run": str(service.run_dir),
-                "kv_cache": service.engine.caches_kv, "dynamic_batching": batcher is not None}
+                "fingerprint": service.served.fingerprint, "kv_cache": service.engine.caches_kv,
+                "dynamic_batching": batcher is not None, "queue_depth": work.depth, "max_queue": work.max_queue}
 
     # response_class Response (no media type): the 401's schema stays JSON, the 200 is declared as text
     @app.get("/metrics", response_class=Response, dependencies=guards,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **UNAUTHORIZED})
     async def prometheus():
-        """Prometheus text: requests by path and status, latency histograms, score batch sizes, the K/V
-        cache's hit rate, users and bytes."""
-        return PlainTextResponse(metrics.text(service.engine))
+        """Prometheus text (prometheus_client): latency histograms by route and status, score batch sizes,
+        queue depth, shed (503) and expired (504) requests, events stored, the K/V cache's hit rate, users
+        and bytes, reloads and the served model."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
