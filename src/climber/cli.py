@@ -419,9 +419,7 @@ DEVICE_HELP = "auto (CUDA when available, else CPU; the default), cpu, cuda, cud
 
 def _serve(args) -> None:
     _require_serving()
-    import uvicorn
-
-    from climber.serve.app import Service, create_app
+    from climber.serve.app import Service, create_app, serve
 
     key = os.environ.get(args.api_key_env) or None
     if args.host not in LOOPBACK and key is None and not args.no_auth:
@@ -437,7 +435,8 @@ def _serve(args) -> None:
           f"http://{args.host}:{args.port}; OpenAPI at /openapi.json (/docs: Swagger UI, from a CDN); "
           f"store {service.store.path}"
           f"{'; X-API-Key required' if key else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, args.host, args.port, args.log_level)
+    print("stopped: every request in flight answered, the store closed", flush=True)
 
 
 REFERENCE_CANDIDATES = 32  # candidates per row of `climber flops` and `climber models --json`

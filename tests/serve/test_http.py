@@ -13,44 +13,14 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-import polars as pl
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from climber.data.samples import Rows, UserEvents, collate
-from climber.data.sequences import resolve
 from climber.serve.app import Batcher, Metrics
 from climber.serve.loadtest import start_server
-
-USERS, ITEMS, EVENTS_PER_USER = 30, 40, 25
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny Climber trained for one epoch on a MovieLens-format log (label rule action>=4, one scenario)."""
-    from climber.config import resolve as resolve_config
-    from climber.data.datasets import load_dataset
-    from climber.data.prepare import prepare
-    from climber.train.loop import Trainer
-    from conftest import TINY
-
-    root = tmp_path_factory.mktemp("served")
-    rng = np.random.default_rng(0)
-    lines = []
-    for u in range(1, USERS + 1):
-        ts = 880_000_000 + np.cumsum(rng.integers(1, 5000, EVENTS_PER_USER))
-        for item, rating, t in zip(rng.choice(ITEMS, EVENTS_PER_USER, replace=False) + 1,
-                                   rng.integers(1, 6, EVENTS_PER_USER), ts):
-            lines.append(f"{u}\t{item}\t{rating}\t{t}")
-    (root / "raw").mkdir()
-    (root / "raw" / "u.data").write_text("\n".join(lines) + "\n")
-    prepare(load_dataset("movielens-100k", root / "raw"), root / "data")
-    cfg = resolve_config("climber-tiny", None, TINY + ["train.epochs=1"])
-    Trainer(root / "run", root / "data", cfg, log=lambda *_: None, progress=False).fit()
-    return root / "run"
-
+from served import EVENTS_PER_USER, offline_probabilities, run, score  # noqa: F401  (run: the fixture)
 
 @pytest.fixture(scope="module")
 def server(run, tmp_path_factory):
@@ -58,36 +28,6 @@ def server(run, tmp_path_factory):
     yield url
     proc.kill()
     proc.wait()
-
-
-def offline_probabilities(run, user: str, history: list[dict], candidates: list, ts: int) -> np.ndarray:
-    """sigmoid(model(batch)) for the batch the training pipeline (``collate``) builds for these candidates
-    after ``history`` (raw events as the service returns them)."""
-    from climber.eval.evaluate import load_run_model
-
-    model, _ = load_run_model(run)
-    data = run.parent / "data"
-    vocab = {c: dict(pl.read_parquet(data / "vocab" / f"{c}.parquet").select("raw", "id").iter_rows())
-             for c in ("user", "item", "action", "scenario")}
-    n, C = len(history), len(candidates)
-    column = lambda c, extra: np.array([vocab[c].get(e[c], 0) for e in history] + extra, dtype=np.int64)  # noqa: E731
-    events = UserEvents(
-        offsets=np.array([0, n + C]), user=np.array([vocab["user"][user]]),
-        item=column("item", [vocab["item"].get(str(c), 0) for c in candidates]),
-        action=column("action", [1] * C), scenario=column("scenario", [1] * C),
-        ts=np.array([e["ts"] for e in history] + [ts] * C, dtype=np.int64),
-        label=np.array([e["label"] for e in history] + [0] * C, dtype=np.int64),
-        split=np.zeros(n + C, dtype=np.int8))
-    rows = Rows(user=np.array([0]), cut=np.array([n]), start=np.array([n]), count=np.array([C]))
-    batch = collate(events, rows, resolve(model.strategies(), model.info.actions, model.info.scenarios))
-    with torch.no_grad():
-        return torch.sigmoid(model(batch)[0].double()).numpy()
-
-
-def score(url, user, candidates, ts, **kw):
-    r = httpx.post(url + "/v1/score", json={"user": user, "candidates": candidates, "ts": ts}, **kw)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_scores_equal_the_offline_model_before_and_after_events(run, server):

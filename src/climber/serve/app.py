@@ -818,3 +818,20 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         return HTMLResponse(page.body.decode().replace("<body>", f"<body>\n{OFFLINE_NOTE}", 1))
 
     return app
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+    """Run ``app`` with uvicorn until SIGTERM or SIGINT: it stops accepting, answers every request in
+    flight, runs the app's shutdown (the model thread drains, the store closes) and returns, so the
+    process exits 0. (uvicorn alone re-raises the signal after its graceful shutdown, which makes the
+    exit status that of a killed process.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()  # handled: nothing to re-raise
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
