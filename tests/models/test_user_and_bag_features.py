@@ -82,10 +82,12 @@ def test_a_user_new_at_serving_time_has_no_features():
     assert users(torch.tensor([INFO.num_users + 3])).eq(0).all() and users(torch.tensor([2])).ne(0).any()
 
 
-def test_checkpoints_from_before_bags_and_user_features_load():
-    model = build_model("climber", {"d_model": 8, "n_heads": 2}, DataInfo(num_users=6, num_items=9, actions=("a",),
-                                                                          scenarios=("s",)))
-    old = {k: v for k, v in model.state_dict().items() if "bag_ids" not in k and "user_features" not in k}
+@pytest.mark.parametrize("name", model_names())
+def test_checkpoints_from_before_bags_user_and_event_features_load(name):
+    model = build_model(name, {}, DataInfo(num_users=6, num_items=9, actions=("a",), scenarios=("s",)))
+    old = {k: v for k, v in model.state_dict().items()
+           if "bag_ids" not in k and "user_features" not in k and "context" not in k}
+    assert len(old) < len(model.state_dict())
     model.load_state_dict(old)  # strict: the missing buffers are the empty ones these models have
 
 

@@ -473,6 +473,11 @@ class EventContext(nn.Module):
         self.register_buffer("mean", torch.tensor([m for _, m, _ in numeric], dtype=torch.float32))
         self.register_buffer("std", torch.tensor([s for *_, s in numeric], dtype=torch.float32))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for buffer in ("mean", "std"):  # checkpoints from before issue 19: no numeric features
+            state_dict.setdefault(prefix + buffer, getattr(self, buffer))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, ctx: torch.Tensor | None, num: torch.Tensor | None, mask: torch.Tensor):
         out = 0.0
         if len(self.features):
