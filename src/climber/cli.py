@@ -409,7 +409,8 @@ def _bench_http(args) -> None:
 
     log = (lambda *_: None) if args.json else print
     out = bench_http(Path(args.run), requests=args.requests, concurrency=_csv_ints(args.concurrency),
-                     candidates=args.candidates, batch_window_ms=args.batch_window_ms, log=log)
+                     candidates=args.candidates, batch_window_ms=args.batch_window_ms, mix=args.mix,
+                     max_queue=args.max_queue, timeout_ms=args.timeout_ms, max_batch=args.max_batch, log=log)
     print(json.dumps(out, indent=2) if args.json else "\n" + markdown(out))
 
 
@@ -686,7 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     bh = bench.add_parser("http", help="load on the real HTTP service over loopback, with and without dynamic batching")
     bh.add_argument("--run", required=True, help="a `climber train` run dir")
     bh.add_argument("--requests", type=int, default=2000, help="score requests per concurrency level")
-    bh.add_argument("--concurrency", default="1,4,16,32", help="concurrent clients, comma separated")
+    bh.add_argument("--concurrency", default="1,4,16,32,64", help="concurrent clients, comma separated")
+    bh.add_argument("--mix", help="share of each route, e.g. score=0.8,events=0.2 (default: scores only); each "
+                                  "event goes to a new user, and every acknowledged one is checked stored")
+    bh.add_argument("--max-queue", type=int, default=256, help="the servers' --max-queue")
+    bh.add_argument("--timeout-ms", type=float, default=2000, help="the servers' --timeout-ms")
+    bh.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
     bh.add_argument("--candidates", type=int, default=64, help="candidates per request")
     bh.add_argument("--batch-window-ms", type=float, default=2.0, help="the batched server's window")
     bh.add_argument("--json", action="store_true", help="print the results as JSON")

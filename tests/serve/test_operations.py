@@ -206,3 +206,21 @@ def test_without_an_api_key_the_admin_endpoint_is_refused(run, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_mixed_load_bench_counts_every_route_and_finds_every_acknowledged_event_stored(run):
+    from climber.serve.loadtest import bench_http, markdown, parse_mix
+
+    out = bench_http(run, requests=40, concurrency=(1, 8), candidates=5, mix="score=0.7,events=0.3", log=lambda *_: None)
+    assert {(r["mode"], r["concurrency"], r["route"]) for r in out["rows"]} == {
+        (m, c, route) for m in ("batched", "unbatched") for c in (1, 8) for route in ("/v1/score", "/v1/events")}
+    assert all(r["errors"] == 0 and r["ok"] + r["shed_503"] + r["expired_504"] == r["requests"] for r in out["rows"])
+    assert sum(r["requests"] for r in out["rows"] if r["mode"] == "batched" and r["concurrency"] == 8) == 40
+    checks = out["events_stored_check"]
+    assert len(checks) == 4 and all(s["acknowledged"] == s["stored"] > 0 for s in checks)
+    assert out["in_process"]["p50_ms"] > 0 and out["http_p50_over_in_process_p50"] > 0
+    assert "acknowledged" in markdown(out)
+    assert parse_mix(None) == {"score": 1.0}
+    for bad in ("score=0.5,events=0.2", "score=0.5,reload=0.5"):
+        with pytest.raises(ValueError, match="--mix"):
+            parse_mix(bad)

@@ -21,6 +21,8 @@ import httpx
 import numpy as np
 import polars as pl
 
+from climber.config import ConfigError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,32 +54,80 @@ def start_server(run: Path, store: Path | None, extra: list[str] = (), env: dict
     raise RuntimeError(f"climber serve did not answer /healthz within {timeout_s:.0f} s")
 
 
-async def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float]:
-    """Send ``bodies`` from ``concurrency`` clients -> (latencies s of the 200s, errors, wall s)."""
-    latencies, errors, next_body = [], 0, iter(bodies)
+async def _load(url: str, work: list[tuple[str, dict]], concurrency: int) -> tuple[dict, dict, float]:
+    """Send ``work`` ((path, body) pairs) from ``concurrency`` clients -> (latencies s of the 2xx by
+    path, status counts by path (0: no answer), wall s)."""
+    latencies: dict = {}
+    statuses: dict = {}
+    next_item = iter(work)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
 
         async def client_loop():
-            nonlocal errors
-            for body in next_body:
+            for path, body in next_item:
                 start = time.perf_counter()
                 try:
-                    ok = (await client.post("/v1/score", json=body)).status_code == 200
+                    status = (await client.post(path, json=body)).status_code
                 except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors += 1
+                    status = 0
+                if status == 200:
+                    latencies.setdefault(path, []).append(time.perf_counter() - start)
+                counts = statuses.setdefault(path, {})
+                counts[status] = counts.get(status, 0) + 1
 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return latencies, errors, time.perf_counter() - start
+        return latencies, statuses, time.perf_counter() - start
 
 
-def bench_http(run: Path, requests: int = 2000, concurrency=(1, 4, 16, 32), candidates: int = 64,
-               batch_window_ms: float = 2.0, seed: int = 0, log=print) -> dict:
+def _ms(seconds: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.array(seconds) * 1000, q)), 2) if seconds else None
+
+
+def in_process(run: Path, data: Path, bodies: list[dict], store: Path, max_batch: int) -> dict:
+    """The same score requests through the engine in this process (``Service.prepare_score`` then
+    ``Engine.score_many``, no HTTP): per request alone (p50, p99), and saturated in batches of
+    ``max_batch`` as the batched server forms them at most (requests/s)."""
+    from climber.serve.app import Service
+
+    service = Service(run, data, store, log=lambda *_: None)
+    one = lambda b: service.prepare_score(b["user"], b["candidates"], None, None)  # noqa: E731
+    for b in bodies[:20]:  # warm-up, as the servers get
+        engine, request, _ = one(b)
+        engine.score_many([request])
+    alone = []
+    for b in bodies:
+        start = time.perf_counter()
+        engine, request, _ = one(b)
+        engine.score_many([request])
+        alone.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for k in range(0, len(bodies), max_batch):
+        prepared = [one(b) for b in bodies[k:k + max_batch]]
+        prepared[0][0].score_many([r for _, r, _ in prepared])
+    wall = time.perf_counter() - start
+    service.store.close()
+    return {"p50_ms": _ms(alone, 50), "p99_ms": _ms(alone, 99), "requests_per_s": round(len(bodies) / wall, 1)}
+
+
+def parse_mix(text: str | None) -> dict[str, float]:
+    """"score=0.8,events=0.2" -> {"score": 0.8, "events": 0.2}; None: scores only."""
+    if not text:
+        return {"score": 1.0}
+    mix = {}
+    for part in text.split(","):
+        name, _, share = part.partition("=")
+        if name.strip() not in ("score", "events"):
+            raise ConfigError(f"--mix: {name.strip()!r} is not a route (score, events)")
+        mix[name.strip()] = float(share)
+    if abs(sum(mix.values()) - 1) > 1e-6 or min(mix.values()) < 0:
+        raise ConfigError(f"--mix: the shares {mix} must be >= 0 and sum to 1")
+    return mix
+
+
+def bench_http(run: Path, requests: int = 2000, concurrency=(1, 4, 16, 32, 64), candidates: int = 64,
+               batch_window_ms: float = 2.0, seed: int = 0, mix: str | None = None, max_queue: int = 256,
+               timeout_ms: float = 2000.0, max_batch: int = 32, log=print) -> dict:
     from climber.compare import machine
     from climber.config import load_yaml
     from climber.data.prepare import load_manifest
@@ -86,41 +136,76 @@ def bench_http(run: Path, requests: int = 2000, concurrency=(1, 4, 16, 32), cand
     data = Path(load_yaml(run / "config.yaml")["data"])
     users = pl.read_parquet(data / "vocab" / "user.parquet")["raw"].to_list()
     items = pl.read_parquet(data / "vocab" / "item.parquet")["raw"].to_list()
+    actions = pl.read_parquet(data / "vocab" / "action.parquet")["raw"].to_list()
+    shares = parse_mix(mix)
     rng = np.random.default_rng(seed)
     bodies = [{"user": users[u], "candidates": [items[i] for i in rng.choice(len(items), candidates, replace=False)]}
               for u in rng.integers(0, len(users), requests)]
-    rows = []
+    is_event = rng.random(requests) < shares.get("events", 0.0)
+    ts = int(load_manifest(data)["ts_range"][1]) + 1
+    rows, stored_check = [], []
+    flags = ["--max-queue", str(max_queue), "--timeout-ms", str(timeout_ms), "--max-batch", str(max_batch)]
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "history.sqlite"
+        reference = in_process(run, data, bodies[:min(requests, 500)], Path(tmp) / "in-process.sqlite", max_batch)
+        log(f"in-process engine: p50 {reference['p50_ms']} ms  p99 {reference['p99_ms']} ms  saturated "
+            f"{reference['requests_per_s']} req/s (batches of {max_batch})")
         modes = {"batched": ["--batch-window-ms", str(batch_window_ms)], "unbatched": ["--no-batching"]}
-        for mode, flags in modes.items():
-            proc, url = start_server(run, store, flags)
+        for mode, mode_flags in modes.items():
+            proc, url = start_server(run, store, [*flags, *mode_flags])
             try:
-                asyncio.run(_load(url, bodies[:20], 1))  # warm-up
+                asyncio.run(_load(url, [("/v1/score", b) for b in bodies[:20]], 1))  # warm-up
                 for c in concurrency:
-                    latencies, errors, wall = asyncio.run(_load(url, bodies, c))
-                    ms = np.array(latencies) * 1000
-                    row = {"mode": mode, "concurrency": c, "requests": requests, "candidates": candidates,
-                           "errors": errors, "requests_per_s": round(requests / wall, 1),
-                           "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
-                           "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
-                    rows.append(row)
-                    log(f"{mode:9s} concurrency {c:3d}: {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  "
-                        f"p99 {row['p99_ms']} ms  errors {errors}")
+                    tag = f"{mode}-{c}"  # each event: a new user of its own, so every one can be checked
+                    work = [("/v1/events", {"user": f"bench-{tag}-{k}", "events": [{
+                        "item": body["candidates"][0], "action": actions[k % len(actions)], "ts": ts}]})
+                            if is_event[k] else ("/v1/score", body) for k, body in enumerate(bodies)]
+                    latencies, statuses, wall = asyncio.run(_load(url, work, c))
+                    acked = [body["user"] for (path, body) in work if path == "/v1/events"]
+                    ok = statuses.get("/v1/events", {}).get(200, 0)
+                    stored = sum(len(httpx.get(f"{url}/v1/users/{u}/history").json()) for u in acked)
+                    stored_check.append({"mode": mode, "concurrency": c, "acknowledged": ok, "stored": stored})
+                    for path, counts in sorted(statuses.items()):
+                        row = {"mode": mode, "concurrency": c, "route": path, "requests": sum(counts.values()),
+                               "requests_per_s": round(sum(counts.values()) / wall, 1),
+                               "p50_ms": _ms(latencies.get(path, []), 50), "p99_ms": _ms(latencies.get(path, []), 99),
+                               "ok": counts.get(200, 0), "shed_503": counts.get(503, 0),
+                               "expired_504": counts.get(504, 0),
+                               "errors": sum(n for s, n in counts.items() if s not in (200, 503, 504))}
+                        rows.append(row)
+                        log(f"{mode:9s} c={c:3d} {path:10s}: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']} ms"
+                            f"  p99 {row['p99_ms']} ms  503 {row['shed_503']}  504 {row['expired_504']}  "
+                            f"errors {row['errors']}")
+                    if ok:
+                        log(f"          events acknowledged {ok}, stored {stored}")
             finally:
                 proc.terminate()
-                proc.wait(timeout=30)
-    by = {(r["mode"], r["concurrency"]): r for r in rows}
-    ratios = {c: round(by[("batched", c)]["requests_per_s"] / by[("unbatched", c)]["requests_per_s"], 2)
-              for c in concurrency}
+                proc.wait(timeout=60)
+    score_rows = {(r["mode"], r["concurrency"]): r for r in rows if r["route"] == "/v1/score"}
+    ratios = {c: round(score_rows[("batched", c)]["requests_per_s"] / score_rows[("unbatched", c)]["requests_per_s"], 2)
+              for c in concurrency if ("batched", c) in score_rows and ("unbatched", c) in score_rows}
+    lone = score_rows.get(("batched", concurrency[0]), {}).get("p50_ms")
+    best = max((r["requests_per_s"] for (m, _), r in score_rows.items() if m == "batched"), default=None)
     return {"run": str(run), "data": str(data), "fingerprint": load_manifest(data)["fingerprint"]["sha256"],
-            "machine": machine(), "batch_window_ms": batch_window_ms, "rows": rows,
+            "machine": machine(), "batch_window_ms": batch_window_ms, "max_batch": max_batch, "max_queue": max_queue,
+            "timeout_ms": timeout_ms, "mix": shares, "in_process": reference, "rows": rows,
+            "events_stored_check": stored_check,
+            "http_p50_over_in_process_p50": None if lone is None else round(lone / reference["p50_ms"], 2),
+            "saturated_http_over_in_process": None if best is None else round(best / reference["requests_per_s"], 2),
             "throughput_ratio_batched_over_unbatched": ratios}
 
 
 def markdown(out: dict) -> str:
-    lines = ["| mode | concurrency | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['concurrency']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['errors']} |" for r in out["rows"]]
+    ref = out["in_process"]
+    lines = [f"in-process engine (same requests, no HTTP): p50 {ref['p50_ms']} ms, p99 {ref['p99_ms']} ms, saturated "
+             f"{ref['requests_per_s']} req/s in batches of {out['max_batch']}", "",
+             "| mode | clients | route | requests/s | p50 ms | p99 ms | 200 | 503 | 504 | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['concurrency']} | {r['route']} | {r['requests_per_s']} | {r['p50_ms']} | "
+              f"{r['p99_ms']} | {r['ok']} | {r['shed_503']} | {r['expired_504']} | {r['errors']} |" for r in out["rows"]]
     ratios = ", ".join(f"c={c}: {v}x" for c, v in out["throughput_ratio_batched_over_unbatched"].items())
-    return "\n".join(lines) + f"\n\nthroughput batched / unbatched: {ratios}\n"
+    checks = "; ".join(f"{s['mode']} c={s['concurrency']}: {s['acknowledged']} acknowledged, {s['stored']} stored"
+                       for s in out["events_stored_check"] if s["acknowledged"])
+    return ("\n".join(lines) + f"\n\nHTTP p50 (one client, batched) / in-process p50: {out['http_p50_over_in_process_p50']}x;"
+            f" saturated HTTP / in-process throughput: {out['saturated_http_over_in_process']}x\n"
+            f"throughput batched / unbatched: {ratios}\n" + (f"events: {checks}\n" if checks else ""))
