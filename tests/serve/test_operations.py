@@ -215,6 +215,7 @@ def test_the_mixed_load_bench_counts_every_route_and_finds_every_acknowledged_ev
     assert {(r["mode"], r["concurrency"], r["route"]) for r in out["rows"]} == {
         (m, c, route) for m in ("batched", "unbatched") for c in (1, 8) for route in ("/v1/score", "/v1/events")}
     assert all(r["errors"] == 0 and r["ok"] + r["shed_503"] + r["expired_504"] == r["requests"] for r in out["rows"])
+    assert all(0 < r["server_p99_at_most_ms"] <= 5000 for r in out["rows"])  # a bucket bound of the server's own
     assert sum(r["requests"] for r in out["rows"] if r["mode"] == "batched" and r["concurrency"] == 8) == 40
     checks = out["events_stored_check"]
     assert len(checks) == 4 and all(s["acknowledged"] == s["stored"] > 0 for s in checks)
@@ -224,3 +225,17 @@ def test_the_mixed_load_bench_counts_every_route_and_finds_every_acknowledged_ev
     for bad in ("score=0.5,events=0.2", "score=0.5,reload=0.5"):
         with pytest.raises(ValueError, match="--mix"):
             parse_mix(bad)
+
+
+def test_the_server_p99_bound_is_the_smallest_bucket_holding_99_percent_of_the_answers_between_readings():
+    from climber.serve.loadtest import server_p99_bound_ms
+
+    inf = float("inf")
+    before = {("/v1/score", "200"): {0.1: 50, 1.0: 60, inf: 60}}
+    after = {("/v1/score", "200"): {0.1: 50, 1.0: 158, inf: 160}, ("/v1/score", "504"): {0.1: 0, 1.0: 0, inf: 0},
+             ("/v1/events", "200"): {0.1: 7, 1.0: 7, inf: 7}}
+    assert server_p99_bound_ms(before, after, "/v1/score") is None  # 2 of the 100 new ones past 1 s: unbounded
+    after[("/v1/score", "200")][1.0] = 159  # now 99 of 100 within 1 s, none within 0.1 s
+    assert server_p99_bound_ms(before, after, "/v1/score") == 1000.0
+    assert server_p99_bound_ms(before, after, "/v1/events") == 100.0
+    assert server_p99_bound_ms(after, after, "/v1/score") is None  # nothing answered in between

@@ -562,8 +562,9 @@ class Batcher:
     """Score requests run as one ``Engine.score_many`` on the model thread when they wait together: a
     batch takes whatever is queued, then waits (up to ``window_s`` after its first request, at most
     ``max_batch``) only while more score requests are in flight (``pending``: received, not yet
-    answered), so a lone request never waits. A request past its deadline is left out; requests
-    prepared by different engines (a reload in between) run as one call per engine."""
+    answered), so a lone request never waits. A request past its deadline when its batch starts on the
+    model thread is left out (504); requests prepared by different engines (a reload in between) run
+    as one call per engine."""
 
     def __init__(self, run, window_s: float, max_batch: int, metrics: Metrics):
         self.run, self.window_s, self.max_batch, self.metrics = run, window_s, max_batch, metrics
@@ -592,23 +593,26 @@ class Batcher:
                     waiting.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
                     break
-            live = [w for w in waiting if w[3].claim()]
-            for _, _, done, _ in waiting:
-                if not done.done() and not any(done is w[2] for w in live):
-                    done.set_exception(Expired())
+            await self._run(waiting)
+
+    async def _run(self, waiting: list) -> None:
+        for engine in dict.fromkeys(w[0] for w in waiting):  # one call per engine, in arrival order
+            group = [w for w in waiting if w[0] is engine]
+
+            def job(group=group, engine=engine):  # on the model thread: a request past its deadline now is left out
+                live = [w for w in group if w[3].claim()]
+                return live, engine.score_many([w[1] for w in live]) if live else []
+
+            try:
+                live, results = await self.run(job)
+            except Exception as err:  # every request of the call fails with it, the loop goes on
+                live, results = group, [err] * len(group)
             if live:
                 self.metrics.batch.observe(len(live))
-                await self._run(live)
-
-    async def _run(self, live: list) -> None:
-        for engine in dict.fromkeys(w[0] for w in live):  # one call per engine, in arrival order
-            group = [w for w in live if w[0] is engine]
-            try:
-                results = await self.run(engine.score_many, [w[1] for w in group])
-            except Exception as err:  # every request of the call fails with it, the loop goes on
-                results = [err] * len(group)
-            for (_, _, done, _), out in zip(group, results):
+            outcome = {id(w[2]): out for w, out in zip(live, results)}
+            for _, _, done, _ in group:
                 if not done.done():
+                    out = outcome.get(id(done), Expired())
                     done.set_exception(out) if isinstance(out, Exception) else done.set_result(out)
 
 
