@@ -174,7 +174,8 @@ def test_serving_a_run_leaves_its_run_dir_unchanged(run, tmp_path, monkeypatch):
         score(url, "3", [1, 2], None)
     finally:
         proc.kill()
-        output = proc.communicate()[0]
+        proc.wait()
+    output = open(proc.log_path).read()
     assert files() == before
     store = default_store_path(run, run.parent / "data")
     assert store.is_relative_to(tmp_path / "state" / "climber" / "serve") and store.exists()

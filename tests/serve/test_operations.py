@@ -100,7 +100,7 @@ def test_sigterm_answers_requests_in_flight_exits_0_and_keeps_every_acknowledged
         await clients
 
     asyncio.run(main())
-    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, open(proc.log_path).read()
     assert sum(map(len, acked.values())) > 0
     proc, url = start_server(run, store)
     try:

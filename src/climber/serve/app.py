@@ -477,8 +477,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ROUTES = ("/v1/score", "/v1/events", "/healthz", "/metrics", "/v1/admin/reload")
 
 
-class Expired(Exception):
-    """A request's deadline passed before its work started; the work is dropped."""
+EXPIRED = object()  # what dropped work returns: its request's deadline passed before it started
 
 
 class Ticket:
@@ -537,9 +536,7 @@ class Work:
         ticket = Ticket(deadline)
 
         def job():
-            if not ticket.claim():
-                raise Expired
-            return fn(*args)
+            return fn(*args) if ticket.claim() else EXPIRED
 
         return await self.wait(asyncio.get_running_loop().run_in_executor(self.executor, job), ticket)
 
@@ -548,14 +545,18 @@ class Work:
         work started; once started, its result even past the deadline."""
         try:
             if ticket.deadline is None:
-                return await future
-            return await asyncio.wait_for(asyncio.shield(future), max(0.0, ticket.deadline - time.monotonic()))
-        except (TimeoutError, Expired):
-            if ticket.drop():
-                self.metrics.expired.inc()
-                raise Rejected(504, f"not answered within the deadline ({self.timeout_s * 1000:g} ms); "
-                                    "its work was dropped") from None
-            return await future
+                result = await future
+            else:
+                result = await asyncio.wait_for(asyncio.shield(future), max(0.0, ticket.deadline - time.monotonic()))
+        except TimeoutError:
+            if not ticket.drop():
+                return await future  # started: its result, late
+            result = EXPIRED
+        if result is EXPIRED:
+            self.metrics.expired.inc()
+            raise Rejected(504, f"not answered within the deadline ({self.timeout_s * 1000:g} ms); its work was "
+                                "dropped")
+        return result
 
 
 class Batcher:
@@ -612,7 +613,7 @@ class Batcher:
             outcome = {id(w[2]): out for w, out in zip(live, results)}
             for _, _, done, _ in group:
                 if not done.done():
-                    out = outcome.get(id(done), Expired())
+                    out = outcome.get(id(done), EXPIRED)
                     done.set_exception(out) if isinstance(out, Exception) else done.set_result(out)
 
 

@@ -40,13 +40,15 @@ def start_server(run: Path, store: Path | None, extra: list[str] = (), env: dict
     port = free_port()
     cmd = [sys.executable, "-m", "climber", "serve", "--run", str(run), "--port", str(port),
            *([] if store is None else ["--store", str(store)]), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    # the server's output goes to a file: a pipe nobody reads fills up and blocks the server
+    log = tempfile.NamedTemporaryFile("w+", prefix="climber-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    proc.log_path = log.name
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"climber serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise RuntimeError(f"climber serve exited with {proc.returncode}:\n{Path(log.name).read_text()}")
         try:
             if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
                 return proc, url
