@@ -31,7 +31,8 @@ def test_work_sheds_past_its_queue_and_drops_work_whose_deadline_passed_before_i
         metrics = Metrics()
         work = Work(max_queue=2, timeout_s=0.05, metrics=metrics)
         gate = threading.Event()
-        with work.admitted() as first, work.admitted() as second:
+        with work.admitted() as first, work.admitted(time.monotonic() - 1.0) as second:
+            assert second < first  # a deadline counts from arrival: this one arrived a second ago
             with pytest.raises(Rejected) as full:
                 with work.admitted():
                     pass
@@ -115,7 +116,7 @@ def test_sigterm_answers_requests_in_flight_exits_0_and_keeps_every_acknowledged
 
 
 def test_a_score_sent_after_an_acknowledged_event_sees_it(run, tmp_path):
-    proc, url = start_server(run, tmp_path / "history.sqlite")
+    proc, url = start_server(run, tmp_path / "history.sqlite", ["--timeout-ms", "0"])  # no 504 on a loaded machine
 
     async def client(k: int, c: httpx.AsyncClient):
         for i in range(4):
@@ -150,7 +151,7 @@ def test_reload_swaps_a_compatible_run_without_a_failed_request_and_refuses_othe
     other_rule = train_tiny(tmp_path / "data3", tmp_path / "rule3")
     other_inputs = train_tiny(prepare_feature_log(tmp_path), tmp_path / "features")
     key = {"X-API-Key": "k"}
-    proc, url = start_server(run, tmp_path / "history.sqlite", env={"CLIMBER_API_KEY": "k"})
+    proc, url = start_server(run, tmp_path / "history.sqlite", ["--timeout-ms", "0"], env={"CLIMBER_API_KEY": "k"})
     try:
         assert httpx.get(url + "/healthz").json()["fingerprint"] == model_fingerprint(run)
         statuses = []

@@ -518,15 +518,16 @@ class Work:
         self.depth = 0
 
     @contextmanager
-    def admitted(self):
-        """One request's stay: 503 when the queue is full; yields its deadline (None: no timeout)."""
+    def admitted(self, arrived: float | None = None):
+        """One request's stay: 503 when the queue is full; yields its deadline (None: no timeout), counted
+        from ``arrived`` (time.monotonic() when the app received it; default: now)."""
         if self.depth >= self.max_queue:
             self.metrics.shed.inc()
             raise Rejected(503, f"the service is at its queue limit ({self.max_queue} requests); retry shortly")
         self.depth += 1
         self.metrics.queue.set(self.depth)
         try:
-            yield None if self.timeout_s is None else time.monotonic() + self.timeout_s
+            yield None if self.timeout_s is None else (arrived or time.monotonic()) + self.timeout_s
         finally:
             self.depth -= 1
             self.metrics.queue.set(self.depth)
@@ -718,6 +719,7 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
+        request.state.arrived = time.monotonic()  # a deadline counts from here, body validation included
         start = time.perf_counter()
         response = await call_next(request)
         metrics.observe(request.url.path, response.status_code, time.perf_counter() - start)
@@ -740,13 +742,13 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
 
     @app.post("/v1/score", response_model=ScoreReply, dependencies=guards,
               responses={**UNAUTHORIZED, **TOO_LARGE, **INVALID, **BUSY})
-    async def score(body: ScoreRequest):
+    async def score(body: ScoreRequest, http: Request):
         """Click probabilities of the candidates for the user, after the user's stored history, in request
         order, and the candidates ranked best first. An unknown user scores from an empty history; unknown
         items score as the out-of-vocabulary item and are listed in `unknown_items`."""
         candidates = [str(c) for c in body.candidates]
         features = (body.scenario, body.ts, body.context, body.candidate_context, body.user_features)
-        with work.admitted() as deadline:
+        with work.admitted(http.state.arrived) as deadline:
             if batcher is None:
                 engine, request, reply = await work.run(service.prepare_score, str(body.user), candidates, *features,
                                                         deadline=deadline)
@@ -770,11 +772,11 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
 
     @app.post("/v1/events", response_model=EventsReply, dependencies=guards,
               responses={**UNAUTHORIZED, **OUT_OF_ORDER, **TOO_LARGE, **INVALID, **BUSY})
-    async def events(body: EventsRequest):
+    async def events(body: EventsRequest, http: Request):
         """Store the user's new events (in time order, none before the user's last) durably, all or none,
         and extend the user's cached history. A label left out comes from the data's label rule. A 2xx
         means stored, a 504 not stored; a score request sent after the 2xx sees them."""
-        with work.admitted() as deadline:
+        with work.admitted(http.state.arrived) as deadline:
             reply = await work.run(service.add_events, str(body.user), body.events, deadline=deadline)
         metrics.events.inc(reply["stored"])
         return reply
