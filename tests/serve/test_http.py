@@ -314,7 +314,7 @@ def run_batcher(pending: int, n: int, window_s: float = 0.05, max_batch: int = 4
             return fn(*args)
 
         async def now(i):
-            return await (await batcher.score(engine, i))
+            return await batcher.score(engine, i)
 
         async def later(i):
             await asyncio.sleep(0.01)

@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -237,7 +237,7 @@ class Service:
         if not model.info.matches(data_dir):
             raise DataError(f"{data_dir}: its vocabularies differ from the ones {run_dir} was trained on")
         self.data_dir, self.cache_bytes, self.device = data_dir, cache_bytes, device
-        self.install(Served(run_dir, meta["model"], Engine(model, max_cache_bytes=cache_bytes), model_fingerprint(run_dir)))
+        self.served = self._served(run_dir, model, meta)
         info, manifest = model.info, load_manifest(data_dir)
         self.ctx_columns = [c for c, _ in info.ctx_features]
         self.user_columns = [c for c, *_ in (*info.user_features, *info.user_bags)]
@@ -261,7 +261,22 @@ class Service:
         """Serve ``served`` from the next request on (the caller runs this on the model thread, between
         requests; a request prepared by the previous engine is scored by it)."""
         self.served = served
-        self.engine, self.run_dir, self.model_name = served.engine, served.run_dir, served.model_name
+
+    @property
+    def engine(self) -> Engine:
+        return self.served.engine
+
+    @property
+    def run_dir(self) -> Path:
+        return self.served.run_dir
+
+    @property
+    def model_name(self) -> str:
+        return self.served.model_name
+
+    def _served(self, run_dir: Path, model, meta: dict) -> "Served":
+        """A loaded run's model in an engine of its own (empty user caches)."""
+        return Served(run_dir, meta["model"], Engine(model, max_cache_bytes=self.cache_bytes), model_fingerprint(run_dir))
 
     def load(self, run_dir: Path) -> "Served":
         """A run dir to serve in place of the current one, checked compatible with the service: the same
@@ -289,7 +304,7 @@ class Service:
         rules = load_manifest(trained_on)["label_rule"], load_manifest(self.data_dir)["label_rule"]
         if rules[0] != rules[1]:
             raise Rejected(409, f"reload {run_dir}: its label rule {rules[0]!r} is not the served {rules[1]!r}")
-        return Served(run_dir, meta["model"], Engine(model, max_cache_bytes=self.cache_bytes), model_fingerprint(run_dir))
+        return self._served(run_dir, model, meta)
 
     def _raw_events(self) -> pl.DataFrame:
         """The prepared data's events (every split) with raw ids, for the store's first start; their
@@ -361,11 +376,12 @@ class Service:
             raise Rejected(422, f"{where}: unknown scenario {scenario!r}; known: {sorted(known)[:20]}")
         return scenario, known[scenario]
 
-    def dense_history(self, user_id: int, events: list[Event]) -> UserHistory:
-        """Raw events -> the engine's dense ids (unknown items: 0) and features."""
+    def dense_history(self, user_id: int, events: list[Event], context: tuple | None = None) -> UserHistory:
+        """Raw events -> the engine's dense ids (unknown items: 0) and features (``context``: their
+        ``context_features`` when already mapped)."""
         ids = lambda col: [self.vocab[col].get(getattr(e, col), 0) for e in events]  # noqa: E731
         ts = [e.ts for e in events]
-        ctx, num = self.context_features([e.context for e in events], ts, "events")
+        ctx, num = context or self.context_features([e.context for e in events], ts, "events")
         return UserHistory(user_id, ids("item"), ids("action"), ids("scenario"), ts, [e.label for e in events],
                            ctx, num)
 
@@ -417,14 +433,14 @@ class Service:
                 raise Rejected(422, f"events[{i}].label: required (the data's label rule is 'label')")
             label = e.label if e.label is not None else self.action_label[action]
             rows.append(Event(str(e.item), action, scenario, e.ts, label, e.context or {}))
-        self.context_features([r.context for r in rows], [r.ts for r in rows], "events")  # 422 before storing
+        context = self.context_features([r.context for r in rows], [r.ts for r in rows], "events")  # 422 before storing
         try:
             total = self.store.append(user, rows)
         except DataError as err:
             raise Rejected(409, str(err)) from None
         cache = self.engine.store.pop(user)
         if cache is not None:
-            self.engine.store.put(self.engine.append(cache, self.dense_history(cache.user, rows)), key=user)
+            self.engine.store.put(self.engine.append(cache, self.dense_history(cache.user, rows, context)), key=user)
         return {"user": user, "stored": len(rows), "events_total": total,
                 "unknown_items": sorted({r.item for r in rows if r.item not in self.vocab["item"]})}
 
@@ -449,10 +465,10 @@ class Metrics:
         self.events = Counter("climber_events_stored", "events stored (acknowledged)", registry=r)
         self.reloads = Counter("climber_reloads", "model reloads by result", ["result"], registry=r)
         if service is not None:
-            engine = lambda: service.engine.store  # noqa: E731  (the engine in service now)
-            for name, doc, read in (("climber_cache_hit_rate", "user cache hit rate", lambda: engine().hit_rate),
-                                    ("climber_cache_users", "users in the K/V cache", lambda: len(engine())),
-                                    ("climber_cache_bytes", "bytes of the K/V cache", lambda: engine().nbytes)):
+            caches = lambda: service.engine.store  # noqa: E731  (the user caches of the engine served now)
+            for name, doc, read in (("climber_cache_hit_rate", "user cache hit rate", lambda: caches().hit_rate),
+                                    ("climber_cache_users", "users in the K/V cache", lambda: len(caches())),
+                                    ("climber_cache_bytes", "bytes of the K/V cache", lambda: caches().nbytes)):
                 Gauge(name, doc, registry=r).set_function(read)
             self.model = Gauge("climber_model_info", "the served model (1)", ["run", "fingerprint"], registry=r)
             self.model.labels(str(service.run_dir), service.served.fingerprint).set(1)
@@ -573,7 +589,16 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = 0  # the score endpoint counts its requests in and out
 
-    async def score(self, engine, request, ticket: Ticket | None = None):
+    @contextmanager
+    def counted(self):
+        """One score request in flight, from its arrival to its answer (``pending``)."""
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    def score(self, engine, request, ticket: Ticket | None = None) -> asyncio.Future:
         """(engine, request) -> a future of its logits; ``ticket``: its deadline guard."""
         done = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((engine, request, done, ticket or Ticket(None)))
@@ -748,21 +773,15 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         items score as the out-of-vocabulary item and are listed in `unknown_items`."""
         candidates = [str(c) for c in body.candidates]
         features = (body.scenario, body.ts, body.context, body.candidate_context, body.user_features)
-        with work.admitted(http.state.arrived) as deadline:
+        with work.admitted(http.state.arrived) as deadline, batcher.counted() if batcher else nullcontext():
+            engine, request, reply = await work.run(service.prepare_score, str(body.user), candidates, *features,
+                                                    deadline=deadline)
             if batcher is None:
-                engine, request, reply = await work.run(service.prepare_score, str(body.user), candidates, *features,
-                                                        deadline=deadline)
                 logits = (await work.run(engine.score_many, [request], deadline=deadline))[0]
                 metrics.batch.observe(1)
             else:
-                batcher.pending += 1
-                try:
-                    engine, request, reply = await work.run(service.prepare_score, str(body.user), candidates,
-                                                            *features, deadline=deadline)
-                    ticket = Ticket(deadline)
-                    logits = await work.wait(await batcher.score(engine, request, ticket), ticket)
-                finally:
-                    batcher.pending -= 1
+                ticket = Ticket(deadline)
+                logits = await work.wait(batcher.score(engine, request, ticket), ticket)
         scores = torch.sigmoid(logits.double()).tolist()
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         # a Response as is: FastAPI's re-validation of the reply against ScoreReply (which still documents

@@ -55,7 +55,8 @@ from climber.models.layers import UserFeatures
 from climber.models.transformer import Transformer
 
 EVENT_FIELDS = ("item", "action", "scenario", "ts", "label")
-FEATURE_FIELDS = ("ctx", "num")  # per-event features: (n, F) arrays
+FEATURE_DTYPES = {"ctx": np.int64, "num": np.float32}  # per-event features: (n, F) arrays of ctx_* ids, num_* values
+FEATURE_FIELDS = tuple(FEATURE_DTYPES)
 
 
 def _ids(values, name: str) -> np.ndarray:
@@ -98,7 +99,7 @@ class UserHistory:
         self.user = int(self.user)
         for f in EVENT_FIELDS:
             setattr(self, f, _ids(getattr(self, f), f"history of user {self.user}: {f}"))
-        for f, dtype in zip(FEATURE_FIELDS, (np.int64, np.float32)):
+        for f, dtype in FEATURE_DTYPES.items():
             setattr(self, f, _table(getattr(self, f), len(self.ts), dtype, f"history of user {self.user}: {f}"))
         lengths = {f: len(getattr(self, f)) for f in EVENT_FIELDS + FEATURE_FIELDS}
         if len(set(lengths.values())) > 1:
@@ -454,8 +455,8 @@ class Engine:
         self._check_range("cand_scenario", arrays["cand_scenario"], self.info.num_scenarios)
         C = lengths["cand_item"]
         features = features or RequestFeatures()
-        arrays["cand_ctx"] = self._features("candidates: ctx", features.ctx, C, np.int64)
-        arrays["cand_num"] = self._features("candidates: num", features.num, C, np.float32)
+        arrays["cand_ctx"] = self._features("candidates: ctx", "ctx", features.ctx, C)
+        arrays["cand_num"] = self._features("candidates: num", "num", features.num, C)
         arrays["user_values"], arrays["user_bags"] = self._user_features(user, features.user or {})
         t = {k: None if v is None else torch.from_numpy(v).to(self.device)[None] for k, v in arrays.items()}
         return Batch(
@@ -467,10 +468,9 @@ class Engine:
             **t,
         )
 
-    def _features(self, name: str, given, n: int, dtype) -> np.ndarray | None:
-        """(n, F) ctx_* value ids (dtype int64) or num_* values (float32) of n events or candidates, checked
-        against the model's features; None where the model reads none of that kind."""
-        kind = "ctx" if dtype == np.int64 else "num"
+    def _features(self, name: str, kind: str, given, n: int) -> np.ndarray | None:
+        """(n, F) ``kind`` "ctx" (value ids) or "num" (values) features of n events or candidates, checked
+        against the model's; None where the model reads none of that kind."""
         expected = self.info.ctx_features if kind == "ctx" else self.info.numeric_features
         if not expected and (given is None or not np.size(given)):
             return None
@@ -478,7 +478,7 @@ class Engine:
         if given is None:
             raise DataError(f"{name}: the model reads {kind}_* features ({', '.join(names)}); give them, "
                             f"one row per {'candidate' if name.startswith('cand') else 'event'}")
-        table = _table(given, n, dtype, name)
+        table = _table(given, n, FEATURE_DTYPES[kind], name)
         if table.shape != (n, len(names)):
             raise DataError(f"{name}: expected shape ({n}, {len(names)}) (columns {names}), got {table.shape}")
         if kind == "ctx":
@@ -529,8 +529,8 @@ class Engine:
         if not len(history):
             widths = (len(self.info.ctx_features), len(self.info.numeric_features))
             history = replace(history, **{f: np.zeros((0, w)) for f, w in zip(FEATURE_FIELDS, widths)})
-        for f, dtype in zip(FEATURE_FIELDS, (np.int64, np.float32)):
-            self._features(f"history of user {history.user}: {f}", getattr(history, f), len(history), dtype)
+        for f in FEATURE_FIELDS:
+            self._features(f"history of user {history.user}: {f}", f, getattr(history, f), len(history))
         for f, size, low in (("item", self.info.num_items, 0), ("action", self.info.num_actions, 1),
                              ("scenario", self.info.num_scenarios, 1)):
             self._check_range(f"history of user {history.user}: {f}", getattr(history, f), size, low)

@@ -107,14 +107,12 @@ class HistoryStore:
         return seq + len(events)
 
     def seed(self, frame: pl.DataFrame, source: str) -> int | None:
-        """Bulk-load raw events (columns user, item, action, scenario: str; ts, label: int; optional
-        context: str, a JSON object), each user's in (ts, row) order, once: the first call stores them and
-        ``source`` in one transaction and returns the row count; later calls (the store was seeded)
-        store nothing and return None."""
+        """Bulk-load raw events (columns user, item, action, scenario: str; ts, label: int; context: str, a
+        JSON object), each user's in (ts, row) order, once: the first call stores them and ``source`` in
+        one transaction and returns the row count; later calls (the store was seeded) store nothing and
+        return None."""
         frame = frame.sort("user", "ts", maintain_order=True).with_columns(
             pl.int_range(pl.len()).over("user").alias("seq"))
-        if "context" not in frame.columns:
-            frame = frame.with_columns(pl.lit("{}").alias("context"))
         columns = ("user", "seq", "item", "action", "scenario", "ts", "label", "context")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
