@@ -164,11 +164,15 @@ def test_reload_swaps_a_compatible_run_without_a_failed_request_and_refuses_othe
 
         async def main():
             stop = asyncio.Event()
+            async def answered(n: int):  # scores answered, however slow the machine is (or the clients failed)
+                while len(statuses) < n and not all(t.done() for t in clients):
+                    await asyncio.sleep(0.01)
+
             clients = [asyncio.create_task(scoring(stop)) for _ in range(4)]
-            await asyncio.sleep(0.3)
+            await answered(6)
             async with httpx.AsyncClient(base_url=url, timeout=60, headers=key) as c:
                 reply = await c.post("/v1/admin/reload", json={"run": str(other)})
-            await asyncio.sleep(0.3)
+            await answered(len(statuses) + 6)
             stop.set()
             await asyncio.gather(*clients)
             return reply
