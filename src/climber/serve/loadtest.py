@@ -126,7 +126,7 @@ def in_process(run: Path, data: Path, bodies: list[dict], store: Path, max_batch
 
     service = Service(run, data, store, log=lambda *_: None)
     one = lambda b: service.prepare_score(b["user"], b["candidates"], None, None)  # noqa: E731
-    for b in bodies[:20]:  # warm-up, as the servers get
+    for b in bodies:  # warm-up: every user's cache filled, as the servers' warm-up fills theirs
         engine, request, _ = one(b)
         engine.score_many([request])
     alone = []
