@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from climber.cli import main
 from climber.compare import Entry
@@ -49,8 +50,15 @@ def test_compare_runs_seeds_skips_finished_and_tables_match(tiny_synth, tmp_path
     assert f"| nobgf | {ceiling['test']['auc'] - res['rows'][1]['auc']:.4f} | {gap:.4f} |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
-    assert main(args) == 0  # everything finished: all skipped
+    default = torch.get_num_threads()
+    torch.set_num_threads(2)  # this process's threads now differ from the runs' (train.threads=1)
+    try:
+        assert main(args) == 0  # everything finished: all skipped
+    finally:
+        torch.set_num_threads(default)
     assert capsys.readouterr().out.count("skipped") == 4
+    assert json.loads((tmp_path / "results.json").read_text())["machine"].endswith(", 1 threads per run")
+    assert ", 1 threads per run  \n" in (tmp_path / "results.md").read_text()
 
 
 def test_tune_same_draws_for_every_model_winner_on_val_and_config_saved(tiny_synth, tmp_path, capsys):

@@ -49,7 +49,10 @@ class Entry:
         return resolve(self.model, None, [*self.overrides, *extra])
 
 
-def machine() -> str:
+def machine(configs: list | None = None) -> str:
+    """The CPU, core count, torch version and threads: those the ``configs`` (resolved run configs) train
+    with when given (a report over runs that were all done already would otherwise show this process's
+    default), else this process's."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -58,6 +61,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    if configs:
+        threads = "/".join(str(n) for n in sorted({c.train.threads or torch.get_num_threads() for c in configs}))
+        return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads per run"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
@@ -199,9 +205,10 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
     manifest = load_manifest(data)
     rows = summarise(run_all(data, entries, seeds, out, extra, log))
     out.mkdir(parents=True, exist_ok=True)
+    host = machine([entry.config(extra) for entry in entries])
     fp = manifest["fingerprint"]
     header = (f"Data: `{manifest['source']}` ({fp['rows']:,} events, {fp['users']:,} users, {fp['items']:,} items; "
-              f"fingerprint sha256 `{fp['sha256']}`)  \nMachine: {machine()}  \nCommand: `{command}`  \n"
+              f"fingerprint sha256 `{fp['sha256']}`)  \nMachine: {host}  \nCommand: `{command}`  \n"
               "Checkpoint chosen by best val AUC; test figures are mean ± std over seeds; the last-epoch "
               "columns are the means of the last epoch's test figures; MFLOPs / candidate is the analytic forward "
               "cost at full history lengths and train.candidates_per_row candidates per row.\n\n")
@@ -215,7 +222,7 @@ def compare(data: Path, entries: list[Entry], seeds: int, out: Path, extra: list
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
+    (out / "results.json").write_text(json.dumps({"fingerprint": fp, "machine": host, "command": command,
                                                    "bayes": manifest.get("bayes"), "rows": rows}, indent=2) + "\n")
     ceiling = manifest["bayes"]["test"] if "bayes" in manifest else None
     if not plot(rows, out / "results.png", f"{manifest['source']} ({fp['sha256'][:12]})", ceiling):

@@ -66,10 +66,11 @@ def tune(data: Path, entries: list[Entry], trials: int, out: Path, configs: Path
         rows += results
     out.mkdir(parents=True, exist_ok=True)
     fp = manifest["fingerprint"]
-    (out / "tuning.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
+    host = machine([entry.config(extra) for entry in entries])
+    (out / "tuning.json").write_text(json.dumps({"fingerprint": fp, "machine": host, "command": command,
                                                   "space": SPACE, "rows": rows}, indent=2) + "\n")
     (out / "tuning.md").write_text(f"Data: `{manifest['source']}` (fingerprint sha256 `{fp['sha256']}`)  \n"
-                                   f"Machine: {machine()}  \nCommand: `{command}`\n\n" + markdown(rows))
+                                   f"Machine: {host}  \nCommand: `{command}`\n\n" + markdown(rows))
     log(markdown(rows))
     log(f"wrote {out}/tuning.{{md,json}} and the winners' configs in {configs}")
     return rows

@@ -128,12 +128,13 @@ def sweep(data: Path, models: list[str], grids: list[dict[str, list[int]]], out:
     axes = [a for a in AXES if a in grids[0]]
     points = [dict(zip(axes, values)) for values in dict.fromkeys(  # the union, in order
         v for grid in grids for v in itertools.product(*(grid[a] for a in axes)))]
-    total, rows, t0 = len(models) * len(points) * seeds, [], time.time()
+    total, rows, configs, t0 = len(models) * len(points) * seeds, [], [], time.time()
     for model in models:
         entry = Entry.parse(model)
         for point, seed in itertools.product(points, range(seeds)):
             name = ("-".join(f"{a}{point[a]}" for a in axes) or "preset") + (f"-seed{seed}" if seed else "")
             cfg = entry.config([*point_overrides(model, point, blocks), *extra, f"train.seed={seed}"])
+            configs.append(cfg)
             log(f"[{len(rows) + 1}/{total}] {entry.label} {name} ({time.time() - t0:.0f}s so far)")
             m = train_or_skip(out / entry.label / name, data, cfg, f"{entry.label} {name}", log)
             net = build_model(cfg.model, cfg.model_config, info)
@@ -147,10 +148,10 @@ def sweep(data: Path, models: list[str], grids: list[dict[str, list[int]]], out:
                          "wall_s": m["seconds_per_epoch"] * m["epochs_run"]})
     out.mkdir(parents=True, exist_ok=True)
     fp = manifest["fingerprint"]
-    (out / "sweep.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(), "command": command,
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(configs), "command": command,
                                                  "grid": grids, "rows": rows}, indent=2) + "\n")
     (out / "sweep.md").write_text(f"Data: `{manifest['source']}` (fingerprint sha256 `{fp['sha256']}`)  \n"
-                                  f"Machine: {machine()}  \nCommand: `{command}`\n\n" + markdown(rows, axes))
+                                  f"Machine: {machine(configs)}  \nCommand: `{command}`\n\n" + markdown(rows, axes))
     log(markdown(rows, axes))
     return rows
 
