@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -225,11 +226,33 @@ def test_the_mixed_load_bench_counts_every_route_and_finds_every_acknowledged_ev
     checks = out["events_stored_check"]
     assert len(checks) == 4 and all(s["acknowledged"] == s["stored"] > 0 for s in checks)
     assert out["in_process"]["p50_ms"] > 0 and out["http_p50_over_in_process_p50"] > 0
+    assert out["saturated_http_over_in_process"] == pytest.approx(
+        out["saturated_http_answered_per_s"] / out["in_process"]["requests_per_s"], abs=0.01)
     assert "acknowledged" in markdown(out)
     assert parse_mix(None) == {"score": 1.0}
     for bad in ("score=0.5,events=0.2", "score=0.5,reload=0.5"):
         with pytest.raises(ValueError, match="--mix"):
             parse_mix(bad)
+
+
+def test_the_in_process_column_runs_the_same_stream_and_stores_its_events_in_their_place(run, tmp_path):
+    from climber.config import load_yaml
+    from climber.serve.loadtest import in_process
+    from climber.serve.store import HistoryStore
+
+    data = Path(load_yaml(run / "config.yaml")["data"])
+    T = 2_000_000_000
+    work = [("/v1/score", {"user": "1", "candidates": ["3", "4"]}),
+            ("/v1/events", {"user": "1", "events": [{"item": "5", "action": "4", "ts": T}]}),
+            ("/v1/score", {"user": "2", "candidates": ["3"]}),
+            ("/v1/events", {"user": "new", "events": [{"item": "6", "action": "1", "ts": T}]})]
+    out = in_process(run, data, work, tmp_path / "h.sqlite", max_batch=2)
+    assert out["requests_per_s"] > 0 and out["p50_ms"] > 0
+    store = HistoryStore(tmp_path / "h.sqlite")
+    try:
+        assert store.history("new")[-1].item == "6" and store.history("1")[-1].ts == T
+    finally:
+        store.close()
 
 
 def test_the_server_p99_bound_is_the_smallest_bucket_holding_99_percent_of_the_answers_between_readings():
