@@ -365,7 +365,9 @@ def _bench(args) -> None:
     from climber import bench
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)  # the model thread's too (torch's setting is process-wide)
     log = (lambda *_: None) if args.json else print
     lengths_given = args.lengths is not None
     grid = dict(lengths=_csv_ints(args.lengths or args.default_lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,
@@ -423,6 +425,12 @@ def _serve(args) -> None:
     from climber.serve.app import Service, create_app, serve
 
     key = os.environ.get(args.api_key_env) or None
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the model thread's too (torch's setting is process-wide)
     if args.host not in LOOPBACK and key is None and not args.no_auth:
         raise ConfigError(f"--host {args.host} exposes the service beyond this machine: set an API key in "
                          f"${args.api_key_env} (clients send it as X-API-Key) or pass --no-auth")
@@ -721,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests admitted at once (score and events); past it: 503 with Retry-After at once")
     se.add_argument("--timeout-ms", type=float, default=2000,
                     help="a request not answered within this gets 504 and its work is dropped (0: no deadline)")
+    se.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the model (0: torch's default). 1 lowers the latency at low load where "
+                         "clients share the cores (docs/benchmarks.md, operations), at some cost in throughput")
     se.add_argument("--log-level", default="warning", help="uvicorn log level")
     se.add_argument("--device", help=DEVICE_HELP)
     se.set_defaults(func=_serve)

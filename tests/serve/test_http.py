@@ -184,6 +184,19 @@ def test_serving_a_run_leaves_its_run_dir_unchanged(run, tmp_path, monkeypatch):
     assert f"store {store}" in output  # the startup line names it
 
 
+def test_threads_sets_the_models_torch_threads_and_healthz_says_so(run, tmp_path, capsys):
+    from climber.cli import main
+
+    proc, url = start_server(run, tmp_path / "h.sqlite", ["--threads", "1"])
+    try:
+        assert httpx.get(url + "/healthz").json()["threads"] == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["serve", "--run", str(run), "--threads", "-1"]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
+
+
 def test_an_api_key_guards_everything_but_healthz(run, tmp_path):
     proc, url = start_server(run, tmp_path / "h.sqlite", env={"CLIMBER_API_KEY": "s3cret"})
     try:

@@ -853,7 +853,8 @@ def create_app(service: Service, api_key: str | None = None, max_candidates: int
         it caches K/V, batching on or off, the queue. Needs no API key."""
         return {"status": "ok", "model": service.model_name, "run": str(service.run_dir),
                 "fingerprint": service.served.fingerprint, "kv_cache": service.engine.caches_kv,
-                "dynamic_batching": batcher is not None, "queue_depth": work.depth, "max_queue": work.max_queue}
+                "dynamic_batching": batcher is not None, "threads": torch.get_num_threads(), "queue_depth": work.depth,
+                "max_queue": work.max_queue}
 
     # response_class Response (no media type): the 401's schema stays JSON, the 200 is declared as text
     @app.get("/metrics", response_class=Response, dependencies=guards,
