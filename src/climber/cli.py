@@ -400,7 +400,8 @@ def _bench(args) -> None:
 def _require_serving() -> None:
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client", "orjson")
+               if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"the HTTP service needs {', '.join(missing)}: pip install 'climber[serve]'")
 

@@ -38,6 +38,7 @@ def test_work_sheds_past_its_queue_and_drops_work_whose_deadline_passed_before_i
                 with work.admitted():
                     pass
             assert full.value.status == 503 and work.depth == 2
+            assert metrics.registry.get_sample_value("climber_queue_depth") == 2  # the gauge reads the queue
             blocker = asyncio.create_task(work.run(lambda: gate.wait(5) and ran.append("started"), deadline=first))
             await asyncio.sleep(0.01)  # the blocker holds the model thread
             with pytest.raises(Rejected) as late:
@@ -45,7 +46,7 @@ def test_work_sheds_past_its_queue_and_drops_work_whose_deadline_passed_before_i
             assert late.value.status == 504
             gate.set()
             await blocker  # started before its deadline: it runs to the end and answers, late
-        assert work.depth == 0
+        assert work.depth == 0 and metrics.registry.get_sample_value("climber_queue_depth") == 0
         work.executor.shutdown(wait=True)
         return metrics
 
