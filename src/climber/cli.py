@@ -365,9 +365,7 @@ def _bench(args) -> None:
     from climber import bench
 
     if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)  # the model thread's too (torch's setting is process-wide)
+        torch.set_num_threads(args.threads)
     log = (lambda *_: None) if args.json else print
     lengths_given = args.lengths is not None
     grid = dict(lengths=_csv_ints(args.lengths or args.default_lengths), candidates=_csv_ints(args.candidates), overrides=args.set or [], log=log,

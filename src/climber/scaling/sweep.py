@@ -148,10 +148,11 @@ def sweep(data: Path, models: list[str], grids: list[dict[str, list[int]]], out:
                          "wall_s": m["seconds_per_epoch"] * m["epochs_run"]})
     out.mkdir(parents=True, exist_ok=True)
     fp = manifest["fingerprint"]
-    (out / "sweep.json").write_text(json.dumps({"fingerprint": fp, "machine": machine(configs), "command": command,
+    host = machine(configs)
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": fp, "machine": host, "command": command,
                                                  "grid": grids, "rows": rows}, indent=2) + "\n")
     (out / "sweep.md").write_text(f"Data: `{manifest['source']}` (fingerprint sha256 `{fp['sha256']}`)  \n"
-                                  f"Machine: {machine(configs)}  \nCommand: `{command}`\n\n" + markdown(rows, axes))
+                                  f"Machine: {host}  \nCommand: `{command}`\n\n" + markdown(rows, axes))
     log(markdown(rows, axes))
     return rows
 
