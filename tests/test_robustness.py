@@ -72,3 +72,54 @@ def test_rule_ranks_variants_by_val_gauc_within_each_member_then_averages():
     assert [r["model"] for r in rule_ranks(rows) if r["base"] == "climber"] == ["z", "x", "y"]  # x beats y on AUC rank
     assert ranks[("dlrm", "d")] == {"base": "dlrm", "model": "d", "members": 2, "mean_val_gauc_rank": 1.0,
                                     "mean_val_auc_rank": 1.0}
+
+
+def epochs_log(aucs, loglosses=None, steps_per_epoch=10):
+    loglosses = loglosses or [0.5] * len(aucs)
+    return [{"epoch": e, "step": (e + 1) * steps_per_epoch, "val": {"auc": a, "gauc": a - 0.1, "logloss": ll}}
+            for e, (a, ll) in enumerate(zip(aucs, loglosses))]
+
+
+def test_replay_selection_follows_the_training_loops_patience_and_warmup():
+    from climber.robustness import replay_selection
+
+    log = epochs_log([0.60, 0.70, 0.65, 0.66, 0.64, 0.90], [0.7, 0.6, 0.5, 0.55, 0.56, 0.57])
+    assert replay_selection(log, "auc", patience=3, warmup=1)["epoch"] == 1  # stops before the late 0.90
+    assert replay_selection(log, "auc", patience=4, warmup=1)["epoch"] == 5
+    assert replay_selection(log, "auc", patience=3, warmup=30)["epoch"] == 5  # epoch 2 ends in the warmup
+    assert replay_selection(log, "logloss", patience=3, warmup=1)["epoch"] == 2  # lower is better
+
+
+def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
+    """Two seeds whose logits are the truth plus and minus the same noise: each alone ranks poorly, their
+    average perfectly. A third entry scores every candidate 0, so the floor's logit alone ranks it, and
+    the items' train rates order each user's test labels."""
+    import numpy as np
+
+    from climber.config import save_yaml
+    from climber.robustness import diagnose
+
+    rng = np.random.default_rng(0)
+    users, items = np.repeat(np.arange(1, 21), 6), np.tile(np.arange(1, 7), 20)
+    labels = (items > 3).astype("int8")  # items 4..6 positive at test for every user
+    train_items = np.repeat(np.arange(1, 7), 10)
+    train_labels = np.concatenate([np.zeros(30), np.ones(30)]).astype("int8")  # items 4..6 positive in train
+    (tmp_path / "data" / "m").mkdir(parents=True)
+    pl.DataFrame({"item": np.concatenate([train_items, items]), "label": np.concatenate([train_labels, labels]),
+                  "split": ["train"] * 60 + ["test"] * len(items)}).write_parquet(tmp_path / "data" / "m" / "events.parquet")
+    truth, noise = labels * 2.0 - 1.0, rng.normal(0, 5, len(items))
+    for label, logits in {"noisy": [truth + noise, truth - noise], "blank": [np.zeros(len(items))] * 2}.items():
+        for seed, logit in enumerate(logits):
+            run = tmp_path / "runs" / "m" / label / f"seed{seed}"
+            run.mkdir(parents=True)
+            pl.DataFrame({"user": users, "item": items, "label": labels, "logit": logit}).write_parquet(run / "predictions.parquet")
+            save_yaml({"train": {"epochs": 6, "patience": 3, "select": "auc"}}, run / "config.yaml")
+            (run / "epochs.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs_log([0.6, 0.7, 0.65])))
+    rows = {r["model"]: r for r in diagnose(tmp_path, ["noisy", "blank"], 2, members=["m"])}
+    assert rows["noisy"]["test_gauc"] < 0.9 and rows["noisy"]["test_gauc_seed_average"] == 1.0
+    assert rows["blank"]["test_gauc"] == 0.5 and rows["blank"]["test_gauc_plus_floor"] == 1.0
+    assert rows["noisy"]["val_gauc_own_select"] == pytest.approx(0.6)  # epoch 1's val AUC 0.7, minus 0.1
+    assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 2
+    (tmp_path / "runs" / "m" / "blank" / "seed1" / "predictions.parquet").unlink()
+    with pytest.raises(ValueError, match="no finished run"):
+        diagnose(tmp_path, ["blank"], 2, members=["m"])

@@ -254,10 +254,14 @@ def _floor(args) -> None:
 
 
 def _robustness(args) -> None:
-    from climber.robustness import MEMBERS, run_suite
+    from climber.robustness import MEMBERS, diagnose, run_suite
 
     members = _names(args.members or ",".join(MEMBERS))
     models = _names(args.models)
+    if args.diagnose:
+        diagnose(Path(args.out), models, args.seeds, members)
+        print(f"wrote {Path(args.out) / 'diagnostics.md'}")
+        return
     run_suite(Path(args.out), models, args.seeds, members, Path(args.ml100k), Path(args.taobao), _overrides(args),
               _command_line("robustness"))
     print(f"wrote {Path(args.out) / 'robustness.md'}")
@@ -587,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder with the Taobao UserBehavior slice")
     ro.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run (repeatable)")
     ro.add_argument("--device", help=DEVICE_HELP)
+    ro.add_argument("--diagnose", action="store_true",
+                    help="train nothing: from the finished runs, where test GAUC is lost (floor logit added, the "
+                         "seeds' logits averaged, val LogLoss selection replayed); writes OUT/diagnostics.md")
     ro.set_defaults(func=_robustness)
 
     fo = sub.add_parser("floor", help="the no-training floor: candidates scored by their item's train positive rate")

@@ -2,6 +2,7 @@
 sources on this machine, the no-training floor and ``climber compare`` on each, one table.
 
     climber robustness --out runs/robust --models climber,dlrm --seeds 3
+    climber robustness --out runs/robust --models climber,dlrm --seeds 3 --diagnose   # no training
 
 Members: ``ml100k-side`` (MovieLens-100k with its genre / decade side features), ``ml100k-ids`` (ids
 only), ``ml100k-sparse`` (ids only, a random 70% of the users, every (user, item) pair re-mapped to one of
@@ -151,3 +152,74 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['member']} | {r['model']} | {r['seeds']} | {cell('auc')} | {cell('gauc')} | "
                      f"{cell('logloss')} | {' | '.join(val)} |")
     return "\n".join(lines) + "\n"
+
+
+def replay_selection(epochs: list[dict], select: str, patience: int, warmup: int) -> dict:
+    """The epoch record of ``epochs`` (a run's epochs.jsonl) that ``train.select=select`` would have picked
+    along the same logged trajectory, by the training loop's rule: stop after ``patience`` epochs without
+    a better figure, an epoch that ends within the first ``warmup`` steps not counting."""
+    from climber.train.loop import selection_score
+
+    best, bad = None, 0
+    for record in epochs:
+        if bad >= patience:
+            break
+        score = selection_score(record["val"], select)
+        if best is None or score > best[0]:
+            best, bad = (score, record), 0
+        elif record["step"] > warmup:
+            bad += 1
+    if best is None:
+        raise ConfigError("replay_selection: no epochs")
+    return best[1]
+
+
+def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[dict]:
+    """Where a model's test GAUC is lost, from runs already trained by :func:`run_suite` (no training):
+    per member and entry, the mean test GAUC of one seed; of its logit plus the floor's logit (is a
+    popularity signal missing?); of the seeds' logits averaged (how much is variance?); and the val GAUC
+    at the epoch the run picked against the one val LogLoss would have picked (replayed from the logs).
+    Writes OUT/diagnostics.{md,json}."""
+    from climber.config import TrainConfig, load_yaml
+    from climber.eval.floor import item_train_rates
+    from climber.eval.metrics import all_metrics
+    from climber.train.optim import warmup_steps
+
+    out, rows = Path(out), []
+    for member in members:
+        events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
+        per_item, rate = item_train_rates(events)
+        for label in (Entry.parse(m).label for m in models):
+            runs = [out / "runs" / member / label / f"seed{s}" for s in range(seeds)]
+            missing = [str(r) for r in runs if not (r / "predictions.parquet").exists()]
+            if missing:
+                raise ConfigError(f"robustness --diagnose: no finished run at {', '.join(missing)}; run the suite first")
+            preds = [pl.read_parquet(r / "predictions.parquet").join(per_item, on="item", how="left")
+                     .with_columns(pl.col("rate").fill_null(rate)) for r in runs]
+            user, labels = preds[0]["user"].to_numpy(), preds[0]["label"].to_numpy()
+            if any(not (p["user"].to_numpy() == user).all() or not (p["item"] == preds[0]["item"]).all() for p in preds):
+                raise ConfigError(f"robustness --diagnose: {member} {label}: the seeds scored different candidates")
+            logits = [p["logit"].to_numpy() for p in preds]
+            floor = [np.log(p["rate"].to_numpy()) - np.log1p(-p["rate"].to_numpy()) for p in preds]
+            picked = {"own": [], "logloss": []}
+            for r in runs:
+                tc = TrainConfig(**load_yaml(r / "config.yaml")["train"])
+                epochs = [json.loads(line) for line in (r / "epochs.jsonl").read_text().splitlines() if line]
+                warmup = warmup_steps(tc.epochs * epochs[0]["step"], tc)
+                for key, select in (("own", tc.select), ("logloss", "logloss")):
+                    picked[key].append(replay_selection(epochs, select, tc.patience, warmup)["val"]["gauc"])
+            rows.append({"member": member, "model": label, "seeds": seeds,
+                         "test_gauc": float(np.mean([all_metrics(user, labels, lg)["gauc"] for lg in logits])),
+                         "test_gauc_plus_floor": float(np.mean([all_metrics(user, labels, lg + fl)["gauc"]
+                                                                for lg, fl in zip(logits, floor)])),
+                         "test_gauc_seed_average": float(all_metrics(user, labels, np.mean(logits, axis=0))["gauc"]),
+                         "val_gauc_own_select": float(np.mean(picked["own"])),
+                         "val_gauc_logloss_select": float(np.mean(picked["logloss"]))})
+    lines = ["| member | model | seeds | test GAUC, one seed | + floor logit | seeds' logits averaged | "
+             "val GAUC, own pick | val GAUC, val LogLoss pick (replayed) |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['member']} | {r['model']} | {r['seeds']} | {r['test_gauc']:.4f} | {r['test_gauc_plus_floor']:.4f} | "
+              f"{r['test_gauc_seed_average']:.4f} | {r['val_gauc_own_select']:.4f} | {r['val_gauc_logloss_select']:.4f} |"
+              for r in rows]
+    (out / "diagnostics.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "diagnostics.md").write_text("\n".join(lines) + "\n")
+    return rows

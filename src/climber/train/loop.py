@@ -83,6 +83,11 @@ def training_loss(model: torch.nn.Module, batch, aux_weight: float, rank_weight:
     return loss
 
 
+
+def selection_score(val: dict, select: str) -> float:
+    """The val figure ``train.select`` picks checkpoints by, signed so that higher is better."""
+    return -val["logloss"] if select == "logloss" else val[select]
+
 class Trainer:
     """``dist``: this process's rank in a torchrun job (default: the only process); ``shards``: a
     ``climber data shard`` dir for it (default: cut into the run dir when there are several processes)."""
@@ -241,7 +246,7 @@ class Trainer:
                       "train_seconds": round(train_s, 2), "samples_per_s": round(samples / max(train_s, 1e-9), 1),
                       "padding": round(padding, 4),
                       "epoch_seconds": round(time.time() - t0, 2), "world_size": self.dist.world, "val": val}
-            score = -val["logloss"] if tc.select == "logloss" else val[tc.select]  # higher is better
+            score = selection_score(val, tc.select)
             if score > best["score"]:
                 best, bad_epochs = {"epoch": epoch, "score": score}, 0
                 with self._averaged():  # the weights that were evaluated
