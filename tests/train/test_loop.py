@@ -52,7 +52,7 @@ def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
     assert json.loads((run / "fingerprint.json").read_text()) == metrics["fingerprint"]
 
 
-@pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"],
+@pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"], ["train.lazy_embeddings=true"],
                                    ["train.item_rate_buckets=8", "train.item_vocab=train", "train.select=gauc"]])
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, extra):
     cfg = resolve("climber-tiny", None, TINY + extra)
@@ -217,6 +217,36 @@ def test_embedding_decay_shrinks_the_rows_no_batch_looks_up(data):
     assert not torch.allclose(table[1:5], before[1:5] * (1 - 0.01 * 2.0))
     with pytest.raises(ConfigError, match="embedding_decay"):
         resolve("climber-tiny", None, ["train.embedding_decay=-1"])
+
+
+def test_lazy_embedding_rows_match_adamw_when_every_row_is_looked_up_and_stay_put_otherwise():
+    from climber.train.optim import LazyRowsAdamW
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(6, 4), [torch.randn(6, 4) for _ in range(5)]
+
+    def run(lazy: bool, row5_after_step0: bool):
+        table = torch.nn.Parameter(start.clone())
+        opt = LazyRowsAdamW([{"params": [table], "weight_decay": 0.0, "lazy_rows": lazy}], lr=0.1, betas=(0.9, 0.98))
+        for t, g in enumerate(grads):
+            table.grad = g.clone()
+            if t and not row5_after_step0:
+                table.grad[5] = 0  # row 5 not looked up after step 0
+            opt.step()
+            if t == 0:
+                after_first = table.detach().clone()
+        return table.detach(), after_first
+
+    lazy_all, _ = run(True, True)
+    dense_all, _ = run(False, True)
+    assert torch.allclose(lazy_all, dense_all, atol=1e-6)  # every row every step: AdamW's steps exactly
+    lazy, lazy_first = run(True, False)
+    dense, dense_first = run(False, False)
+    assert torch.allclose(lazy[:5], lazy_all[:5], atol=1e-6)  # the other rows do not notice
+    # lazily row 5 moves once (lr a coordinate, Adam's first step on one gradient), then stays
+    assert torch.allclose(lazy_first[5] - start[5], -0.1 * grads[0][5].sign(), atol=1e-6)
+    assert torch.equal(lazy[5], lazy_first[5])
+    assert (dense[5] - dense_first[5]).abs().min() > 0.1  # AdamW keeps moving it on the stale moments
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -28,13 +28,59 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW: ``weight_decay`` on weight matrices, none on biases and norms (1-d), and
     ``embedding_decay`` on the lookup tables. Decoupled decay shrinks every row at every step, so a row
-    that few batches look up (a rare item or user) drifts back towards zero between its updates."""
+    that few batches look up (a rare item or user) drifts back towards zero between its updates. With
+    ``lazy_embeddings`` the tables' Adam steps are :class:`LazyRowsAdamW`'s."""
     decay, no_decay, tables = [], [], []
     for name, p in model.named_parameters():
         (tables if "emb" in name and p.dim() == 2 else no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": tables, "weight_decay": cfg.embedding_decay}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+              {"params": tables, "weight_decay": cfg.embedding_decay, "lazy_rows": cfg.lazy_embeddings}]
+    return LazyRowsAdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+class LazyRowsAdamW(torch.optim.AdamW):
+    """AdamW, except in parameter groups with ``lazy_rows`` (lookup tables): there a step updates the
+    moments and moves the rows that the batch looked up (a nonzero gradient row) and leaves the others'
+    moments as they were, each row's bias correction counting its own updates (``row_steps``). The
+    decoupled weight decay still shrinks every row.
+
+    Why: with plain Adam a row looked up once keeps moving for tens of steps after (its first moment
+    decays by beta1 a step while its second moment, decaying by beta2, keeps the step size), about ten
+    times its first step in all, in the direction of that one gradient: rare items' rows move most on
+    the least evidence. Lazily, each look-up moves a row by at most about ``lr`` a coordinate."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("lazy_rows")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in (g for g in groups if g.get("lazy_rows")):
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state = self.state[p]
+                if not state:  # "step" (the table's steps) as AdamW keeps it, so its checkpoint code reads ours
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    state["row_steps"] = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+                state["step"] += 1
+                rows = p.grad.ne(0).any(dim=1).nonzero().squeeze(1)  # (R,) the rows looked up
+                grad, m, v, n = p.grad[rows], state["exp_avg"][rows], state["exp_avg_sq"][rows], state["row_steps"][rows] + 1
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = (m / (1 - beta1 ** n)) / ((v / (1 - beta2 ** n)).sqrt() + group["eps"])
+                p.index_add_(0, rows, step, alpha=-group["lr"])
+                state["exp_avg"][rows], state["exp_avg_sq"][rows], state["row_steps"][rows] = m, v, n
+        return loss
 
 
 class WeightAverage:
