@@ -45,9 +45,9 @@ class LazyRowsAdamW(torch.optim.AdamW):
     decoupled weight decay still shrinks every row.
 
     Why: with plain Adam a row looked up once keeps moving for tens of steps after (its first moment
-    decays by beta1 a step while its second moment, decaying by beta2, keeps the step size), about ten
-    times its first step in all, in the direction of that one gradient: rare items' rows move most on
-    the least evidence. Lazily, each look-up moves a row by at most about ``lr`` a coordinate."""
+    decays by beta1 a step while its second moment, decaying by beta2, keeps the step size), about
+    eleven times its first step in all at betas (0.9, 0.98), in the direction of that one gradient:
+    rare items' rows move most on the least evidence. Lazily, each look-up moves a row by at most about ``lr`` a coordinate."""
 
     @torch.no_grad()
     def step(self, closure=None):
