@@ -119,6 +119,9 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     assert rows["noisy"]["test_gauc"] < 0.9 and rows["noisy"]["test_gauc_seed_average"] == 1.0
     assert rows["blank"]["test_gauc"] == 0.5 and rows["blank"]["test_gauc_plus_floor"] == 1.0
     assert rows["noisy"]["val_gauc_own_select"] == pytest.approx(0.6)  # epoch 1's val AUC 0.7, minus 0.1
+    # every item has 10 train events: all spread is on "rare" items; the blank seeds agree exactly
+    assert rows["noisy"]["seed_spread_rare_items"] > 1 and rows["blank"]["seed_spread_rare_items"] == 0
+    assert rows["noisy"]["seed_spread_frequent_items"] is None
     assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 2
     (tmp_path / "runs" / "m" / "blank" / "seed1" / "predictions.parquet").unlink()
     with pytest.raises(ValueError, match="no finished run"):

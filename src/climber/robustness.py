@@ -174,11 +174,22 @@ def replay_selection(epochs: list[dict], select: str, patience: int, warmup: int
     return best[1]
 
 
+def mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def spread_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[dict]:
     """Where a model's test GAUC is lost, from runs already trained by :func:`run_suite` (no training):
     per member and entry, the mean test GAUC of one seed; of its logit plus the floor's logit (is a
-    popularity signal missing?); of the seeds' logits averaged (how much is variance?); and the val GAUC
-    at the epoch the run picked against the one val LogLoss would have picked (replayed from the logs).
+    popularity signal missing?); of the seeds' logits averaged (how much is variance?); where the
+    variance sits: the spread between seeds of each candidate's logit, centred within its user (what
+    GAUC sees), averaged over candidates whose item has 1 to 19 train events and over those with 20 or
+    more; and the val GAUC at the epoch the run picked against the one val LogLoss would have picked
+    (replayed from the logs).
     Writes OUT/diagnostics.{md,json}."""
     from climber.config import TrainConfig, load_yaml
     from climber.eval.floor import item_train_rates
@@ -200,6 +211,10 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
             if any(not (p["user"].to_numpy() == user).all() or not (p["item"] == preds[0]["item"]).all() for p in preds):
                 raise ConfigError(f"robustness --diagnose: {member} {label}: the seeds scored different candidates")
             logits = [p["logit"].to_numpy() for p in preds]
+            centred = pl.DataFrame({"user": user, **{f"s{k}": lg for k, lg in enumerate(logits)}}).select(
+                pl.col(f"s{k}") - pl.col(f"s{k}").mean().over("user") for k in range(seeds)).to_numpy()
+            spread = centred.std(axis=1)  # (candidates,) between the seeds
+            train_events = preds[0]["events"].fill_null(0).to_numpy()
             floor = [np.log(p["rate"].to_numpy()) - np.log1p(-p["rate"].to_numpy()) for p in preds]
             picked = {"own": [], "logloss": []}
             for r in runs:
@@ -213,13 +228,17 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "test_gauc_plus_floor": float(np.mean([all_metrics(user, labels, lg + fl)["gauc"]
                                                                 for lg, fl in zip(logits, floor)])),
                          "test_gauc_seed_average": float(all_metrics(user, labels, np.mean(logits, axis=0))["gauc"]),
+                         "seed_spread_rare_items": mean_or_none(spread[(train_events > 0) & (train_events < 20)]),
+                         "seed_spread_frequent_items": mean_or_none(spread[train_events >= 20]),
                          "val_gauc_own_select": float(np.mean(picked["own"])),
                          "val_gauc_logloss_select": float(np.mean(picked["logloss"]))})
     lines = ["| member | model | seeds | test GAUC, one seed | + floor logit | seeds' logits averaged | "
-             "val GAUC, own pick | val GAUC, val LogLoss pick (replayed) |", "|---|---|---|---|---|---|---|---|"]
+             "seed spread, items of 1-19 / 20+ train events | val GAUC, own pick | val GAUC, val LogLoss pick (replayed) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['member']} | {r['model']} | {r['seeds']} | {r['test_gauc']:.4f} | {r['test_gauc_plus_floor']:.4f} | "
-              f"{r['test_gauc_seed_average']:.4f} | {r['val_gauc_own_select']:.4f} | {r['val_gauc_logloss_select']:.4f} |"
-              for r in rows]
+              f"{r['test_gauc_seed_average']:.4f} | {spread_cell(r['seed_spread_rare_items'])} / "
+              f"{spread_cell(r['seed_spread_frequent_items'])} | "
+              f"{r['val_gauc_own_select']:.4f} | {r['val_gauc_logloss_select']:.4f} |" for r in rows]
     (out / "diagnostics.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "diagnostics.md").write_text("\n".join(lines) + "\n")
     return rows
