@@ -70,7 +70,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     embedding_decay: float = 1.0  # AdamW weight decay on the embedding tables (ids, side features, item bias); robustness suite
-    lazy_embeddings: bool = False  # Adam steps on the tables move only the rows a batch looked up (climber.train.optim.LazyRowsAdamW)
+    lazy_embeddings: bool = True  # Adam steps on the tables move only the rows a batch looked up (climber.train.optim.LazyRowsAdamW); robustness suite
     warmup_steps: int = 100  # capped at a tenth of the run's steps
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for eval (0 = off)

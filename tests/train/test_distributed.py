@@ -77,7 +77,7 @@ def _k_steps(dist: Dist, mode: str, data, out) -> None:
     parallel = Parallel(model, dist, loss_fn, mode.split("+")[0], shard_embedding_rows=50 if "rows" in mode else 0)
     if "rows" in mode and dist.world > 1:
         assert set(parallel.sharded) == {"emb.item"}  # 61 rows; the others are small
-    optimizer = make_optimizer(model, tc)
+    optimizer = make_optimizer(model, tc, row_tables=mode != "fsdp")  # fsdp's DTensor tables: AdamW's steps
     loader = SampleLoader(data, "train", model.strategies(), batch_size=GLOBAL_BATCH, candidates_per_row=8, seed=0)
     per_rank = GLOBAL_BATCH // dist.world
     for batch in itertools.islice(loader, STEPS):

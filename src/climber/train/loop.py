@@ -140,7 +140,10 @@ class Trainer:
         if tc.ema and self.parallel.splits_parameters:
             raise ConfigError("train.ema needs whole weights on every process: use train.parallel=ddp "
                               "without train.shard_embedding_rows")
-        self.optimizer = make_optimizer(self.model, tc)
+        row_tables = self.parallel.strategy != "fsdp"
+        if tc.lazy_embeddings and not row_tables:
+            log("note: train.lazy_embeddings applies to whole or row-sharded tables; under fsdp the tables take AdamW steps")
+        self.optimizer = make_optimizer(self.model, tc, row_tables)
         self.average = WeightAverage(self.model, tc.ema) if tc.ema else None
         self.total_steps = tc.epochs * dist.min_int(len(self.train_loader))
         if dist.rank:

@@ -25,16 +25,17 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, row_tables: bool = True) -> torch.optim.AdamW:
     """AdamW: ``weight_decay`` on weight matrices, none on biases and norms (1-d), and
     ``embedding_decay`` on the lookup tables. Decoupled decay shrinks every row at every step, so a row
     that few batches look up (a rare item or user) drifts back towards zero between its updates. With
-    ``lazy_embeddings`` the tables' Adam steps are :class:`LazyRowsAdamW`'s."""
+    ``lazy_embeddings`` the tables' Adam steps are :class:`LazyRowsAdamW`'s, where the tables are plain
+    tensors of rows (``row_tables``; FSDP's sharded DTensors are not: they keep AdamW's steps)."""
     decay, no_decay, tables = [], [], []
     for name, p in model.named_parameters():
         (tables if "emb" in name and p.dim() == 2 else no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": tables, "weight_decay": cfg.embedding_decay, "lazy_rows": cfg.lazy_embeddings}]
+              {"params": tables, "weight_decay": cfg.embedding_decay, "lazy_rows": cfg.lazy_embeddings and row_tables}]
     return LazyRowsAdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
