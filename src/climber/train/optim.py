@@ -48,7 +48,8 @@ class LazyRowsAdamW(torch.optim.AdamW):
     Why: with plain Adam a row looked up once keeps moving for tens of steps after (its first moment
     decays by beta1 a step while its second moment, decaying by beta2, keeps the step size), about
     eleven times its first step in all at betas (0.9, 0.98), in the direction of that one gradient:
-    rare items' rows move most on the least evidence. Lazily, each look-up moves a row by at most about ``lr`` a coordinate."""
+    rare items' rows move most on the least evidence. Lazily, each look-up moves a row by at most about
+    ``lr`` a coordinate (docs/results/robustness.md, sixth round)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -75,7 +76,8 @@ class LazyRowsAdamW(torch.optim.AdamW):
                     state["row_steps"] = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
                 state["step"] += 1
                 rows = p.grad.ne(0).any(dim=1).nonzero().squeeze(1)  # (R,) the rows looked up
-                grad, m, v, n = p.grad[rows], state["exp_avg"][rows], state["exp_avg_sq"][rows], state["row_steps"][rows] + 1
+                grad, n = p.grad[rows], state["row_steps"][rows] + 1  # (R, d), (R, 1)
+                m, v = state["exp_avg"][rows], state["exp_avg_sq"][rows]
                 m.mul_(beta1).add_(grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step = (m / (1 - beta1 ** n)) / ((v / (1 - beta2 ** n)).sqrt() + group["eps"])
