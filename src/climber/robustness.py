@@ -198,13 +198,16 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
 
     out, rows = Path(out), []
     for member in members:
+        labels = [Entry.parse(m).label for m in models]
+        missing = [str(out / "runs" / member / label / f"seed{s}") for label in labels for s in range(seeds)
+                   if not (out / "runs" / member / label / f"seed{s}" / "predictions.parquet").exists()]
+        if missing:
+            raise ConfigError(f"robustness --diagnose: no finished run at {', '.join(missing[:3])}"
+                              f"{' ...' if len(missing) > 3 else ''}; run the suite first")
         events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
         per_item, rate = item_train_rates(events)
-        for label in (Entry.parse(m).label for m in models):
+        for label in labels:
             runs = [out / "runs" / member / label / f"seed{s}" for s in range(seeds)]
-            missing = [str(r) for r in runs if not (r / "predictions.parquet").exists()]
-            if missing:
-                raise ConfigError(f"robustness --diagnose: no finished run at {', '.join(missing)}; run the suite first")
             preds = [pl.read_parquet(r / "predictions.parquet").join(per_item, on="item", how="left")
                      .with_columns(pl.col("rate").fill_null(rate)) for r in runs]
             user, labels = preds[0]["user"].to_numpy(), preds[0]["label"].to_numpy()
