@@ -158,17 +158,17 @@ def replay_selection(epochs: list[dict], select: str, patience: int, warmup: int
     """The epoch record of ``epochs`` (a run's epochs.jsonl) that ``train.select=select`` would have picked
     along the same logged trajectory, by the training loop's rule: stop after ``patience`` epochs without
     a better figure, an epoch that ends within the first ``warmup`` steps not counting."""
-    from climber.train.loop import selection_score
+    from climber.train.loop import epochs_without_gain, selection_score
 
     best, bad = None, 0
     for record in epochs:
         if bad >= patience:
             break
         score = selection_score(record["val"], select)
-        if best is None or score > best[0]:
-            best, bad = (score, record), 0
-        elif record["step"] > warmup:
-            bad += 1
+        improved = best is None or score > best[0]
+        if improved:
+            best = (score, record)
+        bad = epochs_without_gain(improved, record["step"], warmup, bad)
     if best is None:
         raise ConfigError("replay_selection: no epochs")
     return best[1]
@@ -192,13 +192,12 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
     (replayed from the logs).
     Writes OUT/diagnostics.{md,json}."""
     from climber.config import TrainConfig, load_yaml
-    from climber.eval.floor import item_train_rates
+    from climber.eval.floor import item_train_rates, with_floor_logits
     from climber.eval.metrics import all_metrics
     from climber.train.optim import warmup_steps
 
-    out, rows = Path(out), []
+    out, rows, labels = Path(out), [], [Entry.parse(m).label for m in models]
     for member in members:
-        labels = [Entry.parse(m).label for m in models]
         missing = [str(out / "runs" / member / label / f"seed{s}") for label in labels for s in range(seeds)
                    if not (out / "runs" / member / label / f"seed{s}" / "predictions.parquet").exists()]
         if missing:
@@ -208,17 +207,16 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
         per_item, rate = item_train_rates(events)
         for label in labels:
             runs = [out / "runs" / member / label / f"seed{s}" for s in range(seeds)]
-            preds = [pl.read_parquet(r / "predictions.parquet").join(per_item, on="item", how="left")
-                     .with_columns(pl.col("rate").fill_null(rate)) for r in runs]
-            user, labels = preds[0]["user"].to_numpy(), preds[0]["label"].to_numpy()
-            if any(not (p["user"].to_numpy() == user).all() or not (p["item"] == preds[0]["item"]).all() for p in preds):
+            preds = [pl.read_parquet(r / "predictions.parquet") for r in runs]
+            if any(not p.select("user", "item").equals(preds[0].select("user", "item")) for p in preds):
                 raise ConfigError(f"robustness --diagnose: {member} {label}: the seeds scored different candidates")
+            scored = with_floor_logits(preds[0], per_item, rate)  # the same candidates, in order, for every seed
+            user, clicks, floor = scored["user"].to_numpy(), scored["label"].to_numpy(), scored["floor_logit"].to_numpy()
             logits = [p["logit"].to_numpy() for p in preds]
             centred = pl.DataFrame({"user": user, **{f"s{k}": lg for k, lg in enumerate(logits)}}).select(
                 pl.col(f"s{k}") - pl.col(f"s{k}").mean().over("user") for k in range(seeds)).to_numpy()
             spread = centred.std(axis=1)  # (candidates,) between the seeds
-            train_events = preds[0]["events"].fill_null(0).to_numpy()
-            floor = [np.log(p["rate"].to_numpy()) - np.log1p(-p["rate"].to_numpy()) for p in preds]
+            train_events = scored["events"].to_numpy()
             picked = {"own": [], "logloss": []}
             for r in runs:
                 tc = TrainConfig(**load_yaml(r / "config.yaml")["train"])
@@ -227,10 +225,10 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                 for key, select in (("own", tc.select), ("logloss", "logloss")):
                     picked[key].append(replay_selection(epochs, select, tc.patience, warmup)["val"]["gauc"])
             rows.append({"member": member, "model": label, "seeds": seeds,
-                         "test_gauc": float(np.mean([all_metrics(user, labels, lg)["gauc"] for lg in logits])),
-                         "test_gauc_plus_floor": float(np.mean([all_metrics(user, labels, lg + fl)["gauc"]
-                                                                for lg, fl in zip(logits, floor)])),
-                         "test_gauc_seed_average": float(all_metrics(user, labels, np.mean(logits, axis=0))["gauc"]),
+                         "test_gauc": float(np.mean([all_metrics(user, clicks, lg)["gauc"] for lg in logits])),
+                         "test_gauc_plus_floor": float(np.mean([all_metrics(user, clicks, lg + floor)["gauc"]
+                                                                for lg in logits])),
+                         "test_gauc_seed_average": float(all_metrics(user, clicks, np.mean(logits, axis=0))["gauc"]),
                          "seed_spread_rare_items": mean_or_none(spread[(train_events > 0) & (train_events < 20)]),
                          "seed_spread_frequent_items": mean_or_none(spread[train_events >= 20]),
                          "val_gauc_own_select": float(np.mean(picked["own"])),

@@ -30,16 +30,22 @@ def item_train_rates(events: pl.DataFrame) -> tuple[pl.DataFrame, float]:
     return per_item.select("item", "events", smoothed.alias("rate")), rate
 
 
+def with_floor_logits(candidates: pl.DataFrame, per_item: pl.DataFrame, rate: float) -> pl.DataFrame:
+    """``candidates`` (an item column) with their item's train ``events`` (0 for an item unseen in train),
+    smoothed ``rate`` (``per_item`` / ``rate`` of :func:`item_train_rates`; the global rate when unseen) and
+    the floor's score, ``floor_logit``."""
+    joined = candidates.join(per_item, on="item", how="left")
+    joined = joined.with_columns(pl.col("events").fill_null(0), pl.col("rate").fill_null(rate))
+    p = joined["rate"].to_numpy()
+    return joined.with_columns(pl.Series("floor_logit", np.log(p) - np.log1p(-p)))
+
+
 def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:
     """{"metrics": protocol metrics of the floor on ``split``, "candidates", "unseen_item_fraction":
     candidates whose item has no train event, "prior_events"}."""
     check_split(split)
     events = pl.read_parquet(Path(prepared_dir) / "events.parquet", columns=["user", "item", "label", "split"])
-    per_item, rate = item_train_rates(events)
-    cand = (events.filter(pl.col("split") == split).join(per_item, on="item", how="left")
-            .with_columns(pl.col("events").fill_null(0), pl.col("rate").fill_null(rate)))
-    p = cand["rate"].to_numpy()
-    logit = np.log(p) - np.log1p(-p)
-    return {"metrics": all_metrics(cand["user"].to_numpy(), cand["label"].to_numpy(), logit),
+    cand = with_floor_logits(events.filter(pl.col("split") == split), *item_train_rates(events))
+    return {"metrics": all_metrics(cand["user"].to_numpy(), cand["label"].to_numpy(), cand["floor_logit"].to_numpy()),
             "candidates": cand.height, "unseen_item_fraction": float((cand["events"] == 0).mean()),
             "prior_events": PRIOR_EVENTS}

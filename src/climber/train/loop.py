@@ -83,10 +83,17 @@ def training_loss(model: torch.nn.Module, batch, aux_weight: float, rank_weight:
     return loss
 
 
-
 def selection_score(val: dict, select: str) -> float:
     """The val figure ``train.select`` picks checkpoints by, signed so that higher is better."""
     return -val["logloss"] if select == "logloss" else val[select]
+
+
+def epochs_without_gain(improved: bool, step: int, warmup: int, before: int) -> int:
+    """The early-stopping count after an epoch that ended at ``step``: 0 when its val figure was the best
+    so far, else one more than ``before``, except that an epoch ending within the lr ``warmup`` is no
+    evidence and leaves the count as it was."""
+    return 0 if improved else before + (step > warmup)
+
 
 class Trainer:
     """``dist``: this process's rank in a torchrun job (default: the only process); ``shards``: a
@@ -250,13 +257,13 @@ class Trainer:
                       "padding": round(padding, 4),
                       "epoch_seconds": round(time.time() - t0, 2), "world_size": self.dist.world, "val": val}
             score = selection_score(val, tc.select)
-            if score > best["score"]:
-                best, bad_epochs = {"epoch": epoch, "score": score}, 0
+            improved = score > best["score"]
+            bad_epochs = epochs_without_gain(improved, step, warmup_steps(self.total_steps, tc), bad_epochs)
+            if improved:
+                best = {"epoch": epoch, "score": score}
                 with self._averaged():  # the weights that were evaluated
                     self._save(self.run_dir / "checkpoints" / "best.safetensors",
                                self._state_meta(epoch, step, best, bad_epochs))
-            elif step > warmup_steps(self.total_steps, tc):  # an epoch that ends in the warmup is no evidence
-                bad_epochs += 1
             if self.dist.main:
                 with open(self.run_dir / "epochs.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
