@@ -58,6 +58,7 @@ def _describe(hint) -> str:
 PRECISIONS = ("fp32", "bf16")  # train.precision; climber.devices.check_precision checks the hardware
 SELECT_METRICS = ("auc", "gauc", "logloss")  # train.select; logloss is better when lower
 ITEM_VOCABS = ("all", "train")  # train.item_vocab
+ID_INITS = ("normal", "zero")  # train.id_init
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     embedding_decay: float = 1.0  # AdamW weight decay on the embedding tables (ids, side features, item bias); robustness suite
     lazy_embeddings: bool = True  # Adam steps on the tables move only the rows a batch looked up (climber.train.optim.LazyRowsAdamW); robustness suite
+    embedding_lr_mult: float = 1.0  # the lookup tables' learning rate, as a multiple of lr; robustness suite
+    id_init: str = "normal"  # item (and user) id tables start as: normal (N(0, 0.02), every model's init) | zero (a row holds only what its lookups taught it); robustness suite
     warmup_steps: int = 100  # capped at a tenth of the run's steps
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for eval (0 = off)
@@ -114,6 +117,10 @@ class TrainConfig:
             raise ConfigError(f"train.select must be one of {', '.join(SELECT_METRICS)}, got {self.select!r}")
         if self.item_vocab not in ITEM_VOCABS:
             raise ConfigError(f"train.item_vocab must be one of {', '.join(ITEM_VOCABS)}, got {self.item_vocab!r}")
+        if self.id_init not in ID_INITS:
+            raise ConfigError(f"train.id_init must be one of {', '.join(ID_INITS)}, got {self.id_init!r}")
+        if self.embedding_lr_mult <= 0:
+            raise ConfigError(f"train.embedding_lr_mult must be > 0, got {self.embedding_lr_mult}")
         if not 0.0 <= self.item_dropout < 1.0:
             raise ConfigError(f"train.item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.workers < -1:

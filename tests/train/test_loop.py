@@ -53,6 +53,7 @@ def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"], ["train.lazy_embeddings=true"],
+                                   ["train.id_init=zero", "train.embedding_lr_mult=4"],
                                    ["train.item_rate_buckets=8", "train.item_vocab=train", "train.select=gauc"]])
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, extra):
     cfg = resolve("climber-tiny", None, TINY + extra)
@@ -247,6 +248,28 @@ def test_lazy_embedding_rows_match_adamw_when_every_row_is_looked_up_and_stay_pu
     assert torch.allclose(lazy_first[5] - start[5], -0.1 * grads[0][5].sign(), atol=1e-6)
     assert torch.equal(lazy[5], lazy_first[5])
     assert (dense[5] - dense_first[5]).abs().min() > 0.1  # AdamW keeps moving it on the stale moments
+
+
+def test_zero_id_init_leaves_rows_no_batch_looked_up_at_zero_and_tables_take_their_own_lr(data, tmp_path):
+    from climber.config import ConfigError
+
+    cfg = resolve("climber-tiny", None, TINY + ["train.id_init=zero", "train.embedding_lr_mult=4", "train.epochs=1", "train.item_dropout=0"])
+    trainer = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False)
+    table = trainer.model.emb.item.weight
+    assert not table.any()  # the item ids start at zero ...
+    assert trainer.model.emb.item.features[0].weight.abs().sum() > 0  # ... their side features do not
+    looked_up = torch.zeros(table.shape[0], dtype=torch.bool)
+    for batch in trainer.train_loader:
+        for ids in (batch.cand_item, *(seq.item for seq in batch.seqs)):
+            looked_up[trainer.model.emb.item.id_row[ids]] = True
+    trainer.fit()
+    rows = weights(tmp_path / "run")["model.emb.item.weight"].ne(0).any(dim=1)
+    assert torch.equal(rows, looked_up & (torch.arange(len(looked_up)) > 0))  # lazy steps: only those rows move
+    lrs = {g.get("lr_mult", 1.0): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[4] == pytest.approx(4 * lrs[1.0])
+    for bad in ("train.id_init=gauss", "train.embedding_lr_mult=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            resolve("climber-tiny", None, [bad])
 
 
 def test_lr_schedule_warms_up_then_decays():

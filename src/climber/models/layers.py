@@ -557,6 +557,19 @@ class IdEmbeddings(nn.Module):
         return out + self.user_features(batch.user, batch.user_values, batch.user_bags) if self.user_features else out
 
 
+def zero_id_tables(model: nn.Module) -> None:
+    """``train.id_init=zero``: the item id tables (:class:`ItemEmbedding`'s own rows, not its side
+    features') and user id tables (:class:`IdEmbeddings` ``user``) of ``model`` start at zero, so an
+    id's vector holds only what the batches that looked it up taught it, with no random part that
+    differs from seed to seed (docs/results/robustness.md, seventh round)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ItemEmbedding):
+                module.weight.zero_()
+            elif isinstance(module, IdEmbeddings) and hasattr(module, "user"):
+                module.user.weight.zero_()
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x (B, L, d) over the positions where mask (B, L) is True -> (B, d); zero where none is."""
     m = mask.to(x.dtype)[..., None]

@@ -41,10 +41,10 @@ from climber.data.split import MIN_EVENTS
 from climber.devices import check_precision, flushed_denormals, resolve_device
 from climber.eval.evaluate import evaluate_predictions, predict, with_raw_ids
 from climber.models import DataInfo, build_model
-from climber.models.layers import ItemEmbedding
+from climber.models.layers import ItemEmbedding, zero_id_tables
 from climber.train import checkpoint, distributed
 from climber.train.distributed import Dist, Parallel
-from climber.train.optim import WeightAverage, lr_at, make_optimizer, warmup_steps
+from climber.train.optim import WeightAverage, lr_at, make_optimizer, set_lr, warmup_steps
 from climber.train.progress import Progress
 
 
@@ -115,6 +115,8 @@ class Trainer:
         for module in self.model.modules():
             if isinstance(module, ItemEmbedding):
                 module.id_dropout = tc.item_dropout
+        if tc.id_init == "zero":
+            zero_id_tables(self.model)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         strategies = self.model.strategies()
         c = 1 if tc.mode == "single" else tc.candidates_per_row
@@ -293,8 +295,7 @@ class Trainer:
         deadline = time.time() + tc.max_epoch_minutes * 60 if tc.max_epoch_minutes else None
         progress = Progress(f"epoch {epoch}", steps, self.progress)
         for batch in itertools.islice(self.train_loader, steps):
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr_at(step, self.total_steps, tc)
+            set_lr(self.optimizer, lr_at(step, self.total_steps, tc))
             self.optimizer.zero_grad(set_to_none=True)
             batch_padded, batch_slots = batch.history_slots()
             padded, slots = padded + batch_padded, slots + batch_slots

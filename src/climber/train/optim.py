@@ -27,7 +27,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, row_tables: bool = True) -> torch.optim.AdamW:
     """AdamW: ``weight_decay`` on weight matrices, none on biases and norms (1-d), and
-    ``embedding_decay`` on the lookup tables. Decoupled decay shrinks every row at every step, so a row
+    ``embedding_decay`` on the lookup tables, whose learning rate is ``embedding_lr_mult`` times the
+    others' (the group's ``lr_mult``, applied by :func:`set_lr`). Decoupled decay shrinks every row at every step, so a row
     that few batches look up (a rare item or user) drifts back towards zero between its updates. With
     ``lazy_embeddings`` the tables' Adam steps are :class:`LazyRowsAdamW`'s, where the tables are plain
     tensors of rows (``row_tables``; FSDP's sharded DTensors are not: they keep AdamW's steps)."""
@@ -35,8 +36,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, row_tables: bool = 
     for name, p in model.named_parameters():
         (tables if "emb" in name and p.dim() == 2 else no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": tables, "weight_decay": cfg.embedding_decay, "lazy_rows": cfg.lazy_embeddings and row_tables}]
+              {"params": tables, "weight_decay": cfg.embedding_decay, "lazy_rows": cfg.lazy_embeddings and row_tables,
+               "lr_mult": cfg.embedding_lr_mult}]
     return LazyRowsAdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group: ``lr`` times the group's ``lr_mult`` (1 if it has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 class LazyRowsAdamW(torch.optim.AdamW):
