@@ -320,6 +320,9 @@ def _scale_fit(args) -> None:
         noise = f"  seed std {f['seed_std']:.4f}" if f["seed_std"] is not None else ""
         print(f"  {model:14s} E {f['E']:.4f}  A {f['A']:.4g}  alpha {f['alpha']:.3f}  R2 {f['r2']:.3f}  ({f['points']} "
               f"points, {f['seeds']} seed(s) each at most; residual rms {f['residual_rms']:.4f}{noise})")
+        for axis, e in f["axes"].items():
+            print(f"    raising {axis}: {e['steps']} steps at {e['flops_ratio']:.2f}x FLOPs, mean change "
+                  f"{e['mean_change']:+.4f}, worse in {e['worse']}")
     print(f"wrote {Path(args.sweep) / 'fit.json'} (with 90% bootstrap bands)")
 
 

@@ -59,6 +59,21 @@ def test_seeds_of_a_point_are_averaged_before_the_fit_and_their_spread_reported(
     assert fit["r2"] > 0.999 and fit["residual_rms"] < 1e-3 and fit["seed_std"] == pytest.approx(0.01)
 
 
+def test_axis_effects_tell_which_flops_buy_nothing(tmp_path, capsys):
+    # width helps (-0.01 a step), depth hurts (+0.005 a step), length does nothing: FLOPs grow with each
+    rows = [{"model": "m", "s": s, "l": l, "d": d, "train_flops": float(s * l * d * 1e6),
+             "test_logloss": 0.7 - 0.01 * np.log2(d // 16) + 0.005 * np.log2(l), "test_auc": 0.7}
+            for s in (128, 512) for l in (1, 2, 4) for d in (16, 32)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": rows}))
+    assert main(["scale", "fit", "--sweep", str(tmp_path)]) == 0
+    axes = json.loads((tmp_path / "fit.json").read_text())["fits"]["m"]["axes"]
+    assert axes["d"]["steps"] == 6 and axes["d"]["mean_change"] == pytest.approx(-0.01) and axes["d"]["worse"] == 0
+    assert axes["l"]["steps"] == 8 and axes["l"]["mean_change"] == pytest.approx(0.005) and axes["l"]["worse"] == 8
+    assert axes["s"]["steps"] == 6 and axes["s"]["mean_change"] == pytest.approx(0.0, abs=1e-12)
+    assert axes["s"]["flops_ratio"] == pytest.approx(4.0)
+    assert "raising l: 8 steps at 2.00x FLOPs, mean change +0.0050, worse in 8" in capsys.readouterr().out
+
+
 def test_plot_writes_the_curves_and_a_heat_map_per_model(tmp_path):
     rows = [{"model": m, "s": s, "l": l, "d": 16, "train_flops": float(s * l * 1e9 * k),
              "test_logloss": float(law(s * l * 1e9 * k)), "test_auc": 0.7 + 0.01 * l}

@@ -4,7 +4,9 @@
 
 with R² and a bootstrap confidence band. Seeds of one grid point (the same model, s, l, d) are averaged
 first: the law is fitted through the points' means, and the fit reports the seed spread beside the
-residual, so a low R² can be told apart from seed noise. The fit is dependency-free: for a fixed floor E the law is a
+residual, so a low R² can be told apart from seed noise. It also reports what each axis buys
+(:func:`axis_effects`): the change of y from one grid value of s, l or d to the next, the other two
+held, so FLOPs that buy nothing (or cost quality) show up by axis. The fit is dependency-free: for a fixed floor E the law is a
 straight line in log-log space (least squares), and E is searched on grids below the smallest y,
 each finer around the best floor so far; the floor with the smallest squared error in y wins.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from climber.config import ConfigError
 from climber.scaling.sweep import load_rows
 
+AXES = ("s", "l", "d")
 METRICS = {"logloss": lambda r: r["test_logloss"], "auc": lambda r: 1.0 - r["test_auc"]}  # lower is better
 
 
@@ -71,10 +74,31 @@ def seed_means(rows: list[dict], metric) -> list[dict]:
     mean training FLOPs, mean and std over seeds of ``metric(row)``, and the number of seeds."""
     groups: dict = {}
     for k, r in enumerate(rows):
-        key = tuple(r.get(a) for a in ("s", "l", "d"))
+        key = tuple(r.get(a) for a in AXES)
         groups.setdefault(key if any(v is not None for v in key) else k, []).append(r)
-    return [{"flops": float(np.mean([r["train_flops"] for r in g])), "y": float(np.mean([metric(r) for r in g])),
-             "std": float(np.std([metric(r) for r in g])), "seeds": len(g)} for g in groups.values()]
+    return [{**{a: g[0].get(a) for a in AXES}, "flops": float(np.mean([r["train_flops"] for r in g])),
+             "y": float(np.mean([metric(r) for r in g])), "std": float(np.std([metric(r) for r in g])),
+             "seeds": len(g)} for g in groups.values()]
+
+
+def axis_effects(points: list[dict]) -> dict:
+    """Per axis (s, l, d) of :func:`seed_means` points: every step from one point to the point with the
+    next larger value of that axis and the same other two -> {"steps", "mean_change" of y, "worse" (steps
+    where y rose), "flops_ratio" (geometric mean)}; axes with no such step are left out."""
+    out = {}
+    for a in AXES:
+        steps = []
+        for p in points:
+            same = [q for q in points if q[a] is not None and p[a] is not None and q[a] > p[a]
+                    and all(q[b] == p[b] for b in AXES if b != a)]
+            if same:
+                q = min(same, key=lambda q: q[a])
+                steps.append((q["y"] - p["y"], q["flops"] / p["flops"]))
+        if steps:
+            change, ratio = np.array(steps).T
+            out[a] = {"steps": len(steps), "mean_change": float(change.mean()), "worse": int((change > 0).sum()),
+                      "flops_ratio": float(np.exp(np.log(ratio).mean()))}
+    return out
 
 
 def fit_sweep(sweep_dir: Path, metric: str = "logloss") -> dict:
@@ -92,7 +116,7 @@ def fit_sweep(sweep_dir: Path, metric: str = "logloss") -> dict:
         residual = float(np.sqrt(np.mean((y - predict(fit, flops)) ** 2)))
         spread = [p["std"] for p in points if p["seeds"] > 1]
         fits[model] = {**fit, "seeds": max(p["seeds"] for p in points), "residual_rms": residual,
-                       "seed_std": float(np.mean(spread)) if spread else None,
+                       "seed_std": float(np.mean(spread)) if spread else None, "axes": axis_effects(points),
                        "band": {"flops": at.tolist(), "low": lo.tolist(), "high": hi.tolist(),
                                 "fit": predict(fit, at).tolist()}}
     out = {"metric": "test LogLoss" if metric == "logloss" else "1 - test AUC", "law": "E + A * FLOPs^-alpha",
