@@ -112,12 +112,26 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"best": {"epoch": 0}}))
     saved = Entry.parse("climber").config(["train.lr=0.002", "train.threads=2"]).to_dict()
-    del saved["train"]["embedding_decay"]  # a run written before the setting existed: not checkable
+    for key in ("embedding_decay", "lazy_embeddings", "id_init"):  # a run written before these settings existed
+        del saved["train"][key]
+    saved["train"]["item_rate_buckets"] = 0
+    del saved["train"]["item_rate_min_events"]
     save_yaml(saved, run / "config.yaml")
-    same = Entry.parse("climber").config(["train.lr=0.002", "train.threads=1", "train.embedding_decay=0"])
+    # a missing setting counts as the value it had before it existed (embedding_decay 0, lazy_embeddings
+    # false); id_init's default kept the earlier behaviour; the rate feature is off on both sides, so its
+    # minimum of events is moot
+    same = Entry.parse("climber").config(["train.lr=0.002", "train.threads=1", "train.embedding_decay=0",
+                                          "train.lazy_embeddings=false", "train.item_rate_buckets=0"])
     assert train_or_skip(run, tmp_path, same, "x", log=lambda *_: None) == {"best": {"epoch": 0}}
-    other = Entry.parse("climber").config(["train.lr=0.001"])
-    with pytest.raises(ConfigError, match=r"train.lr: 0.002 -> 0.001"):
+    new_default = Entry.parse("climber").config(["train.lr=0.002", "train.embedding_decay=0", "train.item_rate_buckets=0"])
+    with pytest.raises(ConfigError, match=r"train.lazy_embeddings: False -> True"):  # the default since
+        train_or_skip(run, tmp_path, new_default, "x", log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"train.item_rate_min_events: 1 -> 20"):  # moot no more
+        train_or_skip(run, tmp_path, Entry.parse("climber").config(["train.lr=0.002", "train.embedding_decay=0",
+                                                                      "train.lazy_embeddings=false"]), "x")
+    other = Entry.parse("climber").config(["train.lr=0.001", "train.embedding_decay=0", "train.lazy_embeddings=false",
+                                           "train.item_rate_buckets=0"])
+    with pytest.raises(ConfigError, match=r"\(train.lr: 0.002 -> 0.001\)"):
         train_or_skip(run, tmp_path, other, "x", log=lambda *_: None)
     saved["model_config"]["strategies"][0]["length"] = 7  # a list of dicts is compared item by item
     save_yaml(saved, run / "config.yaml")
