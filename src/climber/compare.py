@@ -94,7 +94,7 @@ EXECUTION_ONLY = {"threads", "workers", "device", "tensorboard", "eval_batch_siz
 # setting existed: a saved config without the key was trained with this value
 BEFORE_THEY_EXISTED = {"item_vocab": "all", "item_rate_buckets": 0, "item_rate_min_events": 1, "item_dropout": 0.0,
                        "embedding_decay": 0.0, "min_steps_per_epoch": 0, "lazy_embeddings": False, "select": "auc",
-                       "bucket": False}
+                       "bucket": False, "id_init": "normal"}
 
 
 def config_differences(saved, wanted, key: str = "") -> list[str]:

@@ -73,7 +73,7 @@ class TrainConfig:
     embedding_decay: float = 1.0  # AdamW weight decay on the embedding tables (ids, side features, item bias); robustness suite
     lazy_embeddings: bool = True  # Adam steps on the tables move only the rows a batch looked up (climber.train.optim.LazyRowsAdamW); robustness suite
     embedding_lr_mult: float = 1.0  # the lookup tables' learning rate, as a multiple of lr; robustness suite
-    id_init: str = "normal"  # item (and user) id tables start as: normal (N(0, 0.02), every model's init) | zero (a row holds only what its lookups taught it); robustness suite
+    id_init: str = "zero"  # item (and user) id tables start as: zero (a row holds only what its lookups taught it) | normal (N(0, 0.02), as the other tables); robustness suite
     warmup_steps: int = 100  # capped at a tenth of the run's steps
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for eval (0 = off)
