@@ -112,25 +112,23 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"best": {"epoch": 0}}))
     saved = Entry.parse("climber").config(["train.lr=0.002", "train.threads=2"]).to_dict()
-    for key in ("embedding_decay", "lazy_embeddings", "id_init"):  # a run written before these settings existed
-        del saved["train"][key]
+    for key in ("embedding_decay", "lazy_embeddings", "id_init", "embedding_lr_mult"):  # a run written before
+        del saved["train"][key]                                                        # these settings existed
     saved["train"]["item_rate_buckets"] = 0
     del saved["train"]["item_rate_min_events"]
     save_yaml(saved, run / "config.yaml")
     # a missing setting counts as the value it had before it existed (embedding_decay 0, lazy_embeddings
-    # false); id_init's default kept the earlier behaviour; the rate feature is off on both sides, so its
-    # minimum of events is moot
-    same = Entry.parse("climber").config(["train.lr=0.002", "train.threads=1", "train.embedding_decay=0",
-                                          "train.lazy_embeddings=false", "train.item_rate_buckets=0"])
+    # false, id_init normal); embedding_lr_mult's default kept the earlier behaviour; the rate feature is
+    # off on both sides, so its minimum of events is moot
+    before = ["train.embedding_decay=0", "train.lazy_embeddings=false", "train.id_init=normal", "train.item_rate_buckets=0"]
+    same = Entry.parse("climber").config(["train.lr=0.002", "train.threads=1", *before])
     assert train_or_skip(run, tmp_path, same, "x", log=lambda *_: None) == {"best": {"epoch": 0}}
     new_default = Entry.parse("climber").config(["train.lr=0.002", "train.embedding_decay=0", "train.item_rate_buckets=0"])
-    with pytest.raises(ConfigError, match=r"train.lazy_embeddings: False -> True"):  # the default since
+    with pytest.raises(ConfigError, match=r"train.id_init: 'normal' -> 'zero'; train.lazy_embeddings: False -> True"):
         train_or_skip(run, tmp_path, new_default, "x", log=lambda *_: None)
     with pytest.raises(ConfigError, match=r"train.item_rate_min_events: 1 -> 20"):  # moot no more
-        train_or_skip(run, tmp_path, Entry.parse("climber").config(["train.lr=0.002", "train.embedding_decay=0",
-                                                                      "train.lazy_embeddings=false"]), "x")
-    other = Entry.parse("climber").config(["train.lr=0.001", "train.embedding_decay=0", "train.lazy_embeddings=false",
-                                           "train.item_rate_buckets=0"])
+        train_or_skip(run, tmp_path, Entry.parse("climber").config(["train.lr=0.002", *before[:3]]), "x")
+    other = Entry.parse("climber").config(["train.lr=0.001", *before])
     with pytest.raises(ConfigError, match=r"\(train.lr: 0.002 -> 0.001\)"):
         train_or_skip(run, tmp_path, other, "x", log=lambda *_: None)
     saved["model_config"]["strategies"][0]["length"] = 7  # a list of dicts is compared item by item
