@@ -6,9 +6,10 @@ with R² and a bootstrap confidence band. Seeds of one grid point (the same mode
 first: the law is fitted through the points' means, and the fit reports the seed spread beside the
 residual, so a low R² can be told apart from seed noise. It also reports what each axis buys
 (:func:`axis_effects`): the change of y from one grid value of s, l or d to the next, the other two
-held, so FLOPs that buy nothing (or cost quality) show up by axis. The fit is dependency-free: for a fixed floor E the law is a
-straight line in log-log space (least squares), and E is searched on grids below the smallest y,
-each finer around the best floor so far; the floor with the smallest squared error in y wins.
+held, so FLOPs that buy nothing (or cost quality) show up by axis. The fit is dependency-free: for a
+fixed floor E the law is a straight line in log-log space (least squares), and E is searched on grids
+below the smallest y, each finer around the best floor so far; the floor with the smallest squared
+error in y wins.
 """
 
 from __future__ import annotations

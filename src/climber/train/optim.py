@@ -28,10 +28,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, row_tables: bool = True) -> torch.optim.AdamW:
     """AdamW: ``weight_decay`` on weight matrices, none on biases and norms (1-d), and
     ``embedding_decay`` on the lookup tables, whose learning rate is ``embedding_lr_mult`` times the
-    others' (the group's ``lr_mult``, applied by :func:`set_lr`). Decoupled decay shrinks every row at every step, so a row
-    that few batches look up (a rare item or user) drifts back towards zero between its updates. With
-    ``lazy_embeddings`` the tables' Adam steps are :class:`LazyRowsAdamW`'s, where the tables are plain
-    tensors of rows (``row_tables``; FSDP's sharded DTensors are not: they keep AdamW's steps)."""
+    others' (the group's ``lr_mult``, applied by :func:`set_lr`). Decoupled decay shrinks every row at
+    every step, so a row that few batches look up (a rare item or user) drifts back towards zero
+    between its updates. With ``lazy_embeddings`` the tables' Adam steps are :class:`LazyRowsAdamW`'s,
+    where the tables are plain tensors of rows (``row_tables``; FSDP's sharded DTensors are not: they
+    keep AdamW's steps)."""
     decay, no_decay, tables = [], [], []
     for name, p in model.named_parameters():
         (tables if "emb" in name and p.dim() == 2 else no_decay if p.dim() < 2 else decay).append(p)
