@@ -91,6 +91,7 @@ class TrainConfig:
     item_vocab: str = "train"  # item ids with rows of their own: all (every prepared id) | train (ids with a train event; others -> 0)
     item_rate_buckets: int = 20  # > 0: each item's smoothed train positive rate, in this many quantile buckets, as an item feature
     item_rate_min_events: int = 20  # items with fewer train events get the global rate's bucket (their own labels would leak)
+    item_rate_folds: int = 0  # >= 2: training candidates get their item's rate from the other folds' users (no own label); 0 = off
     item_dropout: float = 0.3  # in training, an item's own id vector -> 0 (unknown) with this probability; side features stay
     workers: int = -1  # processes collating batches beside training; 0 = none; -1 = auto (climber.data.loader.auto_workers)
     bucket: bool = True  # train batches of rows with similar history lengths: less padding, same rows per epoch
@@ -129,6 +130,10 @@ class TrainConfig:
             raise ConfigError(f"train.item_rate_buckets must be >= 0, got {self.item_rate_buckets}")
         if self.item_rate_min_events < 1:
             raise ConfigError(f"train.item_rate_min_events must be >= 1, got {self.item_rate_min_events}")
+        if self.item_rate_folds == 1 or self.item_rate_folds < 0:
+            raise ConfigError(f"train.item_rate_folds must be 0 (off) or >= 2, got {self.item_rate_folds}")
+        if self.item_rate_folds and not self.item_rate_buckets:
+            raise ConfigError("train.item_rate_folds needs the rate feature: set train.item_rate_buckets > 0")
         if self.shard_embedding_rows < 0:
             raise ConfigError(f"train.shard_embedding_rows must be >= 0, got {self.shard_embedding_rows}")
         for name in ("aux_weight", "rank_weight", "weight_decay", "embedding_decay"):

@@ -244,3 +244,35 @@ def test_default_preset_parses_and_builds(name):
     assert doc["model"] == name
     cfg = config_class(name).from_dict(doc["model_config"])
     assert isinstance(build_model(name, cfg, INFO), nn.Module)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_only_training_candidates_read_the_out_of_fold_rate_tables(name):
+    """``train.item_rate_folds``: in train mode a candidate's rate bucket is its user's fold's; history
+    tokens and eval mode keep the whole table."""
+    from climber.models import RATE_FEATURE
+    from climber.models.layers import ItemEmbedding
+
+    info = dataclasses.replace(INFO, item_features=((RATE_FEATURE, 4),))
+    torch.manual_seed(0)
+    model = perturb_parameters(build_model(name, TINY[name][0], info), seed=0)
+    (item,) = [m for m in model.modules() if isinstance(m, ItemEmbedding)]
+    n = info.num_items + 1
+    rates = torch.randint(1, 5, (n,), generator=torch.Generator().manual_seed(0))
+    rates[0] = 0
+    item.feature_ids[:, -1] = rates
+    batch = batch_for(model, B=3, C=4, full=True)
+    in_candidates = torch.zeros(n, dtype=torch.bool)
+    in_candidates[batch.cand_item] = True
+    moved = torch.where(rates > 0, rates % 4 + 1, 0)  # another bucket for every item
+
+    def logits(fold_rates, training=True):
+        item.fold_rates = fold_rates
+        torch.manual_seed(1)  # the same dropout draws in every call
+        return model.train(training)(batch)
+
+    whole = logits(torch.zeros(0, n, dtype=torch.long))  # no fold tables
+    assert close(logits(rates.repeat(2, 1)), whole)  # fold tables equal to the whole table
+    assert not close(logits(moved.repeat(2, 1)), whole)  # the candidates' rates moved
+    assert close(logits(torch.where(in_candidates, rates, moved).repeat(2, 1)), whole)  # history items' only
+    assert close(logits(moved.repeat(2, 1), training=False), logits(torch.zeros(0, n, dtype=torch.long), training=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 import torch
 
 from climber.data import synthetic
@@ -131,3 +132,61 @@ def test_a_checkpoint_from_before_id_row_loads_with_every_id_on_its_own_row(tiny
     old = {k: v for k, v in build_model("climber", {}, info).state_dict().items() if not k.endswith("id_row")}
     model.load_state_dict(old)  # strict: no missing key
     assert torch.equal(model.emb.item.id_row, torch.arange(info.num_items + 1))
+
+
+def test_out_of_fold_rate_buckets_never_hold_the_labels_of_the_folds_own_users(tmp_path):
+    import shutil
+
+    from climber.models import fold_rate_buckets, item_rate_buckets, train_rates
+
+    data = tmp_path / "sparse"
+    synthetic.synthesize(data, users=60, events_per_user=12, items=150, topics=4, seed=3, log=lambda *_: None)
+    info = DataInfo.from_prepared(data, item_rate_buckets=5)
+    folds = fold_rate_buckets(data, info.num_items, 5, 1, 3)  # (3, items + 1)
+    assert folds.shape == (3, info.num_items + 1) and folds[:, 0].eq(0).all()
+    assert folds.min() >= 0 and folds.max() <= 5
+    full = item_rate_buckets(train_rates(data), info.num_items, 5)
+    assert not all(torch.equal(folds[k], full) for k in range(3))
+    events = pl.read_parquet(data / "events.parquet")
+    for k in range(3):  # flip every train label of fold k's users: row k stays, the other rows move
+        flipped = tmp_path / f"flipped{k}"
+        shutil.copytree(data, flipped)
+        own = (pl.col("user") % 3 == k) & (pl.col("split") == "train")
+        events.with_columns(pl.when(own).then(1 - pl.col("label")).otherwise(pl.col("label")).alias("label")) \
+            .write_parquet(flipped / "events.parquet")
+        again = fold_rate_buckets(flipped, info.num_items, 5, 1, 3)
+        assert torch.equal(again[k], folds[k])
+        assert not torch.equal(again[(k + 1) % 3], folds[(k + 1) % 3])
+
+
+def test_training_candidates_take_their_users_fold_rate_history_and_eval_the_whole_table(tiny_synth):
+    info = DataInfo.from_prepared(tiny_synth, item_rate_buckets=4)  # features: item_topic, then the rate
+    emb = ItemEmbedding(info.num_items, 8, info.item_features)
+    n = info.num_items + 1
+    emb.feature_ids.copy_(torch.stack([torch.randint(1, 3, (n,)), torch.randint(1, 5, (n,))], dim=1))
+    emb.fold_rates = torch.randint(1, 5, (2, n))
+    ids, users = torch.tensor([[1, 5, 7], [2, 3, 9]]), torch.tensor([4, 7])  # folds 0 and 1
+
+    def expected(rate):  # the id vector + topic vector + the given rate bucket's vector
+        return emb.weight[ids] + emb.features[0].weight[emb.feature_ids[ids, 0]] + emb.features[1].weight[rate]
+
+    own_fold = torch.stack([emb.fold_rates[0, ids[0]], emb.fold_rates[1, ids[1]]])
+    torch.testing.assert_close(emb.train()(ids, users), expected(own_fold))
+    torch.testing.assert_close(emb.train()(ids), expected(emb.feature_ids[ids, 1]))  # history tokens
+    torch.testing.assert_close(emb.eval()(ids, users), expected(emb.feature_ids[ids, 1]))  # val, test, serving
+
+
+def test_trainer_fills_fold_tables_that_checkpoints_leave_out_and_refuses_bad_folds(tiny_synth, tmp_path):
+    from climber.config import ConfigError, resolve
+    from climber.train.loop import Trainer
+    from conftest import TINY
+
+    cfg = resolve("climber-tiny", None, TINY + ["train.item_rate_buckets=4", "train.item_rate_folds=2"])
+    item = Trainer(tmp_path / "run", tiny_synth, cfg, log=lambda *_: None, progress=False).model.emb.item
+    assert item.fold_rates.shape == (2, item.num_embeddings) and item.fold_rates[:, 1:].min() >= 1
+    assert "emb.item.fold_rates" not in item.state_dict() and "fold_rates" not in item.state_dict()
+    for bad, match in (("train.item_rate_folds=1", "item_rate_folds"), ("train.item_rate_folds=-2", "item_rate_folds")):
+        with pytest.raises(ConfigError, match=match):
+            resolve("climber-tiny", None, [bad])
+    with pytest.raises(ConfigError, match="item_rate_buckets"):
+        resolve("climber-tiny", None, ["train.item_rate_folds=3", "train.item_rate_buckets=0"])

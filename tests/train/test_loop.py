@@ -54,7 +54,8 @@ def test_run_dir_holds_everything_and_figures_recompute(data, tmp_path):
 
 @pytest.mark.parametrize("extra", [[], ["train.ema=0.9"], ["train.item_dropout=0.2"], ["train.lazy_embeddings=true"],
                                    ["train.id_init=zero", "train.embedding_lr_mult=4"],
-                                   ["train.item_rate_buckets=8", "train.item_vocab=train", "train.select=gauc"]])
+                                   ["train.item_rate_buckets=8", "train.item_vocab=train", "train.select=gauc"],
+                                   ["train.item_rate_buckets=8", "train.item_rate_folds=3", "train.item_rate_min_events=1"]])
 def test_resume_after_kill_matches_uninterrupted_run(data, tmp_path, extra):
     cfg = resolve("climber-tiny", None, TINY + extra)
     full = Trainer(tmp_path / "full", data, cfg, log=lambda *_: None, progress=False).fit()

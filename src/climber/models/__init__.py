@@ -102,7 +102,8 @@ def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) 
 
     Why ``min_events``: a training candidate's own label is part of its item's rate, and for an item of
     a few events the rate (so the bucket) is mostly those labels, a leak a model learns in training and
-    finds absent at test time (measured: docs/results/robustness.md)."""
+    finds absent at test time (measured: docs/results/robustness.md). :func:`fold_rate_buckets` closes
+    the leak another way."""
     import numpy as np
     import polars as pl
 
@@ -114,6 +115,27 @@ def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) 
     table = torch.from_numpy(np.searchsorted(edges, values, side="right").astype("int64") + 1)
     table[0] = 0
     return table
+
+
+def fold_of(users, folds: int):
+    """The fold of each dense user id for ``train.item_rate_folds``: ``user mod folds`` (a tensor of ids,
+    or a polars column)."""
+    return users % folds
+
+
+def fold_rate_buckets(prepared, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
+    """(folds, num_items + 1) int64: ``train.item_rate_folds``, out-of-fold rate buckets. Row k is
+    :func:`item_rate_buckets` of the train events of the users outside fold k (:func:`fold_of`), its
+    quantiles included, so a training candidate of a user in fold k is given a rate that no label of
+    that user entered: no leak, whatever ``min_events``. Val, test and serving use the whole train
+    split's table."""
+    import polars as pl
+
+    from climber.eval.floor import item_train_rates
+
+    events = pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
+    return torch.stack([item_rate_buckets(item_train_rates(events.filter(fold_of(pl.col("user"), folds) != k)),
+                                          num_items, buckets, min_events) for k in range(folds)])
 
 
 def train_item_rows(rates, num_items: int) -> torch.Tensor:
@@ -203,9 +225,10 @@ def _lookup(name: str):
 
 
 def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all",
-                rate_min_events: int = 1) -> torch.nn.Module:
+                rate_min_events: int = 1, rate_folds: int = 0) -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
-    dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`),
+    dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`;
+    ``rate_folds`` > 0: the out-of-fold tables of training, :func:`fold_rate_buckets`),
     and with ``item_vocab="train"`` items without a train event embed as the unknown item
     (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
     from climber.models.layers import ItemEmbedding, UserFeatures
@@ -223,6 +246,8 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
                                                             dtype=torch.long)], dim=1), "bag_ids": bags}
     if info.rate_buckets:  # DataInfo.from_prepared puts the rate feature last
         tables["feature_ids"][:, -1] = item_rate_buckets(rates, info.num_items, info.rate_buckets, rate_min_events)
+        if rate_folds:
+            tables["fold_rates"] = fold_rate_buckets(prepared, info.num_items, info.rate_buckets, rate_min_events, rate_folds)
     if item_vocab == "train":
         tables["id_row"] = train_item_rows(rates, info.num_items)
     user_tables = dict(zip(("feature_ids", "bag_ids"), first_features(
@@ -231,5 +256,8 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         for kind, filled in ((ItemEmbedding, tables), (UserFeatures, user_tables)):
             if isinstance(module, kind):
                 for buffer, table in filled.items():
-                    getattr(module, buffer).copy_(table)
+                    if buffer == "fold_rates":  # not saved: its shape is the data's
+                        module.fold_rates = table.to(module.fold_rates.device)
+                    else:
+                        getattr(module, buffer).copy_(table)
     return model

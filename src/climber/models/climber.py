@@ -277,7 +277,7 @@ class Climber(nn.Module):
             g = g * torch.sigmoid(self.se(g))  # bit-wise (per element) squeeze-and-excitation gate
         else:
             g = E.mean(dim=2)  # (B, C, d)
-        h = self.head(torch.cat([g, self.emb.item(batch.cand_item)], dim=-1))  # (B, C, d)
+        h = self.head(torch.cat([g, self.emb.candidate_item(batch)], dim=-1))  # (B, C, d)
         out = {"click": self.click_out(h).squeeze(-1)}
         if self.cfg.item_bias:
             out["click"] = out["click"] + self.item_bias_emb(batch.cand_item).squeeze(-1)

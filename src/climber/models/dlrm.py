@@ -97,7 +97,7 @@ class DLRM(nn.Module):
         user = self.emb.user_vector(batch)[:, None].expand(-1, C, -1)  # (B, C, d)
         history = masked_mean(self.emb.history(seq), seq.mask)[:, None].expand(-1, C, -1)  # (B, C, d)
         z = self.bottom(dense_features(seq, batch))  # (B, C, d)
-        item, scenario = self.emb.item(batch.cand_item), self.emb.candidate_scenario(batch)  # (B, C, d)
+        item, scenario = self.emb.candidate_item(batch), self.emb.candidate_scenario(batch)  # (B, C, d)
         return torch.stack([user, item, scenario, history, z], dim=2)
 
     def interact(self, f: torch.Tensor) -> torch.Tensor:

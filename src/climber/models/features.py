@@ -58,7 +58,7 @@ class FeatureTokens(nn.Module):
         recent = F.pad(recent, (0, 0, k - recent.shape[1], 0))  # (B, k, d)
         row = torch.cat([mean[:, None], recent], dim=1)  # (B, 1 + k, d)
         dense = self.dense(dense_features(seq, batch))  # (B, C, d)
-        cand = torch.stack([self.emb.item(batch.cand_item), self.emb.candidate_scenario(batch), dense], dim=2)
+        cand = torch.stack([self.emb.candidate_item(batch), self.emb.candidate_scenario(batch), dense], dim=2)
         user = self.emb.user_vector(batch)[:, None, None].expand(B, C, 1, self.d)
         return torch.cat([user, cand[:, :, :2], row[:, None].expand(B, C, 1 + k, self.d), cand[:, :, 2:]], dim=2)
 

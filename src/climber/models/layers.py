@@ -399,6 +399,11 @@ class ItemEmbedding(nn.Embedding):
     own rows would never get a gradient (random vectors at test time). Side features keep the item's
     own values either way.
 
+    ``fold_rates`` (folds, num_items + 1), ``train.item_rate_folds`` (not saved; empty without): in
+    training mode a candidate's rate bucket (the last side feature) comes from its user's fold's row,
+    computed without that user's labels (``climber.models.fold_rate_buckets``); history tokens, and
+    every lookup in eval mode, keep ``feature_ids``.
+
     ``id_dropout`` (``train.item_dropout``, set by the trainer; not saved): in training mode each lookup's
     id row becomes row 0 with this probability, drawn from torch's global generator, while its side
     features stay, so a model learns to rank an item by its side features and the history when its own
@@ -411,6 +416,7 @@ class ItemEmbedding(nn.Embedding):
         super().__init__(num_items + 1, d_model, padding_idx=0)
         add_side_tables(self, num_items + 1, d_model, features, bags)
         self.register_buffer("id_row", torch.arange(num_items + 1))
+        self.register_buffer("fold_rates", torch.zeros(0, num_items + 1, dtype=torch.long), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before id_row (issue 21) were trained with every id on its own row
@@ -421,11 +427,19 @@ class ItemEmbedding(nn.Embedding):
     def side_ids(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., F) single-valued side feature value ids
         return self.feature_ids[ids]
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
+    def forward(self, ids: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+        # ids (B, ...) -> (B, ..., d); users (B,): the rows' users, given for candidates
         rows = self.id_row[ids]
         if self.training and self.id_dropout:
             rows = torch.where(torch.rand(rows.shape, device=rows.device) < self.id_dropout, 0, rows)
-        return super().forward(rows) + side_vector(self, ids)
+        values = None
+        if self.training and users is not None and len(self.fold_rates):
+            from climber.models import fold_of
+
+            folds = fold_of(users, len(self.fold_rates)).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+            values = self.feature_ids[ids].clone()  # (B, ..., F)
+            values[..., -1] = self.fold_rates[folds, ids]
+        return super().forward(rows) + side_vector(self, ids, values)
 
 
 def add_side_tables(module: nn.Module, rows: int, d_model: int, features: tuple, bags: tuple) -> None:
@@ -543,10 +557,14 @@ class IdEmbeddings(nn.Module):
         return self.item(seq.item) + self.action(seq.action) + self.scenario(seq.scenario) + self.context(seq.ctx, seq.num, seq.mask)
 
     def candidate(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
-        tokens = self.item(batch.cand_item) + self.candidate_scenario(batch)
+        tokens = self.candidate_item(batch) + self.candidate_scenario(batch)
         if self.user_features and not hasattr(self, "user"):
             tokens = tokens + self.user_features(batch.user, batch.user_values, batch.user_bags)[:, None]
         return tokens
+
+    def candidate_item(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
+        """The candidates' item vectors (with ``train.item_rate_folds``, their out-of-fold rate in training)."""
+        return self.item(batch.cand_item, batch.user)
 
     def candidate_scenario(self, batch) -> torch.Tensor:  # batch: Batch -> (B, C, d)
         """Where a candidate is shown: its scenario and its context features (ctx_*, num_*)."""
@@ -596,4 +614,4 @@ def candidate_logits(head: nn.Module, states: torch.Tensor, emb, batch) -> torch
     candidates alone): head([candidate state ; candidate item embedding]). states (B, L + C, d) -> (B, C)."""
     C = batch.cand_item.shape[1]
     h = states[:, -C:]  # (B, C, d)
-    return head(torch.cat([h, emb.item(batch.cand_item)], dim=-1)).squeeze(-1)
+    return head(torch.cat([h, emb.candidate_item(batch)], dim=-1)).squeeze(-1)
