@@ -117,21 +117,16 @@ def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) 
     return table
 
 
-def fold_of(users, folds: int):
-    """The fold of each dense user id for ``train.item_rate_folds``: ``user mod folds`` (a tensor of ids,
-    or a polars column)."""
-    return users % folds
-
-
 def fold_rate_buckets(prepared, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
     """(folds, num_items + 1) int64: ``train.item_rate_folds``, out-of-fold rate buckets. Row k is
-    :func:`item_rate_buckets` of the train events of the users outside fold k (:func:`fold_of`), its
-    quantiles included, so a training candidate of a user in fold k is given a rate that no label of
-    that user entered: no leak, whatever ``min_events``. Val, test and serving use the whole train
-    split's table."""
+    :func:`item_rate_buckets` of the train events of the users outside fold k
+    (:func:`climber.models.layers.fold_of`), its quantiles included, so a training candidate of a user
+    in fold k is given a rate that no label of that user entered: no leak, whatever ``min_events``.
+    Val, test and serving use the whole train split's table."""
     import polars as pl
 
     from climber.eval.floor import item_train_rates
+    from climber.models.layers import fold_of
 
     events = pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
     return torch.stack([item_rate_buckets(item_train_rates(events.filter(fold_of(pl.col("user"), folds) != k)),

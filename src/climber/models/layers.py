@@ -434,12 +434,16 @@ class ItemEmbedding(nn.Embedding):
             rows = torch.where(torch.rand(rows.shape, device=rows.device) < self.id_dropout, 0, rows)
         values = None
         if self.training and users is not None and len(self.fold_rates):
-            from climber.models import fold_of
-
             folds = fold_of(users, len(self.fold_rates)).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
             values = self.feature_ids[ids].clone()  # (B, ..., F)
             values[..., -1] = self.fold_rates[folds, ids]
         return super().forward(rows) + side_vector(self, ids, values)
+
+
+def fold_of(users, folds: int):
+    """The fold of each dense user id for ``train.item_rate_folds``: ``user mod folds`` (a tensor of ids,
+    or a polars column)."""
+    return users % folds
 
 
 def add_side_tables(module: nn.Module, rows: int, d_model: int, features: tuple, bags: tuple) -> None:
