@@ -46,6 +46,25 @@ def test_action_heads_are_trained_but_the_candidate_action_is_never_an_input():
     assert not any("action_out" in n for n, _ in build().named_parameters())
 
 
+@pytest.mark.parametrize("bgf", [True, False])
+def test_the_dot_head_adds_the_product_of_the_projected_state_and_the_item_vector(bgf):
+    """dot_head: logits = the head's logits + <W Y, item vector>; everything else is the model without it."""
+    model = build(dot_head=True, use_bgf=bgf).eval()
+    plain = build(use_bgf=bgf).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("dot_proj")})
+    batch = make_batch(C=4)
+    states = torch.stack(model.block_states(batch), dim=2)  # (B, C, Nb, d)
+    captured = {}
+    model.dot_proj.register_forward_hook(lambda m, args, out: captured.update(y=args[0], wy=out))
+    logits = model(batch)
+    expected = plain(batch) + (captured["wy"] * model.emb.candidate_item(batch)).sum(-1)
+    assert close(logits, expected)
+    assert captured["y"].shape[-1] == (states.shape[2] * states.shape[3] if bgf else states.shape[3])
+    with torch.no_grad():
+        model.dot_proj.weight.normal_()
+    assert not close(model(batch), plain(batch))  # the term is in the logits
+
+
 @pytest.mark.parametrize("attention", ["structured", "dense"])
 def test_history_keys_are_causal_and_candidate_states_ignore_other_candidates(attention):
     """The KV-cacheable part: every layer's K / V of history event i depend on events <= i only (encode

@@ -36,7 +36,7 @@ EVERY_KIND = RECENT_POS + [
 ]
 CACHED = [  # (model, config): every Climber ablation, every strategy kind, the reference attention
     ("climber", {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse,
-                 "item_bias": bgf, "action_heads": atl})
+                 "item_bias": bgf, "action_heads": atl, "dot_head": atl})
     for atl, bgf, mse in itertools.product([True, False], repeat=3)
 ] + [
     ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference"}),

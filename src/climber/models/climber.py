@@ -5,6 +5,7 @@ fusion (BGF), scoring C candidates of one user in one pass ("single user, multip
     stack                                                       -> E                  (B, C, Nb, d)
     BGF: ATL over the Nb tokens of each candidate, SE gate       -> Y                  (B, C, Nb * d)
     head MLP on [Y ; candidate item embedding]                   -> logits             (B, C)
+    (dot_head: + <W Y, candidate item embedding>, W (Nb * d -> d))
 
 Ablations: use_mse=False -> one block over the full recent history; use_atl=False -> no relative bias,
 temperature fixed at 1 (use_relative_bias=False / use_temperature=False: one of the two off);
@@ -65,6 +66,7 @@ class ClimberConfig(ModelConfig):
     time_buckets: int = 32
     user_embedding: bool = False  # add a learned user vector to candidate tokens
     item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
+    dot_head: bool = False  # add <W Y, candidate item vector> to the click logit (an explicit interest x item product)
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
     attention: str = "structured"  # "structured" | "tiled" | "flex" | "dense" | "reference" (climber.models.attention)
     attention_sink: bool = False  # a learned null key/value per head in every block's ATLs (count-aware attention)
@@ -183,6 +185,8 @@ class Climber(nn.Module):
             head_in = 2 * d
         self.head = nn.Sequential(nn.Linear(head_in, d), nn.GELU(), nn.Dropout(cfg.dropout))  # shared trunk
         self.click_out = nn.Linear(d, 1)
+        if cfg.dot_head:
+            self.dot_proj = nn.Linear(head_in - d, d, bias=False)  # fused state Y -> the item vectors' space
         if cfg.item_bias:
             self.item_bias_emb = nn.Embedding(info.num_items + 1, 1, padding_idx=0)
         if cfg.action_heads:
@@ -277,8 +281,11 @@ class Climber(nn.Module):
             g = g * torch.sigmoid(self.se(g))  # bit-wise (per element) squeeze-and-excitation gate
         else:
             g = E.mean(dim=2)  # (B, C, d)
-        h = self.head(torch.cat([g, self.emb.candidate_item(batch)], dim=-1))  # (B, C, d)
+        item = self.emb.candidate_item(batch)  # (B, C, d)
+        h = self.head(torch.cat([g, item], dim=-1))  # (B, C, d)
         out = {"click": self.click_out(h).squeeze(-1)}
+        if self.cfg.dot_head:
+            out["click"] = out["click"] + (self.dot_proj(g) * item).sum(-1)
         if self.cfg.item_bias:
             out["click"] = out["click"] + self.item_bias_emb(batch.cand_item).squeeze(-1)
         if self.cfg.action_heads:
@@ -305,4 +312,5 @@ class Climber(nn.Module):
         else:
             head_in = 2 * d
         heads = 1 + (self.info.num_actions if cfg.action_heads else 0)
-        return total + C * (2 * head_in * d + 2 * d * heads)
+        dot = 2 * (head_in - d) * d if cfg.dot_head else 0
+        return total + C * (2 * head_in * d + 2 * d * heads + dot)
