@@ -66,6 +66,26 @@ def test_the_dot_head_adds_the_product_of_the_projected_state_and_the_item_vecto
 
 
 @pytest.mark.parametrize("attention", ["structured", "dense"])
+def test_context_features_add_the_history_length_and_gap_per_block(attention):
+    """context_features: block k's candidate states + W_k [log1p(its history length), log1p(gap to its
+    most recent event) / 10]; without ATL's time bias, a candidate's ts then reaches its score and no other's."""
+    model = build(context_features=True, use_atl=False, attention=attention).eval()
+    plain = build(use_atl=False, attention=attention).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("context")})
+    batch = make_batch(C=4)
+    for b, (got, want, seq) in enumerate(zip(model.block_states(batch), plain.block_states(batch), batch.seqs)):
+        count = seq.mask.sum(1, keepdim=True).float()  # (B, 1)
+        last = torch.where(seq.mask, seq.ts, 0).max(1, keepdim=True).values  # (B, 1)
+        gap = torch.where(count > 0, (batch.cand_ts - last).clamp(min=0), 0).float()  # (B, C)
+        dense = torch.stack([torch.log1p(count).expand_as(gap), torch.log1p(gap) / 10], dim=-1)  # (B, C, 2)
+        assert close(got - want, model.context[b](dense))
+    later = replace(batch, cand_ts=batch.cand_ts + torch.tensor([1000, 0, 0, 0]))
+    assert torch.equal(plain(later), plain(batch))  # no time bias: ts does not reach the plain model
+    moved = (model(later) != model(batch))
+    assert moved[:, 0][batch.cand_mask[:, 0]].all() and not moved[:, 1:].any()
+
+
+@pytest.mark.parametrize("attention", ["structured", "dense"])
 def test_history_keys_are_causal_and_candidate_states_ignore_other_candidates(attention):
     """The KV-cacheable part: every layer's K / V of history event i depend on events <= i only (encode
     never sees a candidate); a candidate's state does not change when the other candidates do."""

@@ -45,9 +45,9 @@ WUKONG = dict(d_model=8, n_layers=2, n_fmb=3, n_lcb=4, mlp_hidden=16, max_len=6,
 RANKMIXER = dict(T=4, d_token=8, d_feature=6, n_layers=2, ffn_mult=2, max_len=6, recent_k=3)  # 8 x 6 -> 4 x 12
 
 TINY: dict[str, list[dict]] = {
-    "climber": [  # every ablation; user vector without MSE, item bias with BGF, dot head with ATL
+    "climber": [  # every ablation; user vector without MSE, item bias with BGF, dot head with ATL, context without
         {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse, "item_bias": bgf,
-         "dot_head": atl}
+         "dot_head": atl, "context_features": not atl}
         for atl, bgf, mse in itertools.product([True, False], repeat=3)
     ] + [{**CLIMBER, "use_atl": False, "use_bgf": False, "n_layers": 1, "d_model": 32},
          {**CLIMBER, "attention_sink": True}],

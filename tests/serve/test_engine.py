@@ -36,10 +36,10 @@ EVERY_KIND = RECENT_POS + [
 ]
 CACHED = [  # (model, config): every Climber ablation, every strategy kind, the reference attention
     ("climber", {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse,
-                 "item_bias": bgf, "action_heads": atl, "dot_head": atl})
+                 "item_bias": bgf, "action_heads": atl, "dot_head": atl, "context_features": not atl})
     for atl, bgf, mse in itertools.product([True, False], repeat=3)
 ] + [
-    ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference"}),
+    ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference", "context_features": True}),
     ("transformer", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("hstu", dict(d_model=16, n_heads=2, n_layers=2, max_len=8)),
     ("climber", {**CLIMBER, "attention_sink": True}),

@@ -5,7 +5,8 @@ fusion (BGF), scoring C candidates of one user in one pass ("single user, multip
     stack                                                       -> E                  (B, C, Nb, d)
     BGF: ATL over the Nb tokens of each candidate, SE gate       -> Y                  (B, C, Nb * d)
     head MLP on [Y ; candidate item embedding]                   -> logits             (B, C)
-    (dot_head: + <W Y, candidate item embedding>, W (Nb * d -> d))
+    (dot_head: + <W Y, candidate item embedding>, W (Nb * d -> d); context_features: block k's states
+    + W_k [log1p(its history length), log1p(its last event's gap to the candidate) / 10], as DLRM's)
 
 Ablations: use_mse=False -> one block over the full recent history; use_atl=False -> no relative bias,
 temperature fixed at 1 (use_relative_bias=False / use_temperature=False: one of the two off);
@@ -24,6 +25,7 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
+from climber.models.features import NUM_DENSE, history_dense_features
 from climber.models.attention import FULL_SEQUENCE, Keys, Plan, check_attention, full_sequence_impl, kernel_for
 from climber.models.layers import (
     IdEmbeddings,
@@ -67,6 +69,7 @@ class ClimberConfig(ModelConfig):
     user_embedding: bool = False  # add a learned user vector to candidate tokens
     item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
     dot_head: bool = False  # add <W Y, candidate item vector> to the click logit (an explicit interest x item product)
+    context_features: bool = False  # add W_k [log1p(block k's history length), its gap to the candidate] to block k's states
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
     attention: str = "structured"  # "structured" | "tiled" | "flex" | "dense" | "reference" (climber.models.attention)
     attention_sink: bool = False  # a learned null key/value per head in every block's ATLs (count-aware attention)
@@ -173,6 +176,8 @@ class Climber(nn.Module):
         max_distance = max(s.length for s in strategies) + 1  # candidates sit at position L
         self.blocks = nn.ModuleList(Block(cfg, info.num_scenarios, max_distance, len(info.item_features))
                                     for _ in strategies)
+        if cfg.context_features:
+            self.context = nn.ModuleList(nn.Linear(NUM_DENSE, d) for _ in strategies)
         if cfg.use_bgf:
             self.fusion = TransformerLayer(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, full_sequence_impl(cfg.attention))
             if cfg.has_temperature:
@@ -235,8 +240,16 @@ class Climber(nn.Module):
     def score(self, b: int, cand: torch.Tensor, kvs: list, keys: Keys, batch: Batch) -> torch.Tensor:
         """Block b's candidate states (B, C, d): the candidate tokens cand (B, C, d) of ``batch`` against
         the per-layer (k, v) of the history ``keys``."""
-        return self.blocks[b](cand, kvs, keys, batch.cand_ts, self.emb.item.side_ids(batch.cand_item),
-                              batch.cand_scenario, self.kernel, step="score")
+        states = self.blocks[b](cand, kvs, keys, batch.cand_ts, self.emb.item.side_ids(batch.cand_item),
+                                batch.cand_scenario, self.kernel, step="score")
+        return self.with_context(b, states, keys.ts, keys.mask, batch.cand_ts)
+
+    def with_context(self, b: int, states, ts, mask, cand_ts) -> torch.Tensor:
+        """Block b's candidate states (B, C, d), plus (context_features) a linear map of the dense features
+        of its history (ts, mask (B, L)) for candidates at cand_ts (B, C): DLRM's two, per block."""
+        if not self.cfg.context_features:
+            return states
+        return states + self.context[b](history_dense_features(ts, mask, cand_ts))
 
     def keys(self, ts, item, mask) -> Keys:
         """The history keys of a block from their ts, items and mask (B, M)."""
@@ -251,7 +264,8 @@ class Climber(nn.Module):
         cand = self.candidate_tokens(batch)  # (B, C, d)
         C = cand.shape[1]
         if self.cfg.attention in FULL_SEQUENCE:
-            return [block(*self._block_input(seq, batch, cand))[:, -C:] for block, seq in zip(self.blocks, batch.seqs)]
+            return [self.with_context(b, block(*self._block_input(seq, batch, cand))[:, -C:], seq.ts, seq.mask,
+                                      batch.cand_ts) for b, (block, seq) in enumerate(zip(self.blocks, batch.seqs))]
         states = []
         for b, seq in enumerate(batch.seqs):
             keys = self.keys(seq.ts, seq.item, seq.mask)
@@ -313,4 +327,5 @@ class Climber(nn.Module):
             head_in = 2 * d
         heads = 1 + (self.info.num_actions if cfg.action_heads else 0)
         dot = 2 * (head_in - d) * d if cfg.dot_head else 0
-        return total + C * (2 * head_in * d + 2 * d * heads + dot)
+        context = nb * 2 * NUM_DENSE * d if cfg.context_features else 0
+        return total + C * (2 * head_in * d + 2 * d * heads + dot + context)

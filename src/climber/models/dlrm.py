@@ -21,7 +21,7 @@ from climber.data.batch import Batch
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.features import dense_features
+from climber.models.features import NUM_DENSE, dense_features
 from climber.models.layers import (
     IdEmbeddings,
     history_strategy,
@@ -33,7 +33,6 @@ from climber.models.layers import (
 )
 
 INTERACTIONS = ("dot", "dcn")
-NUM_DENSE = 2  # dense features per candidate
 NUM_VECTORS = 5  # user, item, scenario, pooled history, bottom-MLP output
 
 

@@ -24,14 +24,22 @@ from climber.models import DataInfo
 from climber.models.layers import IdEmbeddings, init_weights, masked_mean, one_history
 
 
+NUM_DENSE = 2  # dense features per candidate: history length, gap to the most recent event
+
+
 def dense_features(seq: Subsequence, batch: Batch) -> torch.Tensor:
-    """(B, C, 2): [log1p(#history events), log1p(seconds from the most recent history event to the
-    candidate's ts) / 10]. A negative gap (a padding candidate has ts 0) counts 0; an empty history
-    gives [0, 0]."""
-    count = seq.mask.sum(dim=1)  # (B,)
-    last_ts = (seq.ts * seq.mask).amax(dim=1)  # (B,) the most recent event; 0 when empty
-    gap = (batch.cand_ts - last_ts[:, None]).clamp(min=0) * (count > 0)[:, None]  # (B, C) seconds
-    C = batch.cand_item.shape[1]
+    """(B, C, 2): ``history_dense_features`` of ``seq`` for the batch's candidates."""
+    return history_dense_features(seq.ts, seq.mask, batch.cand_ts)
+
+
+def history_dense_features(ts: torch.Tensor, mask: torch.Tensor, cand_ts: torch.Tensor) -> torch.Tensor:
+    """History events' ts, mask (B, L) and candidates' ts (B, C) -> (B, C, 2): [log1p(#history events),
+    log1p(seconds from the most recent history event to the candidate's ts) / 10]. A negative gap (a
+    padding candidate has ts 0) counts 0; an empty history gives [0, 0]."""
+    count = mask.sum(dim=1)  # (B,)
+    last_ts = F.pad(ts * mask, (1, 0)).amax(dim=1)  # (B,) the most recent event; 0 when empty (also L = 0)
+    gap = (cand_ts - last_ts[:, None]).clamp(min=0) * (count > 0)[:, None]  # (B, C) seconds
+    C = cand_ts.shape[1]
     return torch.stack([torch.log1p(count.float())[:, None].expand(-1, C), torch.log1p(gap.float()) / 10], dim=-1)
 
 
@@ -40,7 +48,7 @@ class FeatureTokens(nn.Module):
         super().__init__()
         self.d, self.recent_k = d, recent_k
         self.emb = IdEmbeddings(info, d, user=True)
-        self.dense = nn.Linear(2, d)
+        self.dense = nn.Linear(NUM_DENSE, d)
         self.apply(init_weights)  # the dense token starts at the embeddings' scale
 
     @property
