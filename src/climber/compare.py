@@ -92,22 +92,25 @@ EXECUTION_ONLY = {"threads", "workers", "device", "tensorboard", "eval_batch_siz
 
 # train.* settings added after runs had been saved, whose default is not what a run did before the
 # setting existed: a saved config without the key was trained with this value
-BEFORE_THEY_EXISTED = {"item_vocab": "all", "item_rate_buckets": 0, "item_rate_min_events": 1, "item_dropout": 0.0,
-                       "embedding_decay": 0.0, "min_steps_per_epoch": 0, "lazy_embeddings": False, "select": "auc",
-                       "bucket": False, "id_init": "normal"}
+BEFORE_THEY_EXISTED = {  # config section -> {setting: its behaviour before it existed}
+    "train": {"item_vocab": "all", "item_rate_buckets": 0, "item_rate_min_events": 1, "item_dropout": 0.0,
+              "embedding_decay": 0.0, "min_steps_per_epoch": 0, "lazy_embeddings": False, "select": "auc",
+              "bucket": False, "id_init": "normal"},
+    "model_config": {"context_features": False, "dot_head": False},
+}
 
 
 def config_differences(saved, wanted, key: str = "") -> list[str]:
     """Settings where a finished run's saved config (``config.yaml``, as a dict) differs from the one
-    asked for, as "key: saved -> wanted". A train setting the saved file lacks (written before the setting
-    existed) counts as the value it had then (``BEFORE_THEY_EXISTED``; settings whose default kept the
+    asked for, as "key: saved -> wanted". A train or model setting the saved file lacks (written before
+    the setting existed) counts as the value it had then (``BEFORE_THEY_EXISTED``; settings whose default kept the
     earlier behaviour are not listed there and need no check); the execution-only train settings are
     left out."""
     if isinstance(saved, dict) and isinstance(wanted, dict):
-        if key == "train":
-            saved = {**{k: v for k, v in BEFORE_THEY_EXISTED.items() if k in wanted}, **saved}
-            if saved.get("item_rate_buckets") == wanted.get("item_rate_buckets") == 0:  # no rate feature: moot
-                saved, wanted = ({k: v for k, v in d.items() if k != "item_rate_min_events"} for d in (saved, wanted))
+        earlier = BEFORE_THEY_EXISTED.get(key, {})
+        saved = {**{k: v for k, v in earlier.items() if k in wanted}, **saved}
+        if key == "train" and saved.get("item_rate_buckets") == wanted.get("item_rate_buckets") == 0:  # moot: no rate
+            saved, wanted = ({k: v for k, v in d.items() if k != "item_rate_min_events"} for d in (saved, wanted))
         return [d for k in saved.keys() & wanted.keys() if not (key == "train" and k in EXECUTION_ONLY)
                 for d in config_differences(saved[k], wanted[k], f"{key}.{k}" if key else k)]
     if isinstance(saved, list) and isinstance(wanted, list) and len(saved) == len(wanted):  # e.g. strategies
