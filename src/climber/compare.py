@@ -90,7 +90,7 @@ def run_flops_per_candidate(run_dir: Path, data: Path) -> float:
 EXECUTION_ONLY = {"threads", "workers", "device", "tensorboard", "eval_batch_size"}  # train.* keys that leave results alone
 
 
-# train.* settings added after runs had been saved, whose default is not what a run did before the
+# train.* and model_config.* settings added after runs had been saved, whose default is not what a run did before the
 # setting existed: a saved config without the key was trained with this value
 BEFORE_THEY_EXISTED = {  # config section -> {setting: its behaviour before it existed}
     "train": {"item_vocab": "all", "item_rate_buckets": 0, "item_rate_min_events": 1, "item_dropout": 0.0,

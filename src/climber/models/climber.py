@@ -25,8 +25,8 @@ from climber.data.batch import Batch, Subsequence
 from climber.data.sequences import Strategy
 from climber.models import DataInfo, SampleShape
 from climber.models.base import ModelConfig
-from climber.models.features import NUM_DENSE, history_dense_features
 from climber.models.attention import FULL_SEQUENCE, Keys, Plan, check_attention, full_sequence_impl, kernel_for
+from climber.models.features import NUM_DENSE, history_dense_features
 from climber.models.layers import (
     IdEmbeddings,
     RelativeBias,
