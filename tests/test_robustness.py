@@ -90,6 +90,27 @@ def test_replay_selection_follows_the_training_loops_patience_and_warmup():
     assert replay_selection(log, "logloss", patience=3, warmup=1)["epoch"] == 2  # lower is better
 
 
+def test_pair_classes_take_gauc_apart_by_the_items_train_events():
+    """The pair classes' shares sum to 1 and their share-weighted accuracies to the GAUC of
+    climber.eval.metrics; a pair's class is unordered, and a tie counts one half."""
+    import numpy as np
+
+    from climber.eval.metrics import gauc
+    from climber.robustness import item_class, pair_classes
+
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 30, 400)
+    clicks = rng.integers(0, 2, 400)
+    logits = np.round(rng.normal(size=400) + clicks, 1)  # ties included
+    classes = item_class(rng.choice([0, 3, 19, 20, 500], 400))
+    parts = pair_classes(users, clicks, logits, classes)
+    assert sum(share for _, share in parts.values()) == pytest.approx(1.0)
+    assert sum(acc * share for acc, share in parts.values()) == pytest.approx(gauc(users, clicks, logits))
+    one = pair_classes([1, 1, 1], [1, 0, 0], [0.5, 0.5, 0.9], item_class(np.array([0, 25, 0])))
+    assert one["unseen-frequent"] == (0.5, 0.5) and one["unseen-unseen"] == (0.0, 0.5)
+    assert np.isnan(one["rare-rare"][0])
+
+
 def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     """Two seeds whose logits are the truth plus and minus the same noise: each alone ranks poorly, their
     average perfectly. A third entry scores every candidate 0, so the floor's logit alone ranks it, and
@@ -122,7 +143,9 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     # every item has 10 train events: all spread is on "rare" items; the blank seeds agree exactly
     assert rows["noisy"]["seed_spread_rare_items"] > 1 and rows["blank"]["seed_spread_rare_items"] == 0
     assert rows["noisy"]["seed_spread_frequent_items"] is None
-    assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 2
+    assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 5  # two entries, and by pair class three rows
+    # every item has 10 train events (rare): the floor orders all pairs; the blank entry ties them all
+    assert rows["floor"]["pairs"]["rare-rare"] == (1.0, 1.0) and rows["blank"]["pairs"]["rare-rare"] == (0.5, 1.0)
     (tmp_path / "runs" / "m" / "blank" / "seed1" / "predictions.parquet").unlink()
     with pytest.raises(ValueError, match="no finished run"):
         diagnose(tmp_path, ["blank"], 2, members=["m"])

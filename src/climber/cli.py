@@ -596,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--device", help=DEVICE_HELP)
     ro.add_argument("--diagnose", action="store_true",
                     help="train nothing: from the finished runs, where test GAUC is lost (floor logit added, the "
-                         "seeds' logits averaged, val LogLoss selection replayed); writes OUT/diagnostics.md")
+                         "seeds' logits averaged, val LogLoss selection replayed, GAUC by pair class of the items' "
+                         "train events, against the floor's); writes OUT/diagnostics.md")
     ro.set_defaults(func=_robustness)
 
     fo = sub.add_parser("floor", help="the no-training floor: candidates scored by their item's train positive rate")

@@ -182,6 +182,41 @@ def spread_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+ITEM_CLASSES = ("unseen", "rare", "frequent")  # an item's train events: 0, 1 to 19, 20 or more
+PAIR_CLASSES = [(a, b) for i, a in enumerate(ITEM_CLASSES) for b in ITEM_CLASSES[i:]]
+
+
+def item_class(train_events: np.ndarray) -> np.ndarray:
+    """Index into ``ITEM_CLASSES`` of each candidate's item by its train events."""
+    return np.where(train_events == 0, 0, np.where(train_events < 20, 1, 2))
+
+
+def pair_classes(users, clicks, logits, classes) -> dict[str, tuple[float, float]]:
+    """GAUC taken apart by the item classes of each (positive, negative) pair of a user's candidates
+    (``classes``: :func:`item_class` of each candidate): {"rare-frequent": (accuracy, share), ...}, the
+    pairs weighted as GAUC weighs them (user u's weight, its candidate count, spread evenly over its
+    pairs; a tie counts one half), so that the sum over pair classes of share x accuracy is the GAUC."""
+    users, clicks, logits, classes = map(np.asarray, (users, clicks, logits, classes))
+    correct, weight = np.zeros((3, 3)), np.zeros((3, 3))
+    order = np.argsort(users, kind="stable")
+    bounds = np.flatnonzero(np.diff(users[order])) + 1
+    for rows in np.split(order, bounds):
+        pos, neg = rows[clicks[rows] == 1], rows[clicks[rows] == 0]
+        if not len(pos) or not len(neg):
+            continue
+        diff = logits[pos][:, None] - logits[neg][None, :]  # (P, N)
+        hit = (diff > 0) + 0.5 * (diff == 0)
+        a, b = np.broadcast_arrays(classes[pos][:, None], classes[neg][None, :])
+        low, high = np.minimum(a, b).ravel(), np.maximum(a, b).ravel()
+        w = len(rows) / hit.size
+        np.add.at(correct, (low, high), w * hit.ravel())
+        np.add.at(weight, (low, high), w)
+    total = weight.sum()
+    return {f"{a}-{b}": (float(correct[i, j] / weight[i, j]) if weight[i, j] else float("nan"),
+                         float(weight[i, j] / total) if total else float("nan"))
+            for a, b in PAIR_CLASSES for i, j in [(ITEM_CLASSES.index(a), ITEM_CLASSES.index(b))]}
+
+
 def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[dict]:
     """Where a model's test GAUC is lost, from runs already trained by :func:`run_suite` (no training):
     per member and entry, the mean test GAUC of one seed; of its logit plus the floor's logit (is a
@@ -189,7 +224,9 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
     variance sits: the spread between seeds of each candidate's logit, centred within its user (what
     GAUC sees), averaged over candidates whose item has 1 to 19 train events and over those with 20 or
     more; and the val GAUC at the epoch the run picked against the one val LogLoss would have picked
-    (replayed from the logs).
+    (replayed from the logs); and where within-user ranking is won or lost against the floor, the
+    accuracy of each class of (positive, negative) pairs by their items' train events
+    (:func:`pair_classes`, the seeds' mean; the floor's in a row of its own).
     Writes OUT/diagnostics.{md,json}."""
     from climber.config import TrainConfig, load_yaml
     from climber.eval.floor import item_train_rates, with_floor_logits
@@ -205,6 +242,7 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                               f"{' ...' if len(missing) > 3 else ''}; run the suite first")
         events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
         per_item, rate = item_train_rates(events)
+        floor_row = None
         for label in labels:
             runs = [out / "runs" / member / label / f"seed{s}" for s in range(seeds)]
             preds = [pl.read_parquet(r / "predictions.parquet") for r in runs]
@@ -217,6 +255,10 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                 pl.col(f"s{k}") - pl.col(f"s{k}").mean().over("user") for k in range(seeds)).to_numpy()
             spread = centred.std(axis=1)  # (candidates,) between the seeds
             train_events = scored["events"].to_numpy()
+            classes = item_class(train_events)
+            pairs = [pair_classes(user, clicks, lg, classes) for lg in logits]
+            if floor_row is None:
+                floor_row = {"member": member, "model": "floor", "pairs": pair_classes(user, clicks, floor, classes)}
             picked = {"own": [], "logloss": []}
             for r in runs:
                 tc = TrainConfig(**load_yaml(r / "config.yaml")["train"])
@@ -232,14 +274,23 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "seed_spread_rare_items": mean_or_none(spread[(train_events > 0) & (train_events < 20)]),
                          "seed_spread_frequent_items": mean_or_none(spread[train_events >= 20]),
                          "val_gauc_own_select": float(np.mean(picked["own"])),
-                         "val_gauc_logloss_select": float(np.mean(picked["logloss"]))})
+                         "val_gauc_logloss_select": float(np.mean(picked["logloss"])),
+                         "pairs": {k: (float(np.mean([p[k][0] for p in pairs])), pairs[0][k][1]) for k in pairs[0]}})
+        rows.append(floor_row)
     lines = ["| member | model | seeds | test GAUC, one seed | + floor logit | seeds' logits averaged | "
              "seed spread, items of 1-19 / 20+ train events | val GAUC, own pick | val GAUC, val LogLoss pick (replayed) |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['member']} | {r['model']} | {r['seeds']} | {r['test_gauc']:.4f} | {r['test_gauc_plus_floor']:.4f} | "
               f"{r['test_gauc_seed_average']:.4f} | {spread_cell(r['seed_spread_rare_items'])} / "
               f"{spread_cell(r['seed_spread_frequent_items'])} | "
-              f"{r['val_gauc_own_select']:.4f} | {r['val_gauc_logloss_select']:.4f} |" for r in rows]
+              f"{r['val_gauc_own_select']:.4f} | {r['val_gauc_logloss_select']:.4f} |" for r in rows if r["model"] != "floor"]
+    names = [f"{a}-{b}" for a, b in PAIR_CLASSES]
+    lines += ["", "Test GAUC by pair class: the accuracy of a user's (positive, negative) candidate pairs whose items "
+              "are unseen (0 train events), rare (1-19) or frequent (20+), and (in brackets) the class's share of "
+              "GAUC's weight", "", "| member | model | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines += [f"| {r['member']} | {r['model']} | " + " | ".join(
+        "-" if np.isnan(r["pairs"][k][0]) else f"{r['pairs'][k][0]:.4f} ({r['pairs'][k][1]:.2f})" for k in names) + " |"
+        for r in rows]
     (out / "diagnostics.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "diagnostics.md").write_text("\n".join(lines) + "\n")
     return rows

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from climber.config import DEFAULT_PRESETS, load_preset
 from conftest import perturb_parameters
 from climber.models import REGISTRY, SampleShape, build_model, config_class
+from climber.models.layers import PopularityPrior
 
 CLIMBER = dict(
     d_model=16,
@@ -45,9 +46,10 @@ WUKONG = dict(d_model=8, n_layers=2, n_fmb=3, n_lcb=4, mlp_hidden=16, max_len=6,
 RANKMIXER = dict(T=4, d_token=8, d_feature=6, n_layers=2, ffn_mult=2, max_len=6, recent_k=3)  # 8 x 6 -> 4 x 12
 
 TINY: dict[str, list[dict]] = {
-    "climber": [  # every ablation; user vector without MSE, item bias with BGF, dot head with ATL, context without
+    "climber": [  # every ablation; user vector without MSE, popularity prior with it, item bias with BGF, dot head
+        # with ATL, context without
         {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse, "item_bias": bgf,
-         "dot_head": atl, "context_features": not atl}
+         "dot_head": atl, "context_features": not atl, "popularity_prior": mse}
         for atl, bgf, mse in itertools.product([True, False], repeat=3)
     ] + [{**CLIMBER, "use_atl": False, "use_bgf": False, "n_layers": 1, "d_model": 32},
          {**CLIMBER, "attention_sink": True}],
@@ -82,9 +84,14 @@ each_case = pytest.mark.parametrize("name,variant", CASES, ids=[f"{name}-{i}" fo
 
 
 def build(name: str, variant: int, **overrides) -> nn.Module:
-    """The tiny model with every parameter perturbed (conftest.perturb_parameters)."""
+    """The tiny model with every parameter perturbed (conftest.perturb_parameters) and a random
+    popularity prior table (build_model fills it from the data)."""
     torch.manual_seed(variant)
-    return perturb_parameters(build_model(name, {**TINY[name][variant], **overrides}, INFO), seed=variant)
+    model = build_model(name, {**TINY[name][variant], **overrides}, INFO)
+    for m in model.modules():
+        if isinstance(m, PopularityPrior):
+            m.logits[1:] = torch.randn(INFO.num_items)
+    return perturb_parameters(model, seed=variant)
 
 
 def batch_for(model: nn.Module, **kw):

@@ -134,29 +134,65 @@ def test_a_checkpoint_from_before_id_row_loads_with_every_id_on_its_own_row(tiny
     assert torch.equal(model.emb.item.id_row, torch.arange(info.num_items + 1))
 
 
-def test_out_of_fold_rate_buckets_never_hold_the_labels_of_the_folds_own_users(tmp_path):
+def sparse_log(tmp_path):
+    data = tmp_path / "sparse"
+    synthetic.synthesize(data, users=60, events_per_user=12, items=600, topics=4, seed=3, log=lambda *_: None)
+    return data
+
+
+def assert_fold_rows_ignore_their_users_labels(data, tables, folds: int, tmp_path) -> None:
+    """``tables(prepared dir)`` (folds, ...): flip every train label of fold k's users and row k stays
+    as it was while another row moves."""
     import shutil
 
+    before = tables(data)
+    events = pl.read_parquet(data / "events.parquet")
+    for k in range(folds):
+        flipped = tmp_path / f"flipped{k}"
+        shutil.copytree(data, flipped)
+        own = (pl.col("user") % folds == k) & (pl.col("split") == "train")
+        events.with_columns(pl.when(own).then(1 - pl.col("label")).otherwise(pl.col("label")).alias("label")) \
+            .write_parquet(flipped / "events.parquet")
+        again = tables(flipped)
+        assert torch.equal(again[k], before[k])
+        assert not torch.equal(again[(k + 1) % folds], before[(k + 1) % folds])
+
+
+def test_out_of_fold_rate_buckets_never_hold_the_labels_of_the_folds_own_users(tmp_path):
     from climber.models import fold_rate_buckets, item_rate_buckets, train_rates
 
-    data = tmp_path / "sparse"
-    synthetic.synthesize(data, users=60, events_per_user=12, items=150, topics=4, seed=3, log=lambda *_: None)
+    data = sparse_log(tmp_path)
     info = DataInfo.from_prepared(data, item_rate_buckets=5)
     folds = fold_rate_buckets(data, info.num_items, 5, 1, 3)  # (3, items + 1)
     assert folds.shape == (3, info.num_items + 1) and folds[:, 0].eq(0).all()
     assert folds.min() >= 0 and folds.max() <= 5
     full = item_rate_buckets(train_rates(data), info.num_items, 5)
     assert not all(torch.equal(folds[k], full) for k in range(3))
+    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_rate_buckets(d, info.num_items, 5, 1, 3), 3, tmp_path)
+
+
+def test_the_popularity_prior_is_the_floors_logit_less_the_global_rates_and_never_its_folds_labels(tmp_path):
+    """Climber's popularity_prior table: for each item the floor's score (its smoothed train rate as
+    log-odds, climber.eval.floor) minus the global rate's, so 0 for an item without a train event; the
+    training tables (one per fold) hold no label of their fold's users."""
+    import math
+
+    from climber.eval.floor import item_train_rates, with_floor_logits
+    from climber.models import PRIOR_FOLDS, fold_prior_logits
+
+    data = sparse_log(tmp_path)
+    info = DataInfo.from_prepared(data)
+    prior = build_model("climber", {"popularity_prior": True}, info, prepared=data).prior
     events = pl.read_parquet(data / "events.parquet")
-    for k in range(3):  # flip every train label of fold k's users: row k stays, the other rows move
-        flipped = tmp_path / f"flipped{k}"
-        shutil.copytree(data, flipped)
-        own = (pl.col("user") % 3 == k) & (pl.col("split") == "train")
-        events.with_columns(pl.when(own).then(1 - pl.col("label")).otherwise(pl.col("label")).alias("label")) \
-            .write_parquet(flipped / "events.parquet")
-        again = fold_rate_buckets(flipped, info.num_items, 5, 1, 3)
-        assert torch.equal(again[k], folds[k])
-        assert not torch.equal(again[(k + 1) % 3], folds[(k + 1) % 3])
+    per_item, rate = item_train_rates(events)
+    floor = with_floor_logits(pl.DataFrame({"item": range(1, info.num_items + 1)}), per_item, rate).sort("item")
+    expected = torch.tensor(floor["floor_logit"].to_numpy() - math.log(rate / (1 - rate)), dtype=torch.float32)
+    torch.testing.assert_close(prior.logits[1:], expected)
+    unseen = torch.from_numpy(floor["events"].to_numpy() == 0)
+    assert unseen.any() and prior.logits[1:][unseen].eq(0).all() and prior.logits[0] == 0
+    assert prior.logits[1:][~unseen].ne(0).any() and prior.weight.item() == 1.0
+    assert prior.fold_logits.shape == (PRIOR_FOLDS, info.num_items + 1)
+    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_prior_logits(d, info.num_items, 3), 3, tmp_path)
 
 
 def test_training_candidates_take_their_users_fold_rate_history_and_eval_the_whole_table(tiny_synth):

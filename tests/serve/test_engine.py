@@ -19,7 +19,7 @@ from climber.data.samples import Rows, UserEvents, collate
 from climber.data.schema import DataError
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
-from climber.models.layers import ItemEmbedding, UserFeatures
+from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
 from climber.serve.engine import Engine, RequestFeatures, UserHistory
 from conftest import perturb_parameters
 
@@ -36,7 +36,8 @@ EVERY_KIND = RECENT_POS + [
 ]
 CACHED = [  # (model, config): every Climber ablation, every strategy kind, the reference attention
     ("climber", {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse,
-                 "item_bias": bgf, "action_heads": atl, "dot_head": atl, "context_features": not atl})
+                 "item_bias": bgf, "action_heads": atl, "dot_head": atl, "context_features": not atl,
+                 "popularity_prior": mse})
     for atl, bgf, mse in itertools.product([True, False], repeat=3)
 ] + [
     ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference", "context_features": True}),
@@ -68,6 +69,8 @@ def build(name: str, cfg: dict, seed: int = 0, info: DataInfo = INFO) -> nn.Modu
         if isinstance(m, (ItemEmbedding, UserFeatures)):
             m.feature_ids[1:] = torch.randint(0, 4, m.feature_ids[1:].shape)
             m.bag_ids[1:] = torch.randint(0, 5, m.bag_ids[1:].shape)
+        if isinstance(m, PopularityPrior):
+            m.logits[1:] = torch.randn(m.logits[1:].shape)
     return perturb_parameters(model, seed).eval()
 
 

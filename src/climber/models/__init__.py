@@ -117,20 +117,48 @@ def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) 
     return table
 
 
-def fold_rate_buckets(prepared, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
-    """(folds, num_items + 1) int64: ``train.item_rate_folds``, out-of-fold rate buckets. Row k is
-    :func:`item_rate_buckets` of the train events of the users outside fold k
-    (:func:`climber.models.layers.fold_of`), its quantiles included, so a training candidate of a user
-    in fold k is given a rate that no label of that user entered: no leak, whatever ``min_events``.
-    Val, test and serving use the whole train split's table."""
+def fold_train_rates(prepared, folds: int) -> list:
+    """:func:`train_rates` of the train events of the users outside each fold k in 0 .. folds - 1
+    (:func:`climber.models.layers.fold_of`): the rates a training candidate of fold k may read, since no
+    label of its user entered them."""
     import polars as pl
 
     from climber.eval.floor import item_train_rates
     from climber.models.layers import fold_of
 
     events = pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
-    return torch.stack([item_rate_buckets(item_train_rates(events.filter(fold_of(pl.col("user"), folds) != k)),
-                                          num_items, buckets, min_events) for k in range(folds)])
+    return [item_train_rates(events.filter(fold_of(pl.col("user"), folds) != k)) for k in range(folds)]
+
+
+def fold_rate_buckets(prepared, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
+    """(folds, num_items + 1) int64: ``train.item_rate_folds``, out-of-fold rate buckets. Row k is
+    :func:`item_rate_buckets` of fold k's :func:`fold_train_rates`, its quantiles included, so a training
+    candidate of a user in fold k is given a rate that no label of that user entered: no leak, whatever
+    ``min_events``. Val, test and serving use the whole train split's table."""
+    return torch.stack([item_rate_buckets(rates, num_items, buckets, min_events)
+                        for rates in fold_train_rates(prepared, folds)])
+
+
+PRIOR_FOLDS = 5  # out-of-fold tables of the popularity prior in training (as train.item_rate_folds=5)
+
+
+def item_prior_logits(rates, num_items: int) -> torch.Tensor:
+    """(num_items + 1,) float32: :class:`climber.models.layers.PopularityPrior`'s table, each item's
+    smoothed train positive rate (``rates``, from :func:`train_rates`) as log-odds minus the global
+    rate's; 0 for an item without a train event (it has the global rate) and for padding."""
+    import numpy as np
+
+    per_item, rate = rates
+    values = np.zeros(num_items + 1)
+    p = per_item["rate"].to_numpy()
+    values[per_item["item"].to_numpy()] = np.log(p / (1 - p)) - np.log(rate / (1 - rate))
+    return torch.from_numpy(values.astype("float32"))
+
+
+def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> torch.Tensor:
+    """(folds, num_items + 1) float32: row k is :func:`item_prior_logits` of fold k's
+    :func:`fold_train_rates`, the prior a training candidate of a user in fold k reads."""
+    return torch.stack([item_prior_logits(rates, num_items) for rates in fold_train_rates(prepared, folds)])
 
 
 def train_item_rows(rates, num_items: int) -> torch.Tensor:
@@ -223,10 +251,11 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
                 rate_min_events: int = 1, rate_folds: int = 0) -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
     dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`;
-    ``rate_folds`` > 0: the out-of-fold tables of training, :func:`fold_rate_buckets`),
-    and with ``item_vocab="train"`` items without a train event embed as the unknown item
+    ``rate_folds`` > 0: the out-of-fold tables of training, :func:`fold_rate_buckets`), so are a
+    :class:`~climber.models.layers.PopularityPrior`'s tables (:func:`item_prior_logits`,
+    :func:`fold_prior_logits`), and with ``item_vocab="train"`` items without a train event embed as the unknown item
     (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
-    from climber.models.layers import ItemEmbedding, UserFeatures
+    from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
 
     cfg_cls, model_cls = _lookup(name)
     if isinstance(cfg, dict):
@@ -234,7 +263,11 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     model = model_cls(cfg, info)
     if prepared is None:
         return model
-    rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" else None
+    priors = [m for m in model.modules() if isinstance(m, PopularityPrior)]
+    rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" or priors else None
+    for prior in priors:
+        prior.logits.copy_(item_prior_logits(rates, info.num_items))
+        prior.fold_logits = fold_prior_logits(prepared, info.num_items).to(prior.logits.device)
     columns = [c for c, _ in info.item_features if c != RATE_FEATURE]  # the rate feature, last when present
     values, bags = first_features(prepared, "item", columns, info.item_bags, info.num_items + 1)
     tables = {"feature_ids": torch.cat([values, torch.zeros(info.num_items + 1, int(bool(info.rate_buckets)),

@@ -6,7 +6,8 @@ fusion (BGF), scoring C candidates of one user in one pass ("single user, multip
     BGF: ATL over the Nb tokens of each candidate, SE gate       -> Y                  (B, C, Nb * d)
     head MLP on [Y ; candidate item embedding]                   -> logits             (B, C)
     (dot_head: + <W Y, candidate item embedding>, W (Nb * d -> d); context_features: block k's states
-    + W_k [log1p(its history length), log1p(its last event's gap to the candidate) / 10], as DLRM's)
+    + W_k [log1p(its history length), log1p(its last event's gap to the candidate) / 10], as DLRM's;
+    popularity_prior: + w * the candidate item's smoothed train rate as log-odds, layers.PopularityPrior)
 
 Ablations: use_mse=False -> one block over the full recent history; use_atl=False -> no relative bias,
 temperature fixed at 1 (use_relative_bias=False / use_temperature=False: one of the two off);
@@ -29,6 +30,7 @@ from climber.models.attention import FULL_SEQUENCE, Keys, Plan, check_attention,
 from climber.models.features import NUM_DENSE, history_dense_features
 from climber.models.layers import (
     IdEmbeddings,
+    PopularityPrior,
     RelativeBias,
     Temperature,
     TransformerLayer,
@@ -68,6 +70,7 @@ class ClimberConfig(ModelConfig):
     time_buckets: int = 32
     user_embedding: bool = False  # add a learned user vector to candidate tokens
     item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
+    popularity_prior: bool = False  # add w * the item's smoothed train positive rate as log-odds (out-of-fold in training) to the click logit
     dot_head: bool = False  # add <W Y, candidate item vector> to the click logit (an explicit interest x item product)
     context_features: bool = False  # add W_k [log1p(block k's history length), its gap to the candidate] to block k's states
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
@@ -194,6 +197,8 @@ class Climber(nn.Module):
             self.dot_proj = nn.Linear(head_in - d, d, bias=False)  # fused state Y -> the item vectors' space
         if cfg.item_bias:
             self.item_bias_emb = nn.Embedding(info.num_items + 1, 1, padding_idx=0)
+        if cfg.popularity_prior:
+            self.prior = PopularityPrior(info.num_items)
         if cfg.action_heads:
             self.action_out = nn.Linear(d, info.num_actions)
         self.apply(init_weights)
@@ -302,6 +307,8 @@ class Climber(nn.Module):
             out["click"] = out["click"] + (self.dot_proj(g) * item).sum(-1)
         if self.cfg.item_bias:
             out["click"] = out["click"] + self.item_bias_emb(batch.cand_item).squeeze(-1)
+        if self.cfg.popularity_prior:
+            out["click"] = out["click"] + self.prior(batch.cand_item, batch.user)
         if self.cfg.action_heads:
             out["action"] = self.action_out(h)  # (B, C, A)
         return out

@@ -440,9 +440,33 @@ class ItemEmbedding(nn.Embedding):
         return super().forward(rows) + side_vector(self, ids, values)
 
 
+class PopularityPrior(nn.Module):
+    """A wide popularity term for a model's click logit: ``weight * prior[item]``, where ``prior`` is the
+    item's smoothed train positive rate as log-odds, centred on the global rate's (the floor's score,
+    ``climber.eval.floor``; 0 for an item without a train event and for padding), and ``weight`` a learned
+    scalar that starts at 1, so a model starts from the floor's ranking and learns what to add to it.
+
+    ``logits`` (num_items + 1,) is a buffer, saved in checkpoints (serving needs no data), filled from the
+    data by ``climber.models.build_model``. ``fold_logits`` (folds, num_items + 1) is not saved: in
+    training mode a candidate of a user in fold k reads row k, computed without fold k's users
+    (``climber.models.fold_prior_logits``), so no training label is part of its own prior; eval mode
+    (val, test, serving) reads ``logits``. ``forward(items (B, C), users (B,))`` -> (B, C)."""
+
+    def __init__(self, num_items: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+        self.register_buffer("logits", torch.zeros(num_items + 1))
+        self.register_buffer("fold_logits", torch.zeros(0, num_items + 1), persistent=False)
+
+    def forward(self, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        if self.training and len(self.fold_logits):
+            return self.weight * self.fold_logits[fold_of(users, len(self.fold_logits))[:, None], items]
+        return self.weight * self.logits[items]
+
+
 def fold_of(users, folds: int):
-    """The fold of each dense user id for ``train.item_rate_folds``: ``user mod folds`` (a tensor of ids,
-    or a polars column)."""
+    """The fold of each dense user id for the out-of-fold item tables (``train.item_rate_folds``,
+    :class:`PopularityPrior`): ``user mod folds`` (a tensor of ids, or a polars column)."""
     return users % folds
 
 
