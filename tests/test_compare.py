@@ -104,9 +104,11 @@ def test_the_table_gives_a_spread_only_where_several_seeds_ran():
     assert "| m | 3 | 0.7500 ± 0.0100 | 0.6500 ± 0.0100 | 0.5000 ± 0.0100 |" in markdown([{**row, "seeds": 3}])
 
 
-def test_a_model_setting_a_saved_run_lacks_counts_as_off(tmp_path):
-    """Climber's default preset turned model.context_features on (robustness suite, ninth round): a run
-    saved before the setting existed was trained without it and is no run of today's default."""
+@pytest.mark.parametrize("setting", ["context_features", "popularity_prior"])
+def test_a_model_setting_a_saved_run_lacks_counts_as_off(tmp_path, setting):
+    """Climber's default preset turned model.context_features (robustness suite, ninth round) and
+    model.popularity_prior (eleventh) on: a run saved before the setting existed was trained without it
+    and is no run of today's default."""
     from climber.compare import Entry, train_or_skip
     from climber.config import ConfigError, save_yaml
 
@@ -114,12 +116,12 @@ def test_a_model_setting_a_saved_run_lacks_counts_as_off(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"best": {"epoch": 0}}))
     saved = Entry.parse("climber").config([]).to_dict()
-    assert saved["model_config"]["context_features"] is True
-    del saved["model_config"]["context_features"]
+    assert saved["model_config"][setting] is True
+    del saved["model_config"][setting]
     save_yaml(saved, run / "config.yaml")
-    without = Entry.parse("climber").config(["model.context_features=false"])
+    without = Entry.parse("climber").config([f"model.{setting}=false"])
     assert train_or_skip(run, tmp_path, without, "x", log=lambda *_: None) == {"best": {"epoch": 0}}
-    with pytest.raises(ConfigError, match=r"model_config.context_features: False -> True"):
+    with pytest.raises(ConfigError, match=rf"model_config.{setting}: False -> True"):
         train_or_skip(run, tmp_path, Entry.parse("climber").config([]), "x", log=lambda *_: None)
 
 
