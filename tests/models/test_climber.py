@@ -65,25 +65,6 @@ def test_the_dot_head_adds_the_product_of_the_projected_state_and_the_item_vecto
     assert not close(model(batch), plain(batch))  # the term is in the logits
 
 
-def test_the_popularity_prior_adds_w_times_the_items_table_value_out_of_fold_in_training():
-    """popularity_prior: logits = the model's without it + w * prior[candidate item], where a training
-    candidate reads its user's fold row (users 4 and 7: folds 0 and 1 of 2) and eval the whole table."""
-    model = build(popularity_prior=True, dropout=0.0)
-    plain = build(dropout=0.0)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prior")})
-    n = INFO.num_items + 1
-    with torch.no_grad():
-        model.prior.weight.fill_(0.7)
-        model.prior.logits.copy_(torch.randn(n))
-    model.prior.logits[0] = 0.0
-    model.prior.fold_logits = torch.randn(2, n)
-    batch = replace(make_batch(B=2, C=4), user=torch.tensor([4, 7]))
-    own_fold = torch.stack([model.prior.fold_logits[0, batch.cand_item[0]], model.prior.fold_logits[1, batch.cand_item[1]]])
-    assert close(model.eval()(batch), plain.eval()(batch) + 0.7 * model.prior.logits[batch.cand_item])
-    assert close(model.train()(batch), plain.train()(batch) + 0.7 * own_fold)
-    assert "prior.logits" in model.state_dict() and "prior.fold_logits" not in model.state_dict()
-
-
 @pytest.mark.parametrize("attention", ["structured", "dense"])
 def test_context_features_add_the_history_length_and_gap_per_block(attention):
     """context_features: block k's candidate states + W_k [log1p(its history length), log1p(gap to its

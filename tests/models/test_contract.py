@@ -53,7 +53,7 @@ TINY: dict[str, list[dict]] = {
         for atl, bgf, mse in itertools.product([True, False], repeat=3)
     ] + [{**CLIMBER, "use_atl": False, "use_bgf": False, "n_layers": 1, "d_model": 32},
          {**CLIMBER, "attention_sink": True}],
-    "dlrm": [DLRM, {**DLRM, "interaction": "dcn"}],
+    "dlrm": [DLRM, {**DLRM, "interaction": "dcn", "popularity_prior": True}],
     "din": [DIN, {**DIN, "activation": "prelu"}],
     "twin": [TWIN, {**TWIN, "top_k": 32}],
     "transformer": [
@@ -252,6 +252,37 @@ def test_default_preset_parses_and_builds(name):
     assert doc["model"] == name
     cfg = config_class(name).from_dict(doc["model_config"])
     assert isinstance(build_model(name, cfg, INFO), nn.Module)
+
+
+PRIOR_MODELS = [name for name in REGISTRY if any(f.name == "popularity_prior" for f in dataclasses.fields(config_class(name)))]
+
+
+def test_climber_and_dlrm_have_the_popularity_prior():
+    assert {"climber", "dlrm"} <= set(PRIOR_MODELS)
+
+
+@pytest.mark.parametrize("name", PRIOR_MODELS)
+def test_the_popularity_prior_adds_w_times_the_items_value_out_of_fold_in_training(name):
+    """popularity_prior: logits = the model's without it + w * prior[candidate item], where a training
+    candidate reads its user's fold row (users 4 and 7: folds 0 and 1 of 2) and eval the whole table;
+    the table is saved (serving needs no data), the fold rows are not."""
+    model = build(name, 0, popularity_prior=True)
+    plain = build_model(name, {**TINY[name][0], "popularity_prior": False}, INFO)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prior.")})
+    with torch.no_grad():
+        model.prior.weight.fill_(0.7)
+    model.prior.fold_logits = torch.randn(2, INFO.num_items + 1)
+    batch = dataclasses.replace(batch_for(model, B=2, C=4), user=torch.tensor([4, 7]))
+    folds = model.prior.fold_logits
+    own_fold = torch.stack([folds[0, batch.cand_item[0]], folds[1, batch.cand_item[1]]])
+
+    def logits(m, training):
+        torch.manual_seed(1)  # the same dropout draws in every call
+        return m.train(training)(batch)
+
+    assert close(logits(model, False), logits(plain, False) + 0.7 * model.prior.logits[batch.cand_item])
+    assert close(logits(model, True), logits(plain, True) + 0.7 * own_fold)
+    assert "prior.logits" in model.state_dict() and "prior.fold_logits" not in model.state_dict()
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -6,7 +6,8 @@ an explicit feature interaction, then a top MLP. Every candidate is scored on it
             log1p(seconds from the last event to the candidate) / 10] -> bottom MLP -> z (B, C, d)
     interaction "dot": <f_i, f_j> for all i < j over the 5 vectors, concatenated with z -> (B, C, d + 10)
     interaction "dcn": DCNv2 cross layers x_{l+1} = x_0 * (W_l x_l + b_l) + x_l over x_0 = [f_1 .. f_5] (B, C, 5d)
-    top MLP -> logits (B, C)
+    top MLP -> logits (B, C)   (popularity_prior: + w * the candidate item's smoothed train rate as
+    log-odds, layers.PopularityPrior, as Climber's)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from climber.models.base import ModelConfig
 from climber.models.features import NUM_DENSE, dense_features
 from climber.models.layers import (
     IdEmbeddings,
+    PopularityPrior,
     history_strategy,
     init_weights,
     masked_mean,
@@ -45,6 +47,7 @@ class DLRMConfig(ModelConfig):
     interaction: str = "dot"  # "dot" | "dcn"
     n_cross: int = 2  # DCNv2 cross layers (interaction "dcn")
     dropout: float = 0.1  # in the top MLP
+    popularity_prior: bool = False  # add w * the item's smoothed train rate as log-odds (out-of-fold in training) to the logit
 
     def check(self) -> None:
         if self.interaction not in INTERACTIONS:
@@ -79,6 +82,8 @@ class DLRM(nn.Module):
         rows, cols = torch.triu_indices(NUM_VECTORS, NUM_VECTORS, offset=1)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
+        if cfg.popularity_prior:
+            self.prior = PopularityPrior(info.num_items)
 
     def _top_in(self) -> int:
         d = self.cfg.d_model
@@ -111,7 +116,10 @@ class DLRM(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """-> logits (B, C); padding candidates get finite logits that callers mask out."""
-        return self.top(self.interact(self.feature_vectors(batch))).squeeze(-1)
+        logits = self.top(self.interact(self.feature_vectors(batch))).squeeze(-1)
+        if self.cfg.popularity_prior:
+            logits = logits + self.prior(batch.cand_item, batch.user)
+        return logits
 
     def flops(self, shape: SampleShape) -> int:
         """Analytic forward FLOPs of one row (2 m n k per matmul; lookups, pooling and elementwise ops count 0)."""
