@@ -28,7 +28,7 @@ from helpers import (
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from climber.config import DEFAULT_PRESETS, load_preset
+from climber.config import DEFAULT_PRESETS, ConfigError, load_preset
 from conftest import perturb_parameters
 from climber.models import REGISTRY, SampleShape, build_model, config_class
 from climber.models.layers import PopularityPrior
@@ -46,14 +46,14 @@ WUKONG = dict(d_model=8, n_layers=2, n_fmb=3, n_lcb=4, mlp_hidden=16, max_len=6,
 RANKMIXER = dict(T=4, d_token=8, d_feature=6, n_layers=2, ffn_mult=2, max_len=6, recent_k=3)  # 8 x 6 -> 4 x 12
 
 TINY: dict[str, list[dict]] = {
-    "climber": [  # every ablation; user vector without MSE, popularity prior with it, item bias with BGF, dot head
-        # with ATL, context without
+    "climber": [  # every ablation; user vector without MSE, popularity prior with it (its count with BGF too),
+        # item bias with BGF, dot head with ATL, context without
         {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse, "item_bias": bgf,
-         "dot_head": atl, "context_features": not atl, "popularity_prior": mse}
+         "dot_head": atl, "context_features": not atl, "popularity_prior": mse, "popularity_count": mse and bgf}
         for atl, bgf, mse in itertools.product([True, False], repeat=3)
     ] + [{**CLIMBER, "use_atl": False, "use_bgf": False, "n_layers": 1, "d_model": 32},
          {**CLIMBER, "attention_sink": True}],
-    "dlrm": [DLRM, {**DLRM, "interaction": "dcn", "popularity_prior": True}],
+    "dlrm": [DLRM, {**DLRM, "interaction": "dcn", "popularity_prior": True, "popularity_count": True}],
     "din": [DIN, {**DIN, "activation": "prelu"}],
     "twin": [TWIN, {**TWIN, "top_k": 32}],
     "transformer": [
@@ -84,13 +84,15 @@ each_case = pytest.mark.parametrize("name,variant", CASES, ids=[f"{name}-{i}" fo
 
 
 def build(name: str, variant: int, **overrides) -> nn.Module:
-    """The tiny model with every parameter perturbed (conftest.perturb_parameters) and a random
-    popularity prior table (build_model fills it from the data)."""
+    """The tiny model with every parameter perturbed (conftest.perturb_parameters) and random
+    popularity prior tables (build_model fills them from the data)."""
     torch.manual_seed(variant)
     model = build_model(name, {**TINY[name][variant], **overrides}, INFO)
     for m in model.modules():
         if isinstance(m, PopularityPrior):
             m.logits[1:] = torch.randn(INFO.num_items)
+            if hasattr(m, "log_counts"):
+                m.log_counts[1:] = torch.rand(INFO.num_items) * 3
     return perturb_parameters(model, seed=variant)
 
 
@@ -261,28 +263,44 @@ def test_climber_and_dlrm_have_the_popularity_prior():
     assert {"climber", "dlrm"} <= set(PRIOR_MODELS)
 
 
+@pytest.mark.parametrize("count", [False, True])
 @pytest.mark.parametrize("name", PRIOR_MODELS)
-def test_the_popularity_prior_adds_w_times_the_items_value_out_of_fold_in_training(name):
-    """popularity_prior: logits = the model's without it + w * prior[candidate item], where a training
-    candidate reads its user's fold row (users 4 and 7: folds 0 and 1 of 2) and eval the whole table;
-    the table is saved (serving needs no data), the fold rows are not."""
-    model = build(name, 0, popularity_prior=True)
-    plain = build_model(name, {**TINY[name][0], "popularity_prior": False}, INFO)
+def test_the_popularity_prior_adds_w_times_the_items_value_out_of_fold_in_training(name, count):
+    """popularity_prior: logits = the model's without it + w * prior[candidate item] (with
+    popularity_count, + v * log_counts[item]), where a training candidate reads its user's fold rows
+    (users 4 and 7: folds 0 and 1 of 2) and eval the whole tables; the tables are saved (serving needs
+    no data), the fold rows are not."""
+    model = build(name, 0, popularity_prior=True, popularity_count=count)
+    plain = build_model(name, {**TINY[name][0], "popularity_prior": False, "popularity_count": False}, INFO)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prior.")})
+    prior = model.prior
     with torch.no_grad():
-        model.prior.weight.fill_(0.7)
-    model.prior.fold_logits = torch.randn(2, INFO.num_items + 1)
+        prior.weight.fill_(0.7)
+        if count:
+            prior.count_weight.fill_(0.4)
+    prior.fold_logits = torch.randn(2, INFO.num_items + 1)
+    if count:
+        prior.fold_log_counts = torch.rand(2, INFO.num_items + 1)
     batch = dataclasses.replace(batch_for(model, B=2, C=4), user=torch.tensor([4, 7]))
-    folds = model.prior.fold_logits
-    own_fold = torch.stack([folds[0, batch.cand_item[0]], folds[1, batch.cand_item[1]]])
+
+    def term(table, folds=None):  # (B, C): the eval table's values, or each row's user's fold row
+        if folds is None:
+            return table[batch.cand_item]
+        return torch.stack([folds[0, batch.cand_item[0]], folds[1, batch.cand_item[1]]])
 
     def logits(m, training):
         torch.manual_seed(1)  # the same dropout draws in every call
         return m.train(training)(batch)
 
-    assert close(logits(model, False), logits(plain, False) + 0.7 * model.prior.logits[batch.cand_item])
-    assert close(logits(model, True), logits(plain, True) + 0.7 * own_fold)
-    assert "prior.logits" in model.state_dict() and "prior.fold_logits" not in model.state_dict()
+    eval_term = 0.7 * term(prior.logits) + (0.4 * term(prior.log_counts) if count else 0)
+    train_term = 0.7 * term(None, prior.fold_logits) + (0.4 * term(None, prior.fold_log_counts) if count else 0)
+    assert close(logits(model, False), logits(plain, False) + eval_term)
+    assert close(logits(model, True), logits(plain, True) + train_term)
+    saved = model.state_dict()
+    assert "prior.logits" in saved and "prior.fold_logits" not in saved and "prior.fold_log_counts" not in saved
+    assert ("prior.log_counts" in saved) == count
+    with pytest.raises(ConfigError, match="popularity_count: needs popularity_prior"):
+        config_class(name).from_dict({**TINY[name][0], "popularity_prior": False, "popularity_count": True})
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -192,7 +192,31 @@ def test_the_popularity_prior_is_the_floors_logit_less_the_global_rates_and_neve
     assert unseen.any() and prior.logits[1:][unseen].eq(0).all() and prior.logits[0] == 0
     assert prior.logits[1:][~unseen].ne(0).any() and prior.weight.item() == 1.0
     assert prior.fold_logits.shape == (PRIOR_FOLDS, info.num_items + 1)
-    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_prior_logits(d, info.num_items, 3), 3, tmp_path)
+    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_prior_logits(d, info.num_items, 3)[0], 3, tmp_path)
+
+
+def test_the_popularity_count_is_log1p_of_the_train_events_and_out_of_fold_in_training(tmp_path):
+    """popularity_count's tables: log1p(an item's train events), 0 without one; the row of fold k counts
+    the train events of the users outside fold k, times folds / (folds - 1)."""
+    from climber.models import fold_prior_logits
+
+    data = sparse_log(tmp_path)
+    info = DataInfo.from_prepared(data)
+    prior = build_model("climber", {"popularity_prior": True, "popularity_count": True}, info, prepared=data).prior
+    train = pl.read_parquet(data / "events.parquet").filter(pl.col("split") == "train")
+
+    def expected(events, scale):
+        counts = torch.zeros(info.num_items + 1)
+        for item, n in events.group_by("item").len().iter_rows():
+            counts[item] = n
+        return torch.log1p(counts * scale) * (counts > 0)
+
+    torch.testing.assert_close(prior.log_counts, expected(train, 1.0))
+    assert prior.log_counts[0] == 0 and prior.count_weight.item() == 0.0
+    _, folds = fold_prior_logits(data, info.num_items, 3)
+    for k in range(3):
+        torch.testing.assert_close(folds[k], expected(train.filter(pl.col("user") % 3 != k), 1.5))
+    assert (folds == 0).sum() > (prior.log_counts == 0).sum() * 3  # items only fold k saw count 0 there
 
 
 def test_training_candidates_take_their_users_fold_rate_history_and_eval_the_whole_table(tiny_synth):

@@ -37,7 +37,7 @@ EVERY_KIND = RECENT_POS + [
 CACHED = [  # (model, config): every Climber ablation, every strategy kind, the reference attention
     ("climber", {**CLIMBER, "use_atl": atl, "use_bgf": bgf, "use_mse": mse, "user_embedding": not mse,
                  "item_bias": bgf, "action_heads": atl, "dot_head": atl, "context_features": not atl,
-                 "popularity_prior": mse})
+                 "popularity_prior": mse, "popularity_count": mse and atl})
     for atl, bgf, mse in itertools.product([True, False], repeat=3)
 ] + [
     ("climber", {**CLIMBER, "strategies": EVERY_KIND, "attention": "reference", "context_features": True}),
@@ -71,6 +71,8 @@ def build(name: str, cfg: dict, seed: int = 0, info: DataInfo = INFO) -> nn.Modu
             m.bag_ids[1:] = torch.randint(0, 5, m.bag_ids[1:].shape)
         if isinstance(m, PopularityPrior):
             m.logits[1:] = torch.randn(m.logits[1:].shape)
+            if hasattr(m, "log_counts"):
+                m.log_counts[1:] = torch.rand(m.log_counts[1:].shape) * 3
     return perturb_parameters(model, seed).eval()
 
 

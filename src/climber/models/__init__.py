@@ -155,10 +155,24 @@ def item_prior_logits(rates, num_items: int) -> torch.Tensor:
     return torch.from_numpy(values.astype("float32"))
 
 
-def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> torch.Tensor:
-    """(folds, num_items + 1) float32: row k is :func:`item_prior_logits` of fold k's
-    :func:`fold_train_rates`, the prior a training candidate of a user in fold k reads."""
-    return torch.stack([item_prior_logits(rates, num_items) for rates in fold_train_rates(prepared, folds)])
+def item_log_counts(rates, num_items: int, scale: float = 1.0) -> torch.Tensor:
+    """(num_items + 1,) float32: log1p of each item's train events (``rates``, from :func:`train_rates`)
+    times ``scale``; 0 for an item without one and for padding."""
+    import numpy as np
+
+    per_item, _ = rates
+    values = np.zeros(num_items + 1)
+    values[per_item["item"].to_numpy()] = np.log1p(per_item["events"].to_numpy() * scale)
+    return torch.from_numpy(values.astype("float32"))
+
+
+def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (folds, num_items + 1) float32 tables, the rows a training candidate of a user in fold k
+    reads: :func:`item_prior_logits` and :func:`item_log_counts` of fold k's :func:`fold_train_rates`,
+    the counts scaled by folds / (folds - 1) to the whole train split's size."""
+    rates = fold_train_rates(prepared, folds)
+    return (torch.stack([item_prior_logits(r, num_items) for r in rates]),
+            torch.stack([item_log_counts(r, num_items, folds / (folds - 1)) for r in rates]))
 
 
 def train_item_rows(rates, num_items: int) -> torch.Tensor:
@@ -253,8 +267,9 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`;
     ``rate_folds`` > 0: the out-of-fold tables of training, :func:`fold_rate_buckets`), so are a
     :class:`~climber.models.layers.PopularityPrior`'s tables (:func:`item_prior_logits`,
-    :func:`fold_prior_logits`), and with ``item_vocab="train"`` items without a train event embed as the unknown item
-    (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
+    :func:`item_log_counts`, :func:`fold_prior_logits`), and with ``item_vocab="train"`` items without a
+    train event embed as the unknown item (``ItemEmbedding.id_row``); without, the tables keep their
+    defaults until a checkpoint is loaded."""
     from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
 
     cfg_cls, model_cls = _lookup(name)
@@ -266,8 +281,12 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     priors = [m for m in model.modules() if isinstance(m, PopularityPrior)]
     rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" or priors else None
     for prior in priors:
+        fold_logits, fold_log_counts = fold_prior_logits(prepared, info.num_items)
         prior.logits.copy_(item_prior_logits(rates, info.num_items))
-        prior.fold_logits = fold_prior_logits(prepared, info.num_items).to(prior.logits.device)
+        prior.fold_logits = fold_logits.to(prior.logits.device)
+        if hasattr(prior, "count_weight"):
+            prior.log_counts.copy_(item_log_counts(rates, info.num_items))
+            prior.fold_log_counts = fold_log_counts.to(prior.logits.device)
     columns = [c for c, _ in info.item_features if c != RATE_FEATURE]  # the rate feature, last when present
     values, bags = first_features(prepared, "item", columns, info.item_bags, info.num_items + 1)
     tables = {"feature_ids": torch.cat([values, torch.zeros(info.num_items + 1, int(bool(info.rate_buckets)),

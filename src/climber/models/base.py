@@ -33,6 +33,11 @@ class ModelConfig:
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{type(self).__name__}.{name}: must be >= {minimum}, got {getattr(self, name)}")
 
+    def _count_needs_prior(self) -> None:
+        """popularity_count is a second column of popularity_prior's term."""
+        if self.popularity_count and not self.popularity_prior:
+            raise ConfigError(f"{type(self).__name__}.popularity_count: needs popularity_prior=true")
+
     def _dropout_in_range(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{type(self).__name__}.dropout: must be in [0, 1), got {self.dropout}")

@@ -48,6 +48,7 @@ class DLRMConfig(ModelConfig):
     n_cross: int = 2  # DCNv2 cross layers (interaction "dcn")
     dropout: float = 0.1  # in the top MLP
     popularity_prior: bool = False  # add w * the item's smoothed train rate as log-odds (out-of-fold in training) to the logit
+    popularity_count: bool = False  # with popularity_prior: + a learned weight (from 0) x log1p(the item's train events)
 
     def check(self) -> None:
         if self.interaction not in INTERACTIONS:
@@ -55,6 +56,7 @@ class DLRMConfig(ModelConfig):
         self._at_least(1, "d_model", "max_len", "n_cross")
         self._layer_sizes("bottom_mlp", "top_mlp")
         self._dropout_in_range()
+        self._count_needs_prior()
 
 
 class CrossLayer(nn.Module):
@@ -83,7 +85,7 @@ class DLRM(nn.Module):
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
         if cfg.popularity_prior:
-            self.prior = PopularityPrior(info.num_items)
+            self.prior = PopularityPrior(info.num_items, cfg.popularity_count)
 
     def _top_in(self) -> int:
         d = self.cfg.d_model

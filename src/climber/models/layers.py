@@ -445,23 +445,38 @@ class PopularityPrior(nn.Module):
     item's smoothed train positive rate as log-odds, centred on the global rate's (the floor's score,
     ``climber.eval.floor``; 0 for an item without a train event and for padding), and ``weight`` a learned
     scalar that starts at 1, so a model starts from the floor's ranking and learns what to add to it.
+    With ``count``, plus ``count_weight * log1p(the item's train events)``, ``count_weight`` learned from 0:
+    how much an item's volume says beyond its rate.
 
-    ``logits`` (num_items + 1,) is a buffer, saved in checkpoints (serving needs no data), filled from the
-    data by ``climber.models.build_model``. ``fold_logits`` (folds, num_items + 1) is not saved: in
-    training mode a candidate of a user in fold k reads row k, computed without fold k's users
-    (``climber.models.fold_prior_logits``), so no training label is part of its own prior; eval mode
-    (val, test, serving) reads ``logits``. ``forward(items (B, C), users (B,))`` -> (B, C)."""
+    ``logits`` (num_items + 1,) and ``log_counts`` are buffers, saved in checkpoints (serving needs no
+    data), filled from the data by ``climber.models.build_model``. ``fold_logits`` and
+    ``fold_log_counts`` (folds, num_items + 1) are not saved: in training mode a candidate of a user in
+    fold k reads row k, computed without fold k's users (``climber.models.fold_prior_logits``), so no
+    training label is part of its own prior, and an item only its own fold has seen counts 0 as an item
+    unseen in train does at test time; eval mode (val, test, serving) reads the whole train split's.
+    ``forward(items (B, C), users (B,))`` -> (B, C)."""
 
-    def __init__(self, num_items: int):
+    def __init__(self, num_items: int, count: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(1))
         self.register_buffer("logits", torch.zeros(num_items + 1))
         self.register_buffer("fold_logits", torch.zeros(0, num_items + 1), persistent=False)
+        if count:
+            self.count_weight = nn.Parameter(torch.zeros(1))
+            self.register_buffer("log_counts", torch.zeros(num_items + 1))
+            self.register_buffer("fold_log_counts", torch.zeros(0, num_items + 1), persistent=False)
 
     def forward(self, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
-        if self.training and len(self.fold_logits):
-            return self.weight * self.fold_logits[fold_of(users, len(self.fold_logits))[:, None], items]
-        return self.weight * self.logits[items]
+        out_of_fold = self.training and len(self.fold_logits)
+        rows = fold_of(users, len(self.fold_logits))[:, None] if out_of_fold else None  # (B, 1)
+
+        def lookup(table, folds):
+            return folds[rows, items] if out_of_fold else table[items]
+
+        out = self.weight * lookup(self.logits, self.fold_logits)
+        if hasattr(self, "count_weight"):
+            out = out + self.count_weight * lookup(self.log_counts, self.fold_log_counts)
+        return out
 
 
 def fold_of(users, folds: int):
