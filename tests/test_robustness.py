@@ -123,11 +123,11 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     rng = np.random.default_rng(0)
     users, items = np.repeat(np.arange(1, 21), 6), np.tile(np.arange(1, 7), 20)
     labels = (items > 3).astype("int8")  # items 4..6 positive at test for every user
-    train_items = np.repeat(np.arange(1, 7), 10)
-    train_labels = np.concatenate([np.zeros(30), np.ones(30)]).astype("int8")  # items 4..6 positive in train
+    train_items = np.repeat(np.arange(1, 7), [10, 10, 10, 15, 15, 15])  # items 4..6 more often
+    train_labels = np.concatenate([np.zeros(30), np.ones(45)]).astype("int8")  # items 4..6 positive in train
     (tmp_path / "data" / "m").mkdir(parents=True)
     pl.DataFrame({"item": np.concatenate([train_items, items]), "label": np.concatenate([train_labels, labels]),
-                  "split": ["train"] * 60 + ["test"] * len(items)}).write_parquet(tmp_path / "data" / "m" / "events.parquet")
+                  "split": ["train"] * 75 + ["test"] * len(items)}).write_parquet(tmp_path / "data" / "m" / "events.parquet")
     truth, noise = labels * 2.0 - 1.0, rng.normal(0, 5, len(items))
     for label, logits in {"noisy": [truth + noise, truth - noise], "blank": [np.zeros(len(items))] * 2}.items():
         for seed, logit in enumerate(logits):
@@ -139,12 +139,13 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     rows = {r["model"]: r for r in diagnose(tmp_path, ["noisy", "blank"], 2, members=["m"])}
     assert rows["noisy"]["test_gauc"] < 0.9 and rows["noisy"]["test_gauc_seed_average"] == 1.0
     assert rows["blank"]["test_gauc"] == 0.5 and rows["blank"]["test_gauc_plus_floor"] == 1.0
+    assert rows["blank"]["test_gauc_plus_count"] == 1.0  # the positive items have more train events
     assert rows["noisy"]["val_gauc_own_select"] == pytest.approx(0.6)  # epoch 1's val AUC 0.7, minus 0.1
-    # every item has 10 train events: all spread is on "rare" items; the blank seeds agree exactly
+    # every item has 10 or 15 train events: all spread is on "rare" items; the blank seeds agree exactly
     assert rows["noisy"]["seed_spread_rare_items"] > 1 and rows["blank"]["seed_spread_rare_items"] == 0
     assert rows["noisy"]["seed_spread_frequent_items"] is None
     assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 5  # two entries, and by pair class three rows
-    # every item has 10 train events (rare): the floor orders all pairs; the blank entry ties them all
+    # every item has 10 or 15 train events (rare): the floor orders all pairs; the blank entry ties them all
     assert rows["floor"]["pairs"]["rare-rare"] == (1.0, 1.0) and rows["blank"]["pairs"]["rare-rare"] == (0.5, 1.0)
     (tmp_path / "runs" / "m" / "blank" / "seed1" / "predictions.parquet").unlink()
     with pytest.raises(ValueError, match="no finished run"):

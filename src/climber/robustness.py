@@ -217,10 +217,14 @@ def pair_classes(users, clicks, logits, classes) -> dict[str, tuple[float, float
             for a, b in PAIR_CLASSES for i, j in [(ITEM_CLASSES.index(a), ITEM_CLASSES.index(b))]}
 
 
+COUNT_WEIGHT = 0.3  # --diagnose: an item's volume added to the logit, log1p(its train events) times this
+
+
 def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[dict]:
     """Where a model's test GAUC is lost, from runs already trained by :func:`run_suite` (no training):
     per member and entry, the mean test GAUC of one seed; of its logit plus the floor's logit (is a
-    popularity signal missing?); of the seeds' logits averaged (how much is variance?); where the
+    popularity signal missing?); plus ``COUNT_WEIGHT`` log1p(its item's train events) (is a volume
+    signal missing?); of the seeds' logits averaged (how much is variance?); where the
     variance sits: the spread between seeds of each candidate's logit, centred within its user (what
     GAUC sees), averaged over candidates whose item has 1 to 19 train events and over those with 20 or
     more; and the val GAUC at the epoch the run picked against the one val LogLoss would have picked
@@ -270,6 +274,8 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "test_gauc": float(np.mean([all_metrics(user, clicks, lg)["gauc"] for lg in logits])),
                          "test_gauc_plus_floor": float(np.mean([all_metrics(user, clicks, lg + floor)["gauc"]
                                                                 for lg in logits])),
+                         "test_gauc_plus_count": float(np.mean([all_metrics(user, clicks, lg + COUNT_WEIGHT * np.log1p(
+                             train_events))["gauc"] for lg in logits])),
                          "test_gauc_seed_average": float(all_metrics(user, clicks, np.mean(logits, axis=0))["gauc"]),
                          "seed_spread_rare_items": mean_or_none(spread[(train_events > 0) & (train_events < 20)]),
                          "seed_spread_frequent_items": mean_or_none(spread[train_events >= 20]),
@@ -277,10 +283,11 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "val_gauc_logloss_select": float(np.mean(picked["logloss"])),
                          "pairs": {k: (float(np.mean([p[k][0] for p in pairs])), pairs[0][k][1]) for k in pairs[0]}})
         rows.append(floor_row)
-    lines = ["| member | model | seeds | test GAUC, one seed | + floor logit | seeds' logits averaged | "
-             "seed spread, items of 1-19 / 20+ train events | val GAUC, own pick | val GAUC, val LogLoss pick (replayed) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| member | model | seeds | test GAUC, one seed | + floor logit | + 0.3 log1p(train events) | seeds' logits "
+             "averaged | seed spread, items of 1-19 / 20+ train events | val GAUC, own pick | val GAUC, val LogLoss pick "
+             "(replayed) |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['member']} | {r['model']} | {r['seeds']} | {r['test_gauc']:.4f} | {r['test_gauc_plus_floor']:.4f} | "
+              f"{r['test_gauc_plus_count']:.4f} | "
               f"{r['test_gauc_seed_average']:.4f} | {spread_cell(r['seed_spread_rare_items'])} / "
               f"{spread_cell(r['seed_spread_frequent_items'])} | "
               f"{r['val_gauc_own_select']:.4f} | {r['val_gauc_logloss_select']:.4f} |" for r in rows if r["model"] != "floor"]
