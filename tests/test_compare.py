@@ -104,25 +104,31 @@ def test_the_table_gives_a_spread_only_where_several_seeds_ran():
     assert "| m | 3 | 0.7500 ± 0.0100 | 0.6500 ± 0.0100 | 0.5000 ± 0.0100 |" in markdown([{**row, "seeds": 3}])
 
 
-@pytest.mark.parametrize("setting", ["context_features", "popularity_prior"])
-def test_a_model_setting_a_saved_run_lacks_counts_as_off(tmp_path, setting):
-    """Climber's default preset turned model.context_features (robustness suite, ninth round) and
-    model.popularity_prior (eleventh) on: a run saved before the setting existed was trained without it
-    and is no run of today's default."""
+@pytest.mark.parametrize("model,setting", [("climber", "context_features"), ("climber", "popularity_prior"),
+                                           ("climber", "popularity_count"), ("dlrm", "popularity_prior"),
+                                           ("dlrm", "popularity_count")])
+def test_a_model_setting_a_saved_run_lacks_counts_as_off(tmp_path, model, setting):
+    """Default presets turned model settings on (robustness suite: Climber's context features in the
+    ninth round, popularity prior in the eleventh, count in the thirteenth; DLRM's prior and count in
+    the thirteenth): a run saved before the setting existed was trained without it and is no run of
+    today's default."""
     from climber.compare import Entry, train_or_skip
     from climber.config import ConfigError, save_yaml
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"best": {"epoch": 0}}))
-    saved = Entry.parse("climber").config([]).to_dict()
+    saved = Entry.parse(model).config([]).to_dict()
     assert saved["model_config"][setting] is True
     del saved["model_config"][setting]
+    if setting == "popularity_prior":  # the count needs the prior: a run from before the prior had neither
+        del saved["model_config"]["popularity_count"]
     save_yaml(saved, run / "config.yaml")
-    without = Entry.parse("climber").config([f"model.{setting}=false"])
+    off = [f"model.{setting}=false"] + (["model.popularity_count=false"] if setting == "popularity_prior" else [])
+    without = Entry.parse(model).config(off)
     assert train_or_skip(run, tmp_path, without, "x", log=lambda *_: None) == {"best": {"epoch": 0}}
     with pytest.raises(ConfigError, match=rf"model_config.{setting}: False -> True"):
-        train_or_skip(run, tmp_path, Entry.parse("climber").config([]), "x", log=lambda *_: None)
+        train_or_skip(run, tmp_path, Entry.parse(model).config([]), "x", log=lambda *_: None)
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
