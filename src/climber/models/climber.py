@@ -7,7 +7,8 @@ fusion (BGF), scoring C candidates of one user in one pass ("single user, multip
     head MLP on [Y ; candidate item embedding]                   -> logits             (B, C)
     (dot_head: + <W Y, candidate item embedding>, W (Nb * d -> d); context_features: block k's states
     + W_k [log1p(its history length), log1p(its last event's gap to the candidate) / 10], as DLRM's;
-    popularity_prior: + w * the candidate item's smoothed train rate as log-odds, layers.PopularityPrior)
+    popularity_prior: + w * the candidate item's smoothed train rate as log-odds, and popularity_count:
+    + v * log1p(its train events), layers.PopularityPrior)
 
 Ablations: use_mse=False -> one block over the full recent history; use_atl=False -> no relative bias,
 temperature fixed at 1 (use_relative_bias=False / use_temperature=False: one of the two off);

@@ -7,7 +7,7 @@ an explicit feature interaction, then a top MLP. Every candidate is scored on it
     interaction "dot": <f_i, f_j> for all i < j over the 5 vectors, concatenated with z -> (B, C, d + 10)
     interaction "dcn": DCNv2 cross layers x_{l+1} = x_0 * (W_l x_l + b_l) + x_l over x_0 = [f_1 .. f_5] (B, C, 5d)
     top MLP -> logits (B, C)   (popularity_prior: + w * the candidate item's smoothed train rate as
-    log-odds, layers.PopularityPrior, as Climber's)
+    log-odds, popularity_count: + v * log1p(its train events), layers.PopularityPrior, as Climber's)
 """
 
 from __future__ import annotations
