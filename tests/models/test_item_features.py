@@ -237,14 +237,22 @@ def test_training_candidates_take_their_users_fold_rate_history_and_eval_the_who
 
 
 def test_trainer_fills_fold_tables_that_checkpoints_leave_out_and_refuses_bad_folds(tiny_synth, tmp_path):
+    """The rate buckets' and the popularity prior's out-of-fold tables, filled by the trainer, never saved."""
     from climber.config import ConfigError, resolve
+    from climber.models import PRIOR_FOLDS
     from climber.train.loop import Trainer
     from conftest import TINY
 
-    cfg = resolve("climber-tiny", None, TINY + ["train.item_rate_buckets=4", "train.item_rate_folds=2"])
-    item = Trainer(tmp_path / "run", tiny_synth, cfg, log=lambda *_: None, progress=False).model.emb.item
+    cfg = resolve("climber-tiny", None, TINY + ["train.item_rate_buckets=4", "train.item_rate_folds=2",
+                                                "model.popularity_prior=true", "model.popularity_count=true"])
+    model = Trainer(tmp_path / "run", tiny_synth, cfg, log=lambda *_: None, progress=False).model
+    item = model.emb.item
     assert item.fold_rates.shape == (2, item.num_embeddings) and item.fold_rates[:, 1:].min() >= 1
     assert "emb.item.fold_rates" not in item.state_dict() and "fold_rates" not in item.state_dict()
+    prior = model.prior
+    for table, folds in ((prior.logits, prior.fold_logits), (prior.log_counts, prior.fold_log_counts)):
+        assert table.abs().sum() > 0 and folds.shape == (PRIOR_FOLDS, item.num_embeddings) and folds.abs().sum() > 0
+    assert not any("fold_" in k for k in model.state_dict())
     for bad, match in (("train.item_rate_folds=1", "item_rate_folds"), ("train.item_rate_folds=-2", "item_rate_folds")):
         with pytest.raises(ConfigError, match=match):
             resolve("climber-tiny", None, [bad])
