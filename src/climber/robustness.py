@@ -277,8 +277,8 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "test_gauc_plus_count": float(np.mean([all_metrics(user, clicks, lg + COUNT_WEIGHT * np.log1p(
                              train_events))["gauc"] for lg in logits])),
                          "test_gauc_seed_average": float(all_metrics(user, clicks, np.mean(logits, axis=0))["gauc"]),
-                         "seed_spread_rare_items": mean_or_none(spread[(train_events > 0) & (train_events < 20)]),
-                         "seed_spread_frequent_items": mean_or_none(spread[train_events >= 20]),
+                         "seed_spread_rare_items": mean_or_none(spread[classes == ITEM_CLASSES.index("rare")]),
+                         "seed_spread_frequent_items": mean_or_none(spread[classes == ITEM_CLASSES.index("frequent")]),
                          "val_gauc_own_select": float(np.mean(picked["own"])),
                          "val_gauc_logloss_select": float(np.mean(picked["logloss"])),
                          "pairs": {k: (float(np.mean([p[k][0] for p in pairs])), pairs[0][k][1]) for k in pairs[0]}})

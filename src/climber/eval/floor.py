@@ -30,6 +30,11 @@ def item_train_rates(events: pl.DataFrame) -> tuple[pl.DataFrame, float]:
     return per_item.select("item", "events", smoothed.alias("rate")), rate
 
 
+def log_odds(p):
+    """log(p / (1 - p)) of a probability or an array of them."""
+    return np.log(p) - np.log1p(-p)
+
+
 def with_floor_logits(candidates: pl.DataFrame, per_item: pl.DataFrame, rate: float) -> pl.DataFrame:
     """``candidates`` (an item column) with their item's train ``events`` (0 for an item unseen in train),
     smoothed ``rate`` (``per_item`` / ``rate`` of :func:`item_train_rates`; the global rate when unseen) and
@@ -37,7 +42,7 @@ def with_floor_logits(candidates: pl.DataFrame, per_item: pl.DataFrame, rate: fl
     joined = candidates.join(per_item, on="item", how="left")
     joined = joined.with_columns(pl.col("events").fill_null(0), pl.col("rate").fill_null(rate))
     p = joined["rate"].to_numpy()
-    return joined.with_columns(pl.Series("floor_logit", np.log(p) - np.log1p(-p)))
+    return joined.with_columns(pl.Series("floor_logit", log_odds(p)))
 
 
 def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:

@@ -142,17 +142,24 @@ def fold_rate_buckets(prepared, num_items: int, buckets: int, min_events: int, f
 PRIOR_FOLDS = 5  # out-of-fold tables of the popularity prior in training (as train.item_rate_folds=5)
 
 
+def per_item_table(per_item, num_items: int, values) -> torch.Tensor:
+    """(num_items + 1,) float32: ``values`` at the rows of ``per_item``'s items (``train_rates``' first
+    part, in its order), 0 at every other row (items without a train event, padding)."""
+    import numpy as np
+
+    table = np.zeros(num_items + 1)
+    table[per_item["item"].to_numpy()] = values
+    return torch.from_numpy(table.astype("float32"))
+
+
 def item_prior_logits(rates, num_items: int) -> torch.Tensor:
     """(num_items + 1,) float32: :class:`climber.models.layers.PopularityPrior`'s table, each item's
     smoothed train positive rate (``rates``, from :func:`train_rates`) as log-odds minus the global
     rate's; 0 for an item without a train event (it has the global rate) and for padding."""
-    import numpy as np
+    from climber.eval.floor import log_odds
 
     per_item, rate = rates
-    values = np.zeros(num_items + 1)
-    p = per_item["rate"].to_numpy()
-    values[per_item["item"].to_numpy()] = np.log(p / (1 - p)) - np.log(rate / (1 - rate))
-    return torch.from_numpy(values.astype("float32"))
+    return per_item_table(per_item, num_items, log_odds(per_item["rate"].to_numpy()) - log_odds(rate))
 
 
 def item_log_counts(rates, num_items: int, scale: float = 1.0) -> torch.Tensor:
@@ -161,9 +168,7 @@ def item_log_counts(rates, num_items: int, scale: float = 1.0) -> torch.Tensor:
     import numpy as np
 
     per_item, _ = rates
-    values = np.zeros(num_items + 1)
-    values[per_item["item"].to_numpy()] = np.log1p(per_item["events"].to_numpy() * scale)
-    return torch.from_numpy(values.astype("float32"))
+    return per_item_table(per_item, num_items, np.log1p(per_item["events"].to_numpy() * scale))
 
 
 def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,8 +285,8 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         return model
     priors = [m for m in model.modules() if isinstance(m, PopularityPrior)]
     rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" or priors else None
+    fold_logits, fold_log_counts = fold_prior_logits(prepared, info.num_items) if priors else (None, None)
     for prior in priors:
-        fold_logits, fold_log_counts = fold_prior_logits(prepared, info.num_items)
         prior.logits.copy_(item_prior_logits(rates, info.num_items))
         prior.fold_logits = fold_logits.to(prior.logits.device)
         if hasattr(prior, "count_weight"):
