@@ -29,6 +29,20 @@ def tiny_synth(tmp_path_factory) -> Path:
     return out
 
 
+def randomize_prior_tables(model: nn.Module) -> nn.Module:
+    """Random tables for ``model``'s popularity prior (``climber.models.layers.PopularityPrior``, which
+    ``build_model`` fills from the data), so that its term matters in a check: log-odds N(0, 1), log
+    counts in [0, 3); padding stays 0."""
+    from climber.models.layers import PopularityPrior
+
+    for m in model.modules():
+        if isinstance(m, PopularityPrior):
+            m.logits[1:] = torch.randn(m.logits[1:].shape)
+            if hasattr(m, "log_counts"):
+                m.log_counts[1:] = torch.rand(m.log_counts[1:].shape) * 3
+    return model
+
+
 def perturb_parameters(model: nn.Module, seed: int) -> nn.Module:
     """Move every parameter by N(0, 0.3) noise so that each one matters in a check (zero relative biases,
     unit norm gains and 0.02-scale embeddings would hide mistakes); padding rows of embeddings stay

@@ -29,9 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from climber.config import DEFAULT_PRESETS, ConfigError, load_preset
-from conftest import perturb_parameters
+from conftest import perturb_parameters, randomize_prior_tables
 from climber.models import REGISTRY, SampleShape, build_model, config_class
-from climber.models.layers import PopularityPrior
 
 CLIMBER = dict(
     d_model=16,
@@ -87,12 +86,7 @@ def build(name: str, variant: int, **overrides) -> nn.Module:
     """The tiny model with every parameter perturbed (conftest.perturb_parameters) and random
     popularity prior tables (build_model fills them from the data)."""
     torch.manual_seed(variant)
-    model = build_model(name, {**TINY[name][variant], **overrides}, INFO)
-    for m in model.modules():
-        if isinstance(m, PopularityPrior):
-            m.logits[1:] = torch.randn(INFO.num_items)
-            if hasattr(m, "log_counts"):
-                m.log_counts[1:] = torch.rand(INFO.num_items) * 3
+    model = randomize_prior_tables(build_model(name, {**TINY[name][variant], **overrides}, INFO))
     return perturb_parameters(model, seed=variant)
 
 

@@ -19,9 +19,9 @@ from climber.data.samples import Rows, UserEvents, collate
 from climber.data.schema import DataError
 from climber.data.sequences import resolve
 from climber.models import DataInfo, build_model
-from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
+from climber.models.layers import ItemEmbedding, UserFeatures
 from climber.serve.engine import Engine, RequestFeatures, UserHistory
-from conftest import perturb_parameters
+from conftest import perturb_parameters, randomize_prior_tables
 
 INFO = DataInfo(num_users=20, num_items=50, actions=("click", "like", "skip"), scenarios=("home", "search", "radio"),
                 item_features=(("item_topic", 3),), item_bags=(("item_tags", 5, 3),),
@@ -62,18 +62,15 @@ def close(a, b, tol=1e-5):
 
 def build(name: str, cfg: dict, seed: int = 0, info: DataInfo = INFO) -> nn.Module:
     """The tiny model with every parameter perturbed (non-trivial biases and temperatures), in eval mode;
-    items get random topics and tag bags, users random ages and bags, some values unknown (0)."""
+    items get random topics and tag bags, users random ages and bags, some values unknown (0), and the
+    popularity prior random tables."""
     torch.manual_seed(seed)
     model = build_model(name, cfg, info)
     for m in model.modules():
         if isinstance(m, (ItemEmbedding, UserFeatures)):
             m.feature_ids[1:] = torch.randint(0, 4, m.feature_ids[1:].shape)
             m.bag_ids[1:] = torch.randint(0, 5, m.bag_ids[1:].shape)
-        if isinstance(m, PopularityPrior):
-            m.logits[1:] = torch.randn(m.logits[1:].shape)
-            if hasattr(m, "log_counts"):
-                m.log_counts[1:] = torch.rand(m.log_counts[1:].shape) * 3
-    return perturb_parameters(model, seed).eval()
+    return perturb_parameters(randomize_prior_tables(model), seed).eval()
 
 
 def random_events(n: int, seed: int, user: int = 3, t0: int = 10**6, label=None) -> UserHistory:
