@@ -97,7 +97,7 @@ BEFORE_THEY_EXISTED = {  # config section -> {setting: its behaviour before it e
               "embedding_decay": 0.0, "min_steps_per_epoch": 0, "lazy_embeddings": False, "select": "auc",
               "bucket": False, "id_init": "normal"},
     "model_config": {"context_features": False, "dot_head": False, "popularity_prior": False,
-                     "popularity_count": False},
+                     "popularity_count": False, "popularity_fit": False},
 }
 
 

@@ -293,8 +293,10 @@ def test_the_popularity_prior_adds_w_times_the_items_value_out_of_fold_in_traini
     saved = model.state_dict()
     assert "prior.logits" in saved and "prior.fold_logits" not in saved and "prior.fold_log_counts" not in saved
     assert ("prior.log_counts" in saved) == count
-    with pytest.raises(ConfigError, match="popularity_count: needs popularity_prior"):
-        config_class(name).from_dict({**TINY[name][0], "popularity_prior": False, "popularity_count": True})
+    for option in ("popularity_count", "popularity_fit"):
+        with pytest.raises(ConfigError, match=f"{option}: needs popularity_prior"):
+            config_class(name).from_dict({**TINY[name][0], "popularity_prior": False, "popularity_count": False,
+                                          "popularity_fit": False, option: True})
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -219,6 +219,78 @@ def test_the_popularity_count_is_log1p_of_the_train_events_and_out_of_fold_in_tr
     assert (folds == 0).sum() > (prior.log_counts == 0).sum() * 3  # items only fold k saw count 0 there
 
 
+def labelled_by_known_weights(tmp_path, theta, folds: int = 5):
+    """A prepared-like dir of train events whose labels follow a conditional logit: P(click) =
+    sigmoid(user's own offset + theta . x), x the item's rows in two random (folds, items + 1) tables
+    at the user's fold; returns (dir, tables)."""
+    generator = torch.Generator().manual_seed(0)
+    users, items_per_user, num_items = 400, 40, 300
+    tables = [torch.randn(folds, num_items + 1, generator=generator) for _ in theta]
+    user = torch.arange(users).repeat_interleave(items_per_user)
+    item = torch.randint(1, num_items + 1, (len(user),), generator=generator)
+    x = torch.stack([t[user % folds, item] for t in tables], dim=1)
+    offset = 2 * torch.randn(users, generator=generator)[user]
+    label = torch.rand(len(user), generator=generator) < torch.sigmoid(offset + x @ torch.tensor(theta))
+    data = tmp_path / "known"
+    data.mkdir()
+    pl.DataFrame({"user": user.numpy(), "item": item.numpy(), "label": label.int().numpy(),
+                  "split": ["train"] * (len(user) - 100) + ["test"] * 100}).write_parquet(data / "events.parquet")
+    return data, tables
+
+
+def test_the_popularity_fit_finds_the_weights_that_labelled_the_data_and_matches_an_exact_fit(tmp_path):
+    """fit_prior_weights recovers the weights of a conditional logit from the user-fold rows of the
+    tables, whatever each user's own click rate; and it equals a plain fit over every pair of every user,
+    weighted as GAUC weighs them (n_u / (positives_u x negatives_u)), solved by L-BFGS."""
+    from climber.models import fit_prior_weights
+
+    data, tables = labelled_by_known_weights(tmp_path, [0.8, -0.5])
+    fitted = fit_prior_weights(data, tables)
+    assert fitted == pytest.approx([0.8, -0.5], abs=0.12)
+
+    train = pl.read_parquet(data / "events.parquet").filter(pl.col("split") == "train")
+    user, item = torch.tensor(train["user"].to_numpy()), torch.tensor(train["item"].to_numpy())
+    x = torch.stack([t[user % 5, item] for t in tables], dim=1).double()
+    label = torch.tensor(train["label"].to_numpy()).bool()
+    diffs, weights = [], []
+    for u in user.unique():
+        mine = user == u
+        pos, neg = x[mine & label], x[mine & ~label]
+        if len(pos) and len(neg):
+            diffs.append((pos[:, None] - neg[None]).reshape(-1, 2))
+            weights.append(torch.full((len(pos) * len(neg),), mine.sum().item() / (len(pos) * len(neg))))
+    diff, weight = torch.cat(diffs), torch.cat(weights).double()
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([theta], max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = -(weight * torch.nn.functional.logsigmoid(diff @ theta)).sum() / weight.sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    assert fitted == pytest.approx(theta.tolist(), abs=0.03)  # the sampled pairs against all of them
+
+
+@pytest.mark.parametrize("model", ["climber", "dlrm"])
+def test_popularity_fit_starts_the_priors_weights_at_the_fit_of_its_own_training_tables(tmp_path, model):
+    from climber.models import fit_prior_weights
+
+    data = sparse_log(tmp_path)
+    info = DataInfo.from_prepared(data)
+    for count in (False, True):
+        cfg = {"popularity_prior": True, "popularity_count": count}
+        plain = build_model(model, cfg, info, prepared=data).prior
+        fitted = build_model(model, {**cfg, "popularity_fit": True}, info, prepared=data).prior
+        tables = [plain.fold_logits] + ([plain.fold_log_counts] if count else [])
+        weights = [fitted.weight] + ([fitted.count_weight] if count else [])
+        expected = fit_prior_weights(data, tables)
+        assert [w.item() for w in weights] == pytest.approx(expected, rel=1e-6)
+        assert expected != pytest.approx([1.0, 0.0][:len(expected)], abs=0.01)  # it moved from the start
+        assert plain.weight.item() == 1.0
+
+
 def test_training_candidates_take_their_users_fold_rate_history_and_eval_the_whole_table(tiny_synth):
     info = DataInfo.from_prepared(tiny_synth, item_rate_buckets=4)  # features: item_topic, then the rate
     emb = ItemEmbedding(info.num_items, 8, info.item_features)

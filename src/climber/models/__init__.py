@@ -180,6 +180,54 @@ def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> tup
             torch.stack([item_log_counts(r, num_items, folds / (folds - 1)) for r in rates]))
 
 
+FIT_PAIRS = 1 << 20  # (positive, negative) pairs of a user's train events that fit_prior_weights samples
+
+
+def fit_prior_weights(prepared, columns: list[torch.Tensor], pairs: int = FIT_PAIRS, seed: int = 0) -> list[float]:
+    """The start of :class:`~climber.models.layers.PopularityPrior`'s weights with ``popularity_fit``: the
+    weights ``theta`` of its columns (``columns``: its out-of-fold tables, each (folds, num_items + 1), the
+    rows a training candidate reads) that best rank each user's positive train events above the negative
+    ones, a conditional logistic fit: the mean over pairs of -log sigmoid(theta . (x_pos - x_neg)) is
+    minimised by Newton's method (a 1e-4 ridge keeps it finite if the pairs are separable). The pairs
+    are weighted as GAUC weighs them: ``pairs`` of them sampled (``seed``), a user with probability in
+    proportion to its train events, then one of its positives and one of its negatives at random.
+    Without a user with both labels the weights keep their start, 1 and 0."""
+    import polars as pl
+
+    from climber.models.layers import fold_of
+
+    events = (pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
+              .filter(pl.col("split") == "train").sort("user", "label"))
+    users = torch.from_numpy(events["user"].to_numpy().astype("int64"))
+    items = torch.from_numpy(events["item"].to_numpy().astype("int64"))
+    rows = fold_of(users, len(columns[0]))
+    x = torch.stack([table[rows, items] for table in columns], dim=1).double()  # (E, k)
+    per_user = (events.with_row_index("at").group_by("user", maintain_order=True)
+                .agg(start=pl.col("at").first(), negatives=(pl.col("label") == 0).sum(), size=pl.len())
+                .filter((pl.col("negatives") > 0) & (pl.col("negatives") < pl.col("size"))))
+    theta = torch.tensor([1.0] + [0.0] * (len(columns) - 1), dtype=torch.float64)
+    if not per_user.height:
+        return theta.tolist()
+    start, negatives, size = (torch.from_numpy(per_user[c].to_numpy().astype("int64")) for c in ("start", "negatives", "size"))
+    generator = torch.Generator().manual_seed(seed)
+    user = torch.multinomial(size.double(), pairs, replacement=True, generator=generator)  # (P,)
+    # each user's events are sorted by label: its negatives first, then its positives
+    negative = start[user] + (torch.rand(pairs, generator=generator, dtype=torch.float64) * negatives[user]).long()
+    positive = (start[user] + negatives[user]
+                + (torch.rand(pairs, generator=generator, dtype=torch.float64) * (size - negatives)[user]).long())
+    diff = x[positive] - x[negative]  # (P, k)
+    ridge = 1e-4 * torch.eye(len(columns), dtype=torch.float64)
+    for _ in range(50):
+        p = torch.sigmoid(-(diff @ theta))  # (P,): d/dz of -log sigmoid(z) is -p
+        gradient = -(p[:, None] * diff).mean(0) + ridge @ theta
+        hessian = torch.einsum("p,pi,pj->ij", p * (1 - p), diff, diff) / pairs + ridge
+        step = torch.linalg.solve(hessian, gradient)
+        theta = theta - step
+        if step.abs().max() < 1e-8:
+            break
+    return theta.tolist()
+
+
 def train_item_rows(rates, num_items: int) -> torch.Tensor:
     """(num_items + 1,) int64: each item's own id when it has a train event (``rates``, from
     :func:`train_rates`), else 0 (the unknown item)."""
@@ -292,6 +340,12 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         if hasattr(prior, "count_weight"):
             prior.log_counts.copy_(item_log_counts(rates, info.num_items))
             prior.fold_log_counts = fold_log_counts.to(prior.logits.device)
+        if prior.fit:
+            weights = [prior.weight] + ([prior.count_weight] if hasattr(prior, "count_weight") else [])
+            start = fit_prior_weights(prepared, [fold_logits, fold_log_counts][:len(weights)])
+            with torch.no_grad():
+                for weight, value in zip(weights, start):
+                    weight.fill_(value)
     columns = [c for c, _ in info.item_features if c != RATE_FEATURE]  # the rate feature, last when present
     values, bags = first_features(prepared, "item", columns, info.item_bags, info.num_items + 1)
     tables = {"feature_ids": torch.cat([values, torch.zeros(info.num_items + 1, int(bool(info.rate_buckets)),

@@ -33,10 +33,11 @@ class ModelConfig:
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{type(self).__name__}.{name}: must be >= {minimum}, got {getattr(self, name)}")
 
-    def _count_needs_prior(self) -> None:
-        """popularity_count is a second column of popularity_prior's term."""
-        if self.popularity_count and not self.popularity_prior:
-            raise ConfigError(f"{type(self).__name__}.popularity_count: needs popularity_prior=true")
+    def _popularity_needs_prior(self) -> None:
+        """popularity_count is a second column of popularity_prior's term, popularity_fit its weights' start."""
+        for name in ("popularity_count", "popularity_fit"):
+            if getattr(self, name) and not self.popularity_prior:
+                raise ConfigError(f"{type(self).__name__}.{name}: needs popularity_prior=true")
 
     def _dropout_in_range(self) -> None:
         if not 0.0 <= self.dropout < 1.0:

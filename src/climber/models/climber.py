@@ -73,6 +73,7 @@ class ClimberConfig(ModelConfig):
     item_bias: bool = False  # a learned scalar per item added to the click logit (first-order, "wide" term)
     popularity_prior: bool = False  # add w * the item's smoothed train positive rate as log-odds (out-of-fold in training) to the click logit
     popularity_count: bool = False  # with popularity_prior: + a learned weight (from 0) x log1p(the item's train events)
+    popularity_fit: bool = False  # with popularity_prior: its weights start at their within-user fit on the train split (else 1, 0)
     dot_head: bool = False  # add <W Y, candidate item vector> to the click logit (an explicit interest x item product)
     context_features: bool = False  # add W_k [log1p(block k's history length), its gap to the candidate] to block k's states
     action_heads: bool = False  # multi-task: one extra binary head per action (is the candidate's action a?)
@@ -93,7 +94,7 @@ class ClimberConfig(ModelConfig):
             raise ConfigError(f"ClimberConfig: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         self._at_least(1, "n_layers", "ffn_mult", "time_buckets")
         self._at_least(2, "pos_buckets")
-        self._count_needs_prior()
+        self._popularity_needs_prior()
 
     @property
     def has_relative_bias(self) -> bool:
@@ -201,7 +202,7 @@ class Climber(nn.Module):
         if cfg.item_bias:
             self.item_bias_emb = nn.Embedding(info.num_items + 1, 1, padding_idx=0)
         if cfg.popularity_prior:
-            self.prior = PopularityPrior(info.num_items, cfg.popularity_count)
+            self.prior = PopularityPrior(info.num_items, cfg.popularity_count, cfg.popularity_fit)
         if cfg.action_heads:
             self.action_out = nn.Linear(d, info.num_actions)
         self.apply(init_weights)

@@ -49,6 +49,7 @@ class DLRMConfig(ModelConfig):
     dropout: float = 0.1  # in the top MLP
     popularity_prior: bool = False  # add w * the item's smoothed train rate as log-odds (out-of-fold in training) to the logit
     popularity_count: bool = False  # with popularity_prior: + a learned weight (from 0) x log1p(the item's train events)
+    popularity_fit: bool = False  # with popularity_prior: its weights start at their within-user fit on the train split (else 1, 0)
 
     def check(self) -> None:
         if self.interaction not in INTERACTIONS:
@@ -56,7 +57,7 @@ class DLRMConfig(ModelConfig):
         self._at_least(1, "d_model", "max_len", "n_cross")
         self._layer_sizes("bottom_mlp", "top_mlp")
         self._dropout_in_range()
-        self._count_needs_prior()
+        self._popularity_needs_prior()
 
 
 class CrossLayer(nn.Module):
@@ -85,7 +86,7 @@ class DLRM(nn.Module):
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
         if cfg.popularity_prior:
-            self.prior = PopularityPrior(info.num_items, cfg.popularity_count)
+            self.prior = PopularityPrior(info.num_items, cfg.popularity_count, cfg.popularity_fit)
 
     def _top_in(self) -> int:
         d = self.cfg.d_model

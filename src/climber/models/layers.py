@@ -446,7 +446,9 @@ class PopularityPrior(nn.Module):
     ``climber.eval.floor``; 0 for an item without a train event and for padding), and ``weight`` a learned
     scalar that starts at 1, so a model starts from the floor's ranking and learns what to add to it.
     With ``count``, plus ``count_weight * log1p(the item's train events)``, ``count_weight`` learned from 0:
-    how much an item's volume says beyond its rate.
+    how much an item's volume says beyond its rate. With ``fit``, ``climber.models.build_model`` starts
+    the weights at their within-user fit on the train split (:func:`climber.models.fit_prior_weights`)
+    instead of 1 and 0.
 
     ``logits`` (num_items + 1,) and ``log_counts`` are buffers, saved in checkpoints (serving needs no
     data), filled from the data by ``climber.models.build_model``. ``fold_logits`` and
@@ -456,8 +458,9 @@ class PopularityPrior(nn.Module):
     unseen in train does at test time; eval mode (val, test, serving) reads the whole train split's.
     ``forward(items (B, C), users (B,))`` -> (B, C)."""
 
-    def __init__(self, num_items: int, count: bool = False):
+    def __init__(self, num_items: int, count: bool = False, fit: bool = False):
         super().__init__()
+        self.fit = fit
         self.weight = nn.Parameter(torch.ones(1))
         self.register_buffer("logits", torch.zeros(num_items + 1))
         self.register_buffer("fold_logits", torch.zeros(0, num_items + 1), persistent=False)
