@@ -72,5 +72,7 @@ def test_config_validation_and_preset():
     with pytest.raises(ValueError, match="top_mlp"):
         DLRMConfig(top_mlp=[0])
     doc = yaml.safe_load((resources.files("climber") / "presets" / "dlrm-default.yaml").read_text())
-    # the preset: the config's defaults and the robustness suite's popularity terms (thirteenth round)
-    assert DLRMConfig.from_dict(doc["model_config"]) == DLRMConfig(popularity_prior=True, popularity_count=True)
+    # the preset: the config's defaults and the robustness suite's popularity terms (thirteenth round) with
+    # their fitted start (fourteenth)
+    assert DLRMConfig.from_dict(doc["model_config"]) == DLRMConfig(popularity_prior=True, popularity_count=True,
+                                                                    popularity_fit=True)
