@@ -171,6 +171,27 @@ def test_out_of_fold_rate_buckets_never_hold_the_labels_of_the_folds_own_users(t
     assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_rate_buckets(d, info.num_items, 5, 1, 3), 3, tmp_path)
 
 
+def test_item_min_events_gives_items_of_fewer_train_events_the_unknown_items_row(tmp_path):
+    """train.item_min_events=k: an item with fewer than k train events embeds as the unknown item (row 0,
+    a zero vector, plus its own side features), as an item without one does; the trainer builds it."""
+    from climber.config import ConfigError, resolve
+    from climber.train.loop import Trainer
+    from conftest import TINY
+
+    data = sparse_log(tmp_path)
+    counts = dict(pl.read_parquet(data / "events.parquet").filter(pl.col("split") == "train")
+                  .group_by("item").len().iter_rows())
+    cfg = resolve("climber-tiny", None, TINY + ["train.item_vocab=train", "train.item_min_events=3"])
+    id_row = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False).model.emb.item.id_row
+    expected = [item if counts.get(item, 0) >= 3 else 0 for item in range(len(id_row))]
+    assert id_row.tolist() == expected
+    assert 0 < sum(1 for n in counts.values() if n < 3) and any(n >= 3 for n in counts.values())
+    with pytest.raises(ConfigError, match="item_min_events"):
+        resolve("climber-tiny", None, ["train.item_min_events=0"])
+    with pytest.raises(ConfigError, match="needs train.item_vocab=train"):
+        resolve("climber-tiny", None, ["train.item_vocab=all", "train.item_min_events=2"])
+
+
 def test_the_popularity_prior_is_the_floors_logit_less_the_global_rates_and_never_its_folds_labels(tmp_path):
     """Climber's popularity_prior table: for each item the floor's score (its smoothed train rate as
     log-odds, climber.eval.floor) minus the global rate's, so 0 for an item without a train event; the

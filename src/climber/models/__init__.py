@@ -228,10 +228,12 @@ def fit_prior_weights(prepared, columns: list[torch.Tensor], pairs: int = FIT_PA
     return theta.tolist()
 
 
-def train_item_rows(rates, num_items: int) -> torch.Tensor:
-    """(num_items + 1,) int64: each item's own id when it has a train event (``rates``, from
-    :func:`train_rates`), else 0 (the unknown item)."""
-    seen = torch.from_numpy(rates[0]["item"].to_numpy().astype("int64"))
+def train_item_rows(rates, num_items: int, min_events: int = 1) -> torch.Tensor:
+    """(num_items + 1,) int64: each item's own id when it has at least ``min_events`` train events
+    (``rates``, from :func:`train_rates`), else 0 (the unknown item)."""
+    import polars as pl
+
+    seen = torch.from_numpy(rates[0].filter(pl.col("events") >= min_events)["item"].to_numpy().astype("int64"))
     rows = torch.zeros(num_items + 1, dtype=torch.long)
     rows[seen] = seen
     return rows
@@ -315,14 +317,14 @@ def _lookup(name: str):
 
 
 def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all",
-                rate_min_events: int = 1, rate_folds: int = 0) -> torch.nn.Module:
+                rate_min_events: int = 1, rate_folds: int = 0, item_min_events: int = 1) -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
     dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`;
     ``rate_folds`` > 0: the out-of-fold tables of training, :func:`fold_rate_buckets`), so are a
     :class:`~climber.models.layers.PopularityPrior`'s tables (:func:`item_prior_logits`,
-    :func:`item_log_counts`, :func:`fold_prior_logits`), and with ``item_vocab="train"`` items without a
-    train event embed as the unknown item (``ItemEmbedding.id_row``); without, the tables keep their
-    defaults until a checkpoint is loaded."""
+    :func:`item_log_counts`, :func:`fold_prior_logits`), and with ``item_vocab="train"`` items with fewer
+    than ``item_min_events`` train events (1: without one) embed as the unknown item
+    (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
     from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
 
     cfg_cls, model_cls = _lookup(name)
@@ -355,7 +357,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         if rate_folds:
             tables["fold_rates"] = fold_rate_buckets(prepared, info.num_items, info.rate_buckets, rate_min_events, rate_folds)
     if item_vocab == "train":
-        tables["id_row"] = train_item_rows(rates, info.num_items)
+        tables["id_row"] = train_item_rows(rates, info.num_items, item_min_events)
     user_tables = dict(zip(("feature_ids", "bag_ids"), first_features(
         prepared, "user", [c for c, _ in info.user_features], info.user_bags, info.num_users + 1)))
     for module in model.modules():

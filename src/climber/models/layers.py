@@ -396,8 +396,9 @@ class ItemEmbedding(nn.Embedding):
 
     ``id_row`` (num_items + 1,) maps item id -> row of the id table: the identity, or, with
     ``train.item_vocab=train``, 0 (the unknown item, a zero vector) for items without a train event, whose
-    own rows would never get a gradient (random vectors at test time). Side features keep the item's
-    own values either way.
+    own rows would never get a gradient (random vectors at test time), and for items with fewer than
+    ``train.item_min_events``, whose rows would learn little beyond their few labels. Side features keep
+    the item's own values either way.
 
     ``fold_rates`` (folds, num_items + 1), ``train.item_rate_folds`` (not saved; empty without): in
     training mode a candidate's rate bucket (the last side feature) comes from its user's fold's row,
