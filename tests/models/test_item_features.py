@@ -63,7 +63,7 @@ def test_train_item_vocab_embeds_items_without_a_train_event_as_the_unknown_item
 
 def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
     from climber.eval.floor import PRIOR_EVENTS
-    from climber.models import RATE_FEATURE, item_rate_buckets, train_rates
+    from climber.models import RATE_FEATURE, item_rate_buckets, train_events, train_rates
 
     data = tmp_path / "sparse"
     synthetic.synthesize(data, users=30, events_per_user=10, items=400, topics=4, seed=2, log=lambda *_: None)
@@ -72,7 +72,7 @@ def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
     glob = train["label"].mean()
     info = DataInfo.from_prepared(data, item_rate_buckets=5)
     assert info.item_features[-1] == (RATE_FEATURE, 5) and info.rate_buckets == 5 and info.matches(data)
-    buckets = item_rate_buckets(train_rates(data), info.num_items, 5)
+    buckets = item_rate_buckets(train_rates(train_events(data)), info.num_items, 5)
     assert buckets[0] == 0 and buckets[1:].min() >= 1 and buckets.max() == 5
     rate = {}  # recomputed: (positives + 10 x global) / (events + 10); the global rate without a train event
     for item in range(1, info.num_items + 1):
@@ -88,7 +88,7 @@ def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
 
 
 def test_rate_buckets_give_items_of_few_train_events_the_global_rate(tmp_path):
-    from climber.models import item_rate_buckets, train_rates
+    from climber.models import item_rate_buckets, train_events, train_rates
 
     data = tmp_path / "sparse"
     synthetic.synthesize(data, users=60, events_per_user=12, items=150, topics=4, seed=3, log=lambda *_: None)
@@ -98,14 +98,14 @@ def test_rate_buckets_give_items_of_few_train_events_the_global_rate(tmp_path):
     few = [i for i in range(1, info.num_items + 1) if counts.get(i, 0) < 4]
     many = [i for i in range(1, info.num_items + 1) if counts.get(i, 0) >= 4]
     assert few and many
-    buckets = item_rate_buckets(train_rates(data), info.num_items, 5, min_events=4)
+    buckets = item_rate_buckets(train_rates(train_events(data)), info.num_items, 5, min_events=4)
     glob = train["label"].mean()
     below = sum(1 for i in many if train.filter(pl.col("item") == i)["label"].mean() < glob)
     assert len({int(buckets[i]) for i in few}) == 1  # one shared bucket, whatever their own labels
     assert len({int(buckets[i]) for i in many}) == 5  # quantiles over the items with enough events
     shared = int(buckets[few[0]])
     assert sum(int(buckets[i]) < shared for i in many) <= below  # the shared bucket sits at the global rate
-    assert item_rate_buckets(train_rates(data), info.num_items, 5, min_events=1)[few].unique().numel() > 1
+    assert item_rate_buckets(train_rates(train_events(data)), info.num_items, 5, min_events=1)[few].unique().numel() > 1
 
 
 def test_id_dropout_drops_the_id_vector_at_its_rate_in_training_only_and_keeps_side_features(tiny_synth):
@@ -159,16 +159,16 @@ def assert_fold_rows_ignore_their_users_labels(data, tables, folds: int, tmp_pat
 
 
 def test_out_of_fold_rate_buckets_never_hold_the_labels_of_the_folds_own_users(tmp_path):
-    from climber.models import fold_rate_buckets, item_rate_buckets, train_rates
+    from climber.models import fold_rate_buckets, item_rate_buckets, train_events, train_rates
 
     data = sparse_log(tmp_path)
     info = DataInfo.from_prepared(data, item_rate_buckets=5)
-    folds = fold_rate_buckets(data, info.num_items, 5, 1, 3)  # (3, items + 1)
+    folds = fold_rate_buckets(train_events(data), info.num_items, 5, 1, 3)  # (3, items + 1)
     assert folds.shape == (3, info.num_items + 1) and folds[:, 0].eq(0).all()
     assert folds.min() >= 0 and folds.max() <= 5
-    full = item_rate_buckets(train_rates(data), info.num_items, 5)
+    full = item_rate_buckets(train_rates(train_events(data)), info.num_items, 5)
     assert not all(torch.equal(folds[k], full) for k in range(3))
-    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_rate_buckets(d, info.num_items, 5, 1, 3), 3, tmp_path)
+    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_rate_buckets(train_events(d), info.num_items, 5, 1, 3), 3, tmp_path)
 
 
 def test_item_min_events_gives_items_of_fewer_train_events_the_unknown_items_row(tmp_path):
@@ -199,7 +199,7 @@ def test_the_popularity_prior_is_the_floors_logit_less_the_global_rates_and_neve
     import math
 
     from climber.eval.floor import item_train_rates, with_floor_logits
-    from climber.models import PRIOR_FOLDS, fold_prior_logits
+    from climber.models import PRIOR_FOLDS, fold_prior_logits, train_events
 
     data = sparse_log(tmp_path)
     info = DataInfo.from_prepared(data)
@@ -213,13 +213,13 @@ def test_the_popularity_prior_is_the_floors_logit_less_the_global_rates_and_neve
     assert unseen.any() and prior.logits[1:][unseen].eq(0).all() and prior.logits[0] == 0
     assert prior.logits[1:][~unseen].ne(0).any() and prior.weight.item() == 1.0
     assert prior.fold_logits.shape == (PRIOR_FOLDS, info.num_items + 1)
-    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_prior_logits(d, info.num_items, 3)[0], 3, tmp_path)
+    assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_prior_logits(train_events(d), info.num_items, 3)[0], 3, tmp_path)
 
 
 def test_the_popularity_count_is_log1p_of_the_train_events_and_out_of_fold_in_training(tmp_path):
     """popularity_count's tables: log1p(an item's train events), 0 without one; the row of fold k counts
     the train events of the users outside fold k, times folds / (folds - 1)."""
-    from climber.models import fold_prior_logits
+    from climber.models import fold_prior_logits, train_events
 
     data = sparse_log(tmp_path)
     info = DataInfo.from_prepared(data)
@@ -234,7 +234,7 @@ def test_the_popularity_count_is_log1p_of_the_train_events_and_out_of_fold_in_tr
 
     torch.testing.assert_close(prior.log_counts, expected(train, 1.0))
     assert prior.log_counts[0] == 0 and prior.count_weight.item() == 0.0
-    _, folds = fold_prior_logits(data, info.num_items, 3)
+    _, folds = fold_prior_logits(train_events(data), info.num_items, 3)
     for k in range(3):
         torch.testing.assert_close(folds[k], expected(train.filter(pl.col("user") % 3 != k), 1.5))
     assert (folds == 0).sum() > (prior.log_counts == 0).sum() * 3  # items only fold k saw count 0 there
@@ -263,10 +263,10 @@ def test_the_popularity_fit_finds_the_weights_that_labelled_the_data_and_matches
     """fit_prior_weights recovers the weights of a conditional logit from the user-fold rows of the
     tables, whatever each user's own click rate; and it equals a plain fit over every pair of every user,
     weighted as GAUC weighs them (n_u / (positives_u x negatives_u)), solved by L-BFGS."""
-    from climber.models import fit_prior_weights
+    from climber.models import fit_prior_weights, train_events
 
     data, tables = labelled_by_known_weights(tmp_path, [0.8, -0.5])
-    fitted = fit_prior_weights(data, tables)
+    fitted = fit_prior_weights(train_events(data), tables)
     assert fitted == pytest.approx([0.8, -0.5], abs=0.12)
 
     train = pl.read_parquet(data / "events.parquet").filter(pl.col("split") == "train")
@@ -296,7 +296,7 @@ def test_the_popularity_fit_finds_the_weights_that_labelled_the_data_and_matches
 
 @pytest.mark.parametrize("model", ["climber", "dlrm"])
 def test_popularity_fit_starts_the_priors_weights_at_the_fit_of_its_own_training_tables(tmp_path, model):
-    from climber.models import fit_prior_weights
+    from climber.models import fit_prior_weights, train_events
 
     data = sparse_log(tmp_path)
     info = DataInfo.from_prepared(data)
@@ -306,7 +306,7 @@ def test_popularity_fit_starts_the_priors_weights_at_the_fit_of_its_own_training
         fitted = build_model(model, {**cfg, "popularity_fit": True}, info, prepared=data).prior
         tables = [plain.fold_logits] + ([plain.fold_log_counts] if count else [])
         weights = [fitted.weight] + ([fitted.count_weight] if count else [])
-        expected = fit_prior_weights(data, tables)
+        expected = fit_prior_weights(train_events(data), tables)
         assert [w.item() for w in weights] == pytest.approx(expected, rel=1e-6)
         assert expected != pytest.approx([1.0, 0.0][:len(expected)], abs=0.01)  # it moved from the start
         assert plain.weight.item() == 1.0

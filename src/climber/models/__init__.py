@@ -83,14 +83,21 @@ class DataInfo:
 RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, computed from the train split
 
 
-def train_rates(prepared):
-    """``climber.eval.floor.item_train_rates`` of a prepared dir: ((item, events, rate) of each item with
-    a train event, the global train rate); one read of the events, shared by the tables built from it."""
+def train_events(prepared):
+    """The train split's events of a prepared dir (columns user, item, label, split), read once for every
+    table built from them (:func:`train_rates`, the out-of-fold tables, :func:`fit_prior_weights`)."""
     import polars as pl
 
+    return (pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
+            .filter(pl.col("split") == "train"))
+
+
+def train_rates(events):
+    """``climber.eval.floor.item_train_rates`` of :func:`train_events`: ((item, events, rate) of each item
+    with a train event, the global train rate)."""
     from climber.eval.floor import item_train_rates
 
-    return item_train_rates(pl.read_parquet(Path(prepared) / "events.parquet", columns=["item", "label", "split"]))
+    return item_train_rates(events)
 
 
 def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) -> torch.Tensor:
@@ -117,26 +124,24 @@ def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) 
     return table
 
 
-def fold_train_rates(prepared, folds: int) -> list:
-    """:func:`train_rates` of the train events of the users outside each fold k in 0 .. folds - 1
-    (:func:`climber.models.layers.fold_of`): the rates a training candidate of fold k may read, since no
-    label of its user entered them."""
+def fold_train_rates(events, folds: int) -> list:
+    """:func:`train_rates` of the train events (:func:`train_events`) of the users outside each fold k in
+    0 .. folds - 1 (:func:`climber.models.layers.fold_of`): the rates a training candidate of fold k may
+    read, since no label of its user entered them."""
     import polars as pl
 
-    from climber.eval.floor import item_train_rates
     from climber.models.layers import fold_of
 
-    events = pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
-    return [item_train_rates(events.filter(fold_of(pl.col("user"), folds) != k)) for k in range(folds)]
+    return [train_rates(events.filter(fold_of(pl.col("user"), folds) != k)) for k in range(folds)]
 
 
-def fold_rate_buckets(prepared, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
+def fold_rate_buckets(events, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
     """(folds, num_items + 1) int64: ``train.item_rate_folds``, out-of-fold rate buckets. Row k is
     :func:`item_rate_buckets` of fold k's :func:`fold_train_rates`, its quantiles included, so a training
     candidate of a user in fold k is given a rate that no label of that user entered: no leak, whatever
     ``min_events``. Val, test and serving use the whole train split's table."""
     return torch.stack([item_rate_buckets(rates, num_items, buckets, min_events)
-                        for rates in fold_train_rates(prepared, folds)])
+                        for rates in fold_train_rates(events, folds)])
 
 
 PRIOR_FOLDS = 5  # out-of-fold tables of the popularity prior in training (as train.item_rate_folds=5)
@@ -171,11 +176,11 @@ def item_log_counts(rates, num_items: int, scale: float = 1.0) -> torch.Tensor:
     return per_item_table(per_item, num_items, np.log1p(per_item["events"].to_numpy() * scale))
 
 
-def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_prior_logits(events, num_items: int, folds: int = PRIOR_FOLDS) -> tuple[torch.Tensor, torch.Tensor]:
     """Two (folds, num_items + 1) float32 tables, the rows a training candidate of a user in fold k
     reads: :func:`item_prior_logits` and :func:`item_log_counts` of fold k's :func:`fold_train_rates`,
     the counts scaled by folds / (folds - 1) to the whole train split's size."""
-    rates = fold_train_rates(prepared, folds)
+    rates = fold_train_rates(events, folds)
     return (torch.stack([item_prior_logits(r, num_items) for r in rates]),
             torch.stack([item_log_counts(r, num_items, folds / (folds - 1)) for r in rates]))
 
@@ -183,11 +188,11 @@ def fold_prior_logits(prepared, num_items: int, folds: int = PRIOR_FOLDS) -> tup
 FIT_PAIRS = 1 << 20  # (positive, negative) pairs of a user's train events that fit_prior_weights samples
 
 
-def fit_prior_weights(prepared, columns: list[torch.Tensor], pairs: int = FIT_PAIRS, seed: int = 0) -> list[float]:
+def fit_prior_weights(events, columns: list[torch.Tensor], pairs: int = FIT_PAIRS, seed: int = 0) -> list[float]:
     """The start of :class:`~climber.models.layers.PopularityPrior`'s weights with ``popularity_fit``: the
     weights ``theta`` of its columns (``columns``: its out-of-fold tables, each (folds, num_items + 1), the
-    rows a training candidate reads) that best rank each user's positive train events above the negative
-    ones, a conditional logistic fit: the mean over pairs of -log sigmoid(theta . (x_pos - x_neg)) is
+    rows a training candidate reads) that best rank each user's positive train events (``events``, from
+    :func:`train_events`) above the negative ones, a conditional logistic fit: the mean over pairs of -log sigmoid(theta . (x_pos - x_neg)) is
     minimised by Newton's method (a 1e-4 ridge keeps it finite if the pairs are separable). The pairs
     are weighted as GAUC weighs them: ``pairs`` of them sampled (``seed``), a user with probability in
     proportion to its train events, then one of its positives and one of its negatives at random.
@@ -196,8 +201,7 @@ def fit_prior_weights(prepared, columns: list[torch.Tensor], pairs: int = FIT_PA
 
     from climber.models.layers import fold_of
 
-    events = (pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
-              .filter(pl.col("split") == "train").sort("user", "label"))
+    events = events.filter(pl.col("split") == "train").sort("user", "label")
     users = torch.from_numpy(events["user"].to_numpy().astype("int64"))
     items = torch.from_numpy(events["item"].to_numpy().astype("int64"))
     rows = fold_of(users, len(columns[0]))
@@ -334,8 +338,9 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     if prepared is None:
         return model
     priors = [m for m in model.modules() if isinstance(m, PopularityPrior)]
-    rates = train_rates(prepared) if info.rate_buckets or item_vocab == "train" or priors else None
-    fold_logits, fold_log_counts = fold_prior_logits(prepared, info.num_items) if priors else (None, None)
+    events = train_events(prepared) if info.rate_buckets or item_vocab == "train" or priors else None
+    rates = train_rates(events) if events is not None else None
+    fold_logits, fold_log_counts = fold_prior_logits(events, info.num_items) if priors else (None, None)
     for prior in priors:
         prior.logits.copy_(item_prior_logits(rates, info.num_items))
         prior.fold_logits = fold_logits.to(prior.logits.device)
@@ -344,7 +349,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
             prior.fold_log_counts = fold_log_counts.to(prior.logits.device)
         if prior.fit:
             weights = [prior.weight] + ([prior.count_weight] if hasattr(prior, "count_weight") else [])
-            start = fit_prior_weights(prepared, [fold_logits, fold_log_counts][:len(weights)])
+            start = fit_prior_weights(events, [fold_logits, fold_log_counts][:len(weights)])
             with torch.no_grad():
                 for weight, value in zip(weights, start):
                     weight.fill_(value)
@@ -355,7 +360,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     if info.rate_buckets:  # DataInfo.from_prepared puts the rate feature last
         tables["feature_ids"][:, -1] = item_rate_buckets(rates, info.num_items, info.rate_buckets, rate_min_events)
         if rate_folds:
-            tables["fold_rates"] = fold_rate_buckets(prepared, info.num_items, info.rate_buckets, rate_min_events, rate_folds)
+            tables["fold_rates"] = fold_rate_buckets(events, info.num_items, info.rate_buckets, rate_min_events, rate_folds)
     if item_vocab == "train":
         tables["id_row"] = train_item_rows(rates, info.num_items, item_min_events)
     user_tables = dict(zip(("feature_ids", "bag_ids"), first_features(
