@@ -192,8 +192,9 @@ def fit_prior_weights(events, columns: list[torch.Tensor], pairs: int = FIT_PAIR
     """The start of :class:`~climber.models.layers.PopularityPrior`'s weights with ``popularity_fit``: the
     weights ``theta`` of its columns (``columns``: its out-of-fold tables, each (folds, num_items + 1), the
     rows a training candidate reads) that best rank each user's positive train events (``events``, from
-    :func:`train_events`) above the negative ones, a conditional logistic fit: the mean over pairs of -log sigmoid(theta . (x_pos - x_neg)) is
-    minimised by Newton's method (a 1e-4 ridge keeps it finite if the pairs are separable). The pairs
+    :func:`train_events`) above the negative ones, a conditional logistic fit: the mean over pairs of
+    -log sigmoid(theta . (x_pos - x_neg)) is minimised by Newton's method (a 1e-4 ridge keeps it finite
+    if the pairs are separable). The pairs
     are weighted as GAUC weighs them: ``pairs`` of them sampled (``seed``), a user with probability in
     proportion to its train events, then one of its positives and one of its negatives at random.
     Without a user with both labels the weights keep their start, 1 and 0."""
