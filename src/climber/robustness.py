@@ -283,7 +283,7 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "val_gauc_logloss_select": float(np.mean(picked["logloss"])),
                          "pairs": {k: (float(np.mean([p[k][0] for p in pairs])), pairs[0][k][1]) for k in pairs[0]}})
         rows.append(floor_row)
-    lines = ["| member | model | seeds | test GAUC, one seed | + floor logit | + 0.3 log1p(train events) | seeds' logits "
+    lines = [f"| member | model | seeds | test GAUC, one seed | + floor logit | + {COUNT_WEIGHT} log1p(train events) | seeds' logits "
              "averaged | seed spread, items of 1-19 / 20+ train events | val GAUC, own pick | val GAUC, val LogLoss pick "
              "(replayed) |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['member']} | {r['model']} | {r['seeds']} | {r['test_gauc']:.4f} | {r['test_gauc_plus_floor']:.4f} | "

@@ -194,15 +194,15 @@ def fit_prior_weights(events, columns: list[torch.Tensor], pairs: int = FIT_PAIR
     rows a training candidate reads) that best rank each user's positive train events (``events``, from
     :func:`train_events`) above the negative ones, a conditional logistic fit: the mean over pairs of
     -log sigmoid(theta . (x_pos - x_neg)) is minimised by Newton's method (a 1e-4 ridge keeps it finite
-    if the pairs are separable). The pairs
-    are weighted as GAUC weighs them: ``pairs`` of them sampled (``seed``), a user with probability in
-    proportion to its train events, then one of its positives and one of its negatives at random.
+    if the pairs are separable). The pairs are weighted as GAUC weighs them: ``pairs`` of them sampled
+    (``seed``), a user with probability in proportion to its train events, then one of its positives and
+    one of its negatives at random.
     Without a user with both labels the weights keep their start, 1 and 0."""
     import polars as pl
 
     from climber.models.layers import fold_of
 
-    events = events.filter(pl.col("split") == "train").sort("user", "label")
+    events = events.sort("user", "label")
     users = torch.from_numpy(events["user"].to_numpy().astype("int64"))
     items = torch.from_numpy(events["item"].to_numpy().astype("int64"))
     rows = fold_of(users, len(columns[0]))
