@@ -150,3 +150,40 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     (tmp_path / "runs" / "m" / "blank" / "seed1" / "predictions.parquet").unlink()
     with pytest.raises(ValueError, match="no finished run"):
         diagnose(tmp_path, ["blank"], 2, members=["m"])
+
+
+def test_gaps_band_and_verdict_over_test_users(tmp_path):
+    """A model that ranks every user's candidates perfectly against a reference that ties them all:
+    GAUC +0.5 over the reference whichever users are drawn (met); the floor ranks them perfectly too,
+    so the gap to it is 0 on every resample (missed). A reference that scored other candidates is refused."""
+    import numpy as np
+
+    from climber.robustness import gaps, verdict
+
+    users, items = np.repeat(np.arange(1, 41), 6), np.tile(np.arange(1, 7), 40)
+    labels = (items > 3).astype("int8")
+    (tmp_path / "data" / "m").mkdir(parents=True)
+    train_items = np.repeat(np.arange(1, 7), 10)
+    pl.DataFrame({"item": np.concatenate([train_items, items]),
+                  "label": np.concatenate([(train_items > 3), labels]).astype("int8"),
+                  "split": ["train"] * 60 + ["test"] * len(items)}).write_parquet(tmp_path / "data" / "m" / "events.parquet")
+    rng = np.random.default_rng(0)
+    for label, logits in {"good": [labels + rng.uniform(0, 0.5, len(items)) for _ in range(2)],
+                          "ref": [np.zeros(len(items))] * 2}.items():
+        for seed, logit in enumerate(logits):
+            (tmp_path / "runs" / "m" / label / f"seed{seed}").mkdir(parents=True)
+            pl.DataFrame({"user": users, "item": items, "label": labels, "logit": logit}).write_parquet(
+                tmp_path / "runs" / "m" / label / f"seed{seed}" / "predictions.parquet")
+    rows = {(r["metric"], r["against"]): r for r in gaps(tmp_path, ["good", "ref"], 2, members=["m"], draws=200)}
+    assert rows["gauc", "ref"]["gap"] == rows["gauc", "ref"]["low"] == rows["gauc", "ref"]["high"] == pytest.approx(0.5)
+    assert rows["gauc", "ref"]["verdict"] == "met" and rows["gauc", "floor"]["verdict"] == "missed"
+    assert rows["gauc", "floor"]["gap"] == pytest.approx(0.0) and rows["auc", "ref"]["gap"] == pytest.approx(0.5)
+    assert rows["gauc", "ref"]["test_users"] == 40 and (tmp_path / "gaps.md").read_text().count("| m |") == 3
+    assert verdict(0.02, -0.01, 0.05, 0.01) == "met (within noise)"
+    assert verdict(0.0, -0.01, 0.05, 0.01) == "missed (within noise)"
+    with pytest.raises(ValueError, match="give two entries"):
+        gaps(tmp_path, ["good"], 2, members=["m"])
+    pl.DataFrame({"user": users, "item": items[::-1], "label": labels, "logit": np.zeros(len(items))}).write_parquet(
+        tmp_path / "runs" / "m" / "ref" / "seed1" / "predictions.parquet")
+    with pytest.raises(ValueError, match="scored different candidates"):
+        gaps(tmp_path, ["good", "ref"], 2, members=["m"])

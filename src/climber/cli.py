@@ -254,10 +254,14 @@ def _floor(args) -> None:
 
 
 def _robustness(args) -> None:
-    from climber.robustness import MEMBERS, diagnose, run_suite
+    from climber.robustness import MEMBERS, diagnose, gaps, run_suite
 
     members = _names(args.members or ",".join(MEMBERS))
     models = _names(args.models)
+    if args.gaps:
+        gaps(Path(args.out), models, args.seeds, members)
+        print(f"wrote {Path(args.out) / 'gaps.md'}")
+        return
     if args.diagnose:
         diagnose(Path(args.out), models, args.seeds, members)
         print(f"wrote {Path(args.out) / 'diagnostics.md'}")
@@ -598,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train nothing: from the finished runs, where test GAUC is lost (floor logit added, the "
                          "seeds' logits averaged, val LogLoss selection replayed, GAUC by pair class of the items' "
                          "train events, against the floor's); writes OUT/diagnostics.md")
+    ro.add_argument("--gaps", action="store_true",
+                    help="train nothing: the first of two --models entries against the floor (test GAUC) and the "
+                         "second (test GAUC, AUC), each gap with a 90%% band from resampling the test users; "
+                         "writes OUT/gaps.md")
     ro.set_defaults(func=_robustness)
 
     fo = sub.add_parser("floor", help="the no-training floor: candidates scored by their item's train positive rate")

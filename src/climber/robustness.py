@@ -217,6 +217,22 @@ def pair_classes(users, clicks, logits, classes) -> dict[str, tuple[float, float
             for a, b in PAIR_CLASSES for i, j in [(ITEM_CLASSES.index(a), ITEM_CLASSES.index(b))]}
 
 
+def finished_predictions(out: Path, member: str, labels: list[str], seeds: int, flag: str) -> dict[str, list]:
+    """{label: [test predictions of seed 0, 1, ...]} of finished suite runs (no training), every one of the
+    same candidates in the same order; a clear error naming ``flag`` when a run is missing."""
+    runs = {label: [out / "runs" / member / label / f"seed{s}" for s in range(seeds)] for label in labels}
+    missing = [str(r) for rs in runs.values() for r in rs if not (r / "predictions.parquet").exists()]
+    if missing:
+        raise ConfigError(f"robustness {flag}: no finished run at {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}; run the suite first")
+    preds = {label: [pl.read_parquet(r / "predictions.parquet") for r in rs] for label, rs in runs.items()}
+    first = preds[labels[0]][0].select("user", "item")
+    for label, ps in preds.items():
+        if any(not p.select("user", "item").equals(first) for p in ps):
+            raise ConfigError(f"robustness {flag}: {member} {label}: the runs scored different candidates")
+    return preds
+
+
 COUNT_WEIGHT = 0.3  # --diagnose: an item's volume added to the logit, log1p(its train events) times this
 
 
@@ -239,19 +255,13 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
 
     out, rows, labels = Path(out), [], [Entry.parse(m).label for m in models]
     for member in members:
-        missing = [str(out / "runs" / member / label / f"seed{s}") for label in labels for s in range(seeds)
-                   if not (out / "runs" / member / label / f"seed{s}" / "predictions.parquet").exists()]
-        if missing:
-            raise ConfigError(f"robustness --diagnose: no finished run at {', '.join(missing[:3])}"
-                              f"{' ...' if len(missing) > 3 else ''}; run the suite first")
+        predictions = finished_predictions(out, member, labels, seeds, "--diagnose")
         events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
         per_item, rate = item_train_rates(events)
         floor_row = None
         for label in labels:
             runs = [out / "runs" / member / label / f"seed{s}" for s in range(seeds)]
-            preds = [pl.read_parquet(r / "predictions.parquet") for r in runs]
-            if any(not p.select("user", "item").equals(preds[0].select("user", "item")) for p in preds):
-                raise ConfigError(f"robustness --diagnose: {member} {label}: the seeds scored different candidates")
+            preds = predictions[label]
             scored = with_floor_logits(preds[0], per_item, rate)  # the same candidates, in order, for every seed
             user, clicks, floor = scored["user"].to_numpy(), scored["label"].to_numpy(), scored["floor_logit"].to_numpy()
             logits = [p["logit"].to_numpy() for p in preds]
@@ -300,4 +310,63 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
         for r in rows]
     (out / "diagnostics.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "diagnostics.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+GAP_FIGURES = (("gauc", "floor", 0.01), ("gauc", "reference", 0.0), ("auc", "reference", 0.0))  # the issue's
+
+
+def verdict(point: float, low: float, high: float, threshold: float) -> str:
+    """Whether a gap is above ``threshold``, and whether the test set's users can tell: "met" when its
+    whole band is, "missed" when none of it is, else the point's side, "within noise"."""
+    if low > threshold or high <= threshold:
+        return "met" if low > threshold else "missed"
+    return ("met" if point > threshold else "missed") + " (within noise)"
+
+
+def gaps(out: Path, models: list[str], seeds: int, members=MEMBERS, draws: int = 1000, band: float = 0.9) -> list[dict]:
+    """How sure the issue's figures are, from runs already trained by :func:`run_suite` (no training):
+    per member, the first entry's test GAUC against the floor's (the figure asks for 0.01 more; a gap of
+    exactly 0.01 counts as short) and its test GAUC and AUC against the second entry's (more), each as the seeds' mean gap and a ``band``
+    interval from ``draws`` paired bootstrap resamples of the test users (:func:`climber.eval.metrics.user_draws`;
+    the same users for both sides, each seed's figure on the resample, then the seeds' mean). The band
+    is the spread that comes from which users happen to be in the test split; the seeds' own spread is
+    the suite table's ±. Writes OUT/gaps.{md,json}."""
+    from climber.eval.floor import item_train_rates, with_floor_logits
+    from climber.eval.metrics import auc, auc_on_draws, gauc, gauc_on_draws, user_draws
+
+    out, rows = Path(out), []
+    labels = [Entry.parse(m).label for m in models]
+    if len(labels) != 2:
+        raise ConfigError(f"robustness --gaps: give two entries, the model and its reference (e.g. climber,dlrm), "
+                          f"got {len(labels)}")
+    for member in members:
+        preds = finished_predictions(out, member, labels, seeds, "--gaps")
+        events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
+        scored = with_floor_logits(preds[labels[0]][0], *item_train_rates(events))
+        users, clicks = scored["user"].to_numpy(), scored["label"].to_numpy()
+        inverse, counts = user_draws(users, draws)
+        weights = counts[:, inverse]  # (draws, candidates)
+        scores = {"model": [p["logit"].to_numpy() for p in preds[labels[0]]],
+                  "reference": [p["logit"].to_numpy() for p in preds[labels[1]]],
+                  "floor": [scored["floor_logit"].to_numpy()]}
+        figures = {  # (metric, side) -> (the seeds' mean figure, its value on each resample)
+            (metric, side): (np.mean([gauc(users, clicks, s) if metric == "gauc" else auc(clicks, s) for s in ss]),
+                             np.mean([gauc_on_draws(users, clicks, s, counts) if metric == "gauc"
+                                      else auc_on_draws(clicks, s, weights) for s in ss], axis=0))
+            for metric in ("gauc", "auc") for side, ss in scores.items()}
+        for metric, side, threshold in GAP_FIGURES:
+            point = figures[metric, "model"][0] - figures[metric, side][0]
+            low, high = np.quantile(figures[metric, "model"][1] - figures[metric, side][1], [(1 - band) / 2, (1 + band) / 2])
+            rows.append({"member": member, "model": labels[0], "against": labels[1] if side == "reference" else "floor",
+                         "metric": metric, "gap": float(point), "low": float(low), "high": float(high),
+                         "threshold": threshold, "verdict": verdict(point, low, high, threshold),
+                         "test_users": int(counts.shape[1]), "draws": draws, "band": band, "seeds": seeds})
+    lines = [f"| member | test users | figure | gap, {seeds} seeds' mean | {band:.0%} band over test users | needed | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['member']} | {r['test_users']} | {r['model']} {r['metric'].upper()} - {r['against']}'s | "
+              f"{r['gap']:+.4f} | {r['low']:+.4f} .. {r['high']:+.4f} | "
+              f"> {r['threshold']:+.2f} | {r['verdict']} |" for r in rows]
+    (out / "gaps.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "gaps.md").write_text("\n".join(lines) + "\n")
     return rows

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from climber.eval.metrics import all_metrics, auc, gauc, hit_ndcg_at_k, logloss, ranked_candidates
+from climber.eval.metrics import (all_metrics, auc, auc_on_draws, gauc, gauc_on_draws, hit_ndcg_at_k, logloss,
+                                  ranked_candidates, user_draws)
 
 # candidates: (user in 0..4, label 0/1, score from a small set so that ties are common)
 candidates = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1), st.integers(-3, 3)), min_size=1, max_size=60)
@@ -78,3 +79,23 @@ def test_all_metrics_uses_sigmoid_of_logits():
     assert m["auc"] == pytest.approx(roc_auc_score(y, logits))
     assert m["logloss"] == pytest.approx(log_loss(y, 1 / (1 + np.exp(-logits))))
     assert m["candidates"] == 300 and {"hr@10", "ndcg@5"} <= set(m)
+
+
+def test_bootstrap_figures_equal_the_metrics_on_the_resampled_users_written_out():
+    """Each resample's GAUC and AUC equal :func:`gauc` / sklearn's AUC on a test set built by copying each
+    user's candidates as often as the user was drawn (copies keep their user id, as a user's own AUC
+    does not change with copies and its weight grows with them); ties and users with one label included."""
+    rng = np.random.default_rng(1)
+    users = rng.choice([7, 3, 11, 40, 5, 21], 90)
+    labels = rng.integers(0, 2, 90)
+    labels[users == 21] = 1  # a user GAUC skips
+    scores = np.round(rng.normal(size=90) + labels, 1)
+    inverse, counts = user_draws(users, 25, seed=3)
+    assert counts.shape == (25, 6) and (counts.sum(axis=1) == 6).all() and counts.std() > 0
+    by_gauc, by_auc = gauc_on_draws(users, labels, scores, counts), auc_on_draws(labels, scores, counts[:, inverse])
+    for d in range(25):
+        rows = np.concatenate([np.flatnonzero(inverse == u) for u in range(6) for _ in range(int(counts[d, u]))])
+        assert by_gauc[d] == pytest.approx(gauc(users[rows], labels[rows], scores[rows]))
+        assert by_auc[d] == pytest.approx(roc_auc_score(labels[rows], scores[rows]))
+    ones = np.ones((1, 90))
+    assert auc_on_draws(labels, scores, ones)[0] == pytest.approx(auc(labels, scores))

@@ -124,3 +124,38 @@ def all_metrics(users, labels, scores_logit, ks=(5, 10)) -> dict[str, float]:
     out["ranked_users"], out["candidates_per_user_mean"], out["candidates_per_user_median"] = \
         ranked_candidates(users, labels)
     return out
+
+
+def user_draws(users, draws: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``draws`` bootstrap resamples of the users: each candidate's user index (``inverse``, (n,)) and
+    how often each user was drawn in each resample (``counts``, (draws, users)), users drawn with
+    replacement as many times as there are users. A user drawn c times enters a metric as c copies of
+    all its candidates, so every figure computed on a draw is that of a test set of whole users."""
+    _, inverse = np.unique(np.asarray(users), return_inverse=True)
+    n_users = int(inverse.max()) + 1 if len(inverse) else 0
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_users, n_users), minlength=n_users) for _ in range(draws)])
+    return inverse, counts.astype(float)
+
+
+def gauc_on_draws(users, labels, scores, counts: np.ndarray) -> np.ndarray:
+    """GAUC (:func:`gauc`) of each resample of :func:`user_draws`: (draws,). A user's AUC does not change
+    with copies of it; its weight, its candidate count, is multiplied by the times it was drawn."""
+    a, w, valid = _group_auc(np.asarray(users), np.asarray(labels, float), np.asarray(scores, float))
+    a, w = np.where(valid, a, 0.0), np.where(valid, w, 0.0)  # the users in np.unique order, as user_draws'
+    return (counts @ (a * w)) / (counts @ w)
+
+
+def auc_on_draws(labels, scores, weights: np.ndarray) -> np.ndarray:
+    """Pooled AUC (:func:`auc`) of candidates counted ``weights`` (draws, n) times each (from
+    :func:`user_draws`: ``counts[:, inverse]``): (draws,). The weighted Mann-Whitney statistic, a tie one
+    half, computed over runs of tied scores."""
+    labels, scores = np.asarray(labels, float), np.asarray(scores, float)
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # runs of tied scores
+    w = weights[:, order]
+    pos = np.add.reduceat(w * labels[order], starts, axis=1)  # (draws, runs)
+    neg = np.add.reduceat(w * (1 - labels[order]), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight under each run
+    return np.sum(pos * (below + 0.5 * neg), axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
