@@ -178,7 +178,7 @@ def test_gaps_band_and_verdict_over_test_users(tmp_path):
     assert rows["gauc", "ref"]["gap"] == rows["gauc", "ref"]["low"] == rows["gauc", "ref"]["high"] == pytest.approx(0.5)
     assert rows["gauc", "ref"]["verdict"] == "met" and rows["gauc", "floor"]["verdict"] == "missed"
     assert rows["gauc", "floor"]["gap"] == pytest.approx(0.0) and rows["auc", "ref"]["gap"] == pytest.approx(0.5)
-    assert rows["gauc", "ref"]["test_users"] == 40 and (tmp_path / "gaps.md").read_text().count("| m |") == 3
+    assert rows["gauc", "ref"]["test_users"] == rows["gauc", "ref"]["test_users_both_labels"] == 40 and (tmp_path / "gaps.md").read_text().count("| m |") == 3
     assert verdict(0.02, -0.01, 0.05, 0.01) == "met (within noise)"
     assert verdict(0.0, -0.01, 0.05, 0.01) == "missed (within noise)"
     with pytest.raises(ValueError, match="give two entries"):

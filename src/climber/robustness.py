@@ -347,6 +347,8 @@ def gaps(out: Path, models: list[str], seeds: int, members=MEMBERS, draws: int =
         users, clicks = scored["user"].to_numpy(), scored["label"].to_numpy()
         inverse, counts = user_draws(users, draws)
         weights = counts[:, inverse]  # (draws, candidates)
+        positives, candidates = np.bincount(inverse, weights=clicks), np.bincount(inverse)
+        both_labels = int(np.sum((positives > 0) & (positives < candidates)))  # the users GAUC averages over
         scores = {"model": [p["logit"].to_numpy() for p in preds[labels[0]]],
                   "reference": [p["logit"].to_numpy() for p in preds[labels[1]]],
                   "floor": [scored["floor_logit"].to_numpy()]}
@@ -361,10 +363,10 @@ def gaps(out: Path, models: list[str], seeds: int, members=MEMBERS, draws: int =
             rows.append({"member": member, "model": labels[0], "against": labels[1] if side == "reference" else "floor",
                          "metric": metric, "gap": float(point), "low": float(low), "high": float(high),
                          "threshold": threshold, "verdict": verdict(point, low, high, threshold),
-                         "test_users": int(counts.shape[1]), "draws": draws, "band": band, "seeds": seeds})
-    lines = [f"| member | test users | figure | gap, {seeds} seeds' mean | {band:.0%} band over test users | needed | verdict |",
+                         "test_users": int(counts.shape[1]), "test_users_both_labels": both_labels, "draws": draws, "band": band, "seeds": seeds})
+    lines = [f"| member | test users (with both labels) | figure | gap, {seeds} seeds' mean | {band:.0%} band over test users | needed | verdict |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['member']} | {r['test_users']} | {r['model']} {r['metric'].upper()} - {r['against']}'s | "
+    lines += [f"| {r['member']} | {r['test_users']} ({r['test_users_both_labels']}) | {r['model']} {r['metric'].upper()} - {r['against']}'s | "
               f"{r['gap']:+.4f} | {r['low']:+.4f} .. {r['high']:+.4f} | "
               f"> {r['threshold']:+.2f} | {r['verdict']} |" for r in rows]
     (out / "gaps.json").write_text(json.dumps(rows, indent=2) + "\n")
