@@ -316,6 +316,10 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
 GAP_FIGURES = (("gauc", "floor", 0.01), ("gauc", "reference", 0.0), ("auc", "reference", 0.0))  # the issue's
 
 
+def needed(threshold: float) -> str:
+    return f"{threshold:+.2f}" if threshold else "0"
+
+
 def verdict(point: float, low: float, high: float, threshold: float) -> str:
     """Whether a gap is above ``threshold``, and whether the test set's users can tell: "met" when its
     whole band is, "missed" when none of it is, else the point's side, "within noise"."""
@@ -368,7 +372,7 @@ def gaps(out: Path, models: list[str], seeds: int, members=MEMBERS, draws: int =
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['member']} | {r['test_users']} ({r['test_users_both_labels']}) | {r['model']} {r['metric'].upper()} - {r['against']}'s | "
               f"{r['gap']:+.4f} | {r['low']:+.4f} .. {r['high']:+.4f} | "
-              f"> {r['threshold']:+.2f} | {r['verdict']} |" for r in rows]
+              f"> {needed(r['threshold'])} | {r['verdict']} |" for r in rows]
     (out / "gaps.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "gaps.md").write_text("\n".join(lines) + "\n")
     return rows
