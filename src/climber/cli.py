@@ -251,6 +251,9 @@ def _floor(args) -> None:
     print(f"{args.split} floor (item train positive rate, no training): AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  "
           f"LogLoss {m['logloss']:.4f}  ({out['candidates']:,} candidates, "
           f"{out['unseen_item_fraction']:.1%} of them items unseen in train)")
+    if out["repeat_fraction"]:
+        print(f"{out['repeat_fraction']:.1%} of the candidates are items their user has in train (positive rate "
+              f"{out['repeat_positive_rate']:.3f}, the others' {out['other_positive_rate']:.3f})")
 
 
 def _robustness(args) -> None:

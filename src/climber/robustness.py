@@ -104,7 +104,7 @@ def run_suite(out: Path, models: list[str], seeds: int, members=MEMBERS, ml100k:
             raise DataError(f"robustness member {name}: {e}") from None
         floor = item_rate_floor(data)
         rows.append({"member": name, "model": "floor (item train positive rate)", "seeds": 0, **floor["metrics"],
-                     "unseen_item_fraction": floor["unseen_item_fraction"]})
+                     "unseen_item_fraction": floor["unseen_item_fraction"], "repeat_fraction": floor["repeat_fraction"]})
         base = {e.label: e.model for e in entries}
         for r in compare(data, entries, seeds, out / "runs" / name, list(extra or []), command, log=log):
             rows.append({"member": name, "base": base[r["model"]], **r})

@@ -29,6 +29,10 @@ def test_floor_scores_items_by_their_smoothed_train_rate(tiny_synth, capsys):
     assert out["candidates"] == len(test)
     assert out["metrics"]["auc"] == pytest.approx(roc_auc_score([e["label"] for e in test], scores), abs=1e-9)
     assert out["unseen_item_fraction"] == pytest.approx(sum(e["item"] not in counts for e in test) / len(test))
+    own = {(e["user"], e["item"]) for e in train}
+    repeats = [e["label"] for e in test if (e["user"], e["item"]) in own]
+    assert repeats and out["repeat_fraction"] == pytest.approx(len(repeats) / len(test))
+    assert out["repeat_positive_rate"] == pytest.approx(sum(repeats) / len(repeats))
     assert main(["floor", "--data", str(tiny_synth), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["auc"] == pytest.approx(out["metrics"]["auc"])
     with pytest.raises(ValueError, match="'dev' is not one of"):

@@ -47,10 +47,17 @@ def with_floor_logits(candidates: pl.DataFrame, per_item: pl.DataFrame, rate: fl
 
 def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:
     """{"metrics": protocol metrics of the floor on ``split``, "candidates", "unseen_item_fraction":
-    candidates whose item has no train event, "prior_events"}."""
+    candidates whose item has no train event, "repeat_fraction": candidates whose item their own user
+    has a train event of (a rating log has none; in a click log, items seen again), "repeat_positive_rate"
+    and "other_positive_rate": the positive rate of those candidates and of the rest (None when there
+    are none), "prior_events"}."""
     check_split(split)
     events = pl.read_parquet(Path(prepared_dir) / "events.parquet", columns=["user", "item", "label", "split"])
     cand = with_floor_logits(events.filter(pl.col("split") == split), *item_train_rates(events))
+    pair = (pl.col("user").cast(pl.Int64) * (int(events["item"].max()) + 1) + pl.col("item")).alias("pair")
+    own = events.filter(pl.col("split") == "train").select(pair)["pair"]
+    repeat = cand.select(pair.is_in(own.implode()))["pair"]
     return {"metrics": all_metrics(cand["user"].to_numpy(), cand["label"].to_numpy(), cand["floor_logit"].to_numpy()),
             "candidates": cand.height, "unseen_item_fraction": float((cand["events"] == 0).mean()),
-            "prior_events": PRIOR_EVENTS}
+            "repeat_fraction": float(repeat.mean()), "repeat_positive_rate": cand.filter(repeat)["label"].mean(),
+            "other_positive_rate": cand.filter(~repeat)["label"].mean(), "prior_events": PRIOR_EVENTS}
