@@ -118,6 +118,7 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     import numpy as np
 
     from climber.config import save_yaml
+    from climber.eval.metrics import gauc
     from climber.robustness import diagnose
 
     rng = np.random.default_rng(0)
@@ -125,8 +126,11 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     labels = (items > 3).astype("int8")  # items 4..6 positive at test for every user
     train_items = np.repeat(np.arange(1, 7), [10, 10, 10, 15, 15, 15])  # items 4..6 more often
     train_labels = np.concatenate([np.zeros(30), np.ones(45)]).astype("int8")  # items 4..6 positive in train
+    train_users = np.full(75, 99)
+    train_users[0] = 1  # user 1 met item 1 in train: its first test candidate is a repeat
     (tmp_path / "data" / "m").mkdir(parents=True)
-    pl.DataFrame({"item": np.concatenate([train_items, items]), "label": np.concatenate([train_labels, labels]),
+    pl.DataFrame({"user": np.concatenate([train_users, users]), "item": np.concatenate([train_items, items]),
+                  "label": np.concatenate([train_labels, labels]),
                   "split": ["train"] * 75 + ["test"] * len(items)}).write_parquet(tmp_path / "data" / "m" / "events.parquet")
     truth, noise = labels * 2.0 - 1.0, rng.normal(0, 5, len(items))
     for label, logits in {"noisy": [truth + noise, truth - noise], "blank": [np.zeros(len(items))] * 2}.items():
@@ -144,7 +148,12 @@ def test_diagnose_separates_variance_from_a_missing_popularity_signal(tmp_path):
     # every item has 10 or 15 train events: all spread is on "rare" items; the blank seeds agree exactly
     assert rows["noisy"]["seed_spread_rare_items"] > 1 and rows["blank"]["seed_spread_rare_items"] == 0
     assert rows["noisy"]["seed_spread_frequent_items"] is None
-    assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 5  # two entries, and by pair class three rows
+    assert rows["noisy"]["repeat_fraction"] == rows["floor"]["repeat_fraction"] == pytest.approx(1 / len(items))
+    assert rows["noisy"]["test_gauc_without_repeats"] == pytest.approx(
+        np.mean([gauc(users[1:], labels[1:], lg[1:]) for lg in (truth + noise, truth - noise)]))
+    assert rows["floor"]["test_gauc_without_repeats"] == 1.0 and rows["blank"]["test_gauc_without_repeats"] == 0.5
+    # two entries; by pair class three rows; without repeats three
+    assert (tmp_path / "diagnostics.md").read_text().count("| m |") == 8
     # every item has 10 or 15 train events (rare): the floor orders all pairs; the blank entry ties them all
     assert rows["floor"]["pairs"]["rare-rare"] == (1.0, 1.0) and rows["blank"]["pairs"]["rare-rare"] == (0.5, 1.0)
     (tmp_path / "runs" / "m" / "blank" / "seed1" / "predictions.parquet").unlink()

@@ -249,14 +249,14 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
     (:func:`pair_classes`, the seeds' mean; the floor's in a row of its own).
     Writes OUT/diagnostics.{md,json}."""
     from climber.config import TrainConfig, load_yaml
-    from climber.eval.floor import item_train_rates, with_floor_logits
-    from climber.eval.metrics import all_metrics
+    from climber.eval.floor import item_train_rates, repeated_items, with_floor_logits
+    from climber.eval.metrics import all_metrics, gauc
     from climber.train.optim import warmup_steps
 
     out, rows, labels = Path(out), [], [Entry.parse(m).label for m in models]
     for member in members:
         predictions = finished_predictions(out, member, labels, seeds, "--diagnose")
-        events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
+        events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["user", "item", "label", "split"])
         per_item, rate = item_train_rates(events)
         floor_row = None
         for label in labels:
@@ -271,8 +271,15 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
             train_events = scored["events"].to_numpy()
             classes = item_class(train_events)
             pairs = [pair_classes(user, clicks, lg, classes) for lg in logits]
+            other = ~repeated_items(scored, events)  # leaves out the items a user meets again
+
+            def without_repeats(scores: list) -> float:
+                return float(np.mean([gauc(user[other], clicks[other], s[other]) for s in scores]))
+
             if floor_row is None:
-                floor_row = {"member": member, "model": "floor", "pairs": pair_classes(user, clicks, floor, classes)}
+                floor_row = {"member": member, "model": "floor", "pairs": pair_classes(user, clicks, floor, classes),
+                             "repeat_fraction": float(1 - other.mean()), "test_gauc": gauc(user, clicks, floor),
+                             "test_gauc_without_repeats": without_repeats([floor])}
             picked = {"own": [], "logloss": []}
             for r in runs:
                 tc = TrainConfig(**load_yaml(r / "config.yaml")["train"])
@@ -287,6 +294,7 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
                          "test_gauc_plus_count": float(np.mean([all_metrics(user, clicks, lg + COUNT_WEIGHT * np.log1p(
                              train_events))["gauc"] for lg in logits])),
                          "test_gauc_seed_average": float(all_metrics(user, clicks, np.mean(logits, axis=0))["gauc"]),
+                         "repeat_fraction": float(1 - other.mean()), "test_gauc_without_repeats": without_repeats(logits),
                          "seed_spread_rare_items": mean_or_none(spread[classes == ITEM_CLASSES.index("rare")]),
                          "seed_spread_frequent_items": mean_or_none(spread[classes == ITEM_CLASSES.index("frequent")]),
                          "val_gauc_own_select": float(np.mean(picked["own"])),
@@ -308,6 +316,11 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
     lines += [f"| {r['member']} | {r['model']} | " + " | ".join(
         "-" if np.isnan(r["pairs"][k][0]) else f"{r['pairs'][k][0]:.4f} ({r['pairs'][k][1]:.2f})" for k in names) + " |"
         for r in rows]
+    lines += ["", "Test GAUC without the candidates whose item their own user has in train (items met again: none on "
+              "a rating log)", "", "| member | model | share of such candidates | test GAUC | without them |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['member']} | {r['model']} | {r['repeat_fraction']:.1%} | {r['test_gauc']:.4f} | "
+              f"{r['test_gauc_without_repeats']:.4f} |" for r in rows]
     (out / "diagnostics.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "diagnostics.md").write_text("\n".join(lines) + "\n")
     return rows

@@ -45,6 +45,14 @@ def with_floor_logits(candidates: pl.DataFrame, per_item: pl.DataFrame, rate: fl
     return joined.with_columns(pl.Series("floor_logit", log_odds(p)))
 
 
+def repeated_items(candidates: pl.DataFrame, events: pl.DataFrame) -> np.ndarray:
+    """(candidates,) bool: whether a candidate's user has a train event of its item (``events``: user, item,
+    split), an item the user meets again (none on a rating log, many on a click log)."""
+    pair = (pl.col("user").cast(pl.Int64) * (int(events["item"].max()) + 1) + pl.col("item")).alias("pair")
+    own = events.filter(pl.col("split") == "train").select(pair)["pair"]
+    return candidates.select(pair.is_in(own.implode()))["pair"].to_numpy()
+
+
 def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:
     """{"metrics": protocol metrics of the floor on ``split``, "candidates", "unseen_item_fraction":
     candidates whose item has no train event, "repeat_fraction": candidates whose item their own user
@@ -54,9 +62,7 @@ def item_rate_floor(prepared_dir: Path, split: str = "test") -> dict:
     check_split(split)
     events = pl.read_parquet(Path(prepared_dir) / "events.parquet", columns=["user", "item", "label", "split"])
     cand = with_floor_logits(events.filter(pl.col("split") == split), *item_train_rates(events))
-    pair = (pl.col("user").cast(pl.Int64) * (int(events["item"].max()) + 1) + pl.col("item")).alias("pair")
-    own = events.filter(pl.col("split") == "train").select(pair)["pair"]
-    repeat = cand.select(pair.is_in(own.implode()))["pair"]
+    repeat = pl.Series(repeated_items(cand, events))
     return {"metrics": all_metrics(cand["user"].to_numpy(), cand["label"].to_numpy(), cand["floor_logit"].to_numpy()),
             "candidates": cand.height, "unseen_item_fraction": float((cand["events"] == 0).mean()),
             "repeat_fraction": float(repeat.mean()), "repeat_positive_rate": cand.filter(repeat)["label"].mean(),
