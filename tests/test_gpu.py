@@ -58,7 +58,8 @@ def test_two_epochs_in_bf16_on_the_gpu_then_eval_on_gpu_and_cpu(tiny_synth, tmp_
     assert main(["train", "--data", str(tiny_synth), "--model", "climber-tiny", "--out", str(run), "--no-progress",
                  "--device", "cuda", "--set", "train.epochs=2", "--set", "train.precision=bf16",
                  "--set", "model.popularity_prior=true", "--set", "model.popularity_count=true",
-                 "--set", "model.popularity_fit=true", "--set", "train.item_min_events=2"]) == 0  # fold tables on the GPU
+                 "--set", "model.popularity_fit=true", "--set", "train.item_min_events=2",
+                 "--set", "train.item_id_shrink=10"]) == 0  # fold tables on the GPU
     epochs = [json.loads(x) for x in (run / "epochs.jsonl").read_text().splitlines()]
     assert len(epochs) == 2 and all(0.5 < e["val"]["auc"] <= 1 for e in epochs)
     capsys.readouterr()

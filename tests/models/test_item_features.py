@@ -192,6 +192,39 @@ def test_item_min_events_gives_items_of_fewer_train_events_the_unknown_items_row
         resolve("climber-tiny", None, ["train.item_vocab=all", "train.item_min_events=2"])
 
 
+def test_item_id_shrink_scales_each_items_own_vector_by_its_train_evidence(tmp_path):
+    """train.item_id_shrink=k: item i's id vector times n_i / (n_i + k), n_i its train events (0 without
+    one), its side features unscaled; off (0), the scales are ones, so lookups are the plain rows exactly.
+    A checkpoint written before the setting loads with ones."""
+    from climber.config import ConfigError, resolve
+    from climber.models.layers import side_vector
+    from climber.train.loop import Trainer
+    from conftest import TINY
+
+    data = sparse_log(tmp_path)
+    counts = dict(pl.read_parquet(data / "events.parquet").filter(pl.col("split") == "train")
+                  .group_by("item").len().iter_rows())
+    cfg = resolve("climber-tiny", None, TINY + ["train.item_id_shrink=4"])
+    emb = Trainer(tmp_path / "run", data, cfg, log=lambda *_: None, progress=False).model.emb.item
+    expected = torch.tensor([counts.get(i, 0) / (counts.get(i, 0) + 4) for i in range(emb.num_embeddings)])
+    assert torch.allclose(emb.id_scale, expected)
+    assert expected.max() < 1 and len(set(counts.values())) > 1  # items of different evidence: different scales
+    with torch.no_grad():
+        emb.weight.normal_()
+    emb.eval()
+    ids = torch.arange(1, emb.num_embeddings).view(1, -1)
+    want = emb.weight[emb.id_row[ids]] * expected[ids].unsqueeze(-1) + side_vector(emb, ids, None)
+    assert torch.allclose(emb(ids), want)
+    plain = Trainer(tmp_path / "plain", data, resolve("climber-tiny", None, TINY), log=lambda *_: None,
+                    progress=False).model.emb.item
+    assert torch.equal(plain.id_scale, torch.ones(plain.num_embeddings))
+    state = {k: v for k, v in emb.state_dict().items() if k != "id_scale"}
+    emb.load_state_dict(state)
+    assert torch.equal(emb.id_scale, torch.ones(emb.num_embeddings))
+    with pytest.raises(ConfigError, match="item_id_shrink"):
+        resolve("climber-tiny", None, ["train.item_id_shrink=-1"])
+
+
 def test_the_popularity_prior_is_the_floors_logit_less_the_global_rates_and_never_its_folds_labels(tmp_path):
     """Climber's popularity_prior table: for each item the floor's score (its smoothed train rate as
     log-odds, climber.eval.floor) minus the global rate's, so 0 for an item without a train event; the

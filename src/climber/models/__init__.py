@@ -244,6 +244,15 @@ def train_item_rows(rates, num_items: int, min_events: int = 1) -> torch.Tensor:
     return rows
 
 
+def item_id_scales(rates, num_items: int, shrink: float) -> torch.Tensor:
+    """(num_items + 1,) float32: ``train.item_id_shrink``, each item's id vector scale n / (n + ``shrink``),
+    n its train events (``rates``, from :func:`train_rates`); 0 for an item without one and for padding. An
+    item's own vector counts as much as its evidence, as its train rate does in the floor's smoothing."""
+    per_item, _ = rates
+    events = per_item["events"].to_numpy()
+    return per_item_table(per_item, num_items, events / (events + shrink))
+
+
 def first_features(prepared, key: str, columns: list[str], bags: tuple, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each ``key`` id's (item's or user's) feature values, from its first event in the prepared data,
     in one read: (rows, F) int64 value ids of the single-valued ``columns``, and (rows, Fb, K) int64 bags
@@ -322,14 +331,17 @@ def _lookup(name: str):
 
 
 def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: str = "all",
-                rate_min_events: int = 1, rate_folds: int = 0, item_min_events: int = 1) -> torch.nn.Module:
+                rate_min_events: int = 1, rate_folds: int = 0, item_min_events: int = 1,
+                item_id_shrink: float = 0.0) -> torch.nn.Module:
     """The model ``name`` with config ``cfg`` (dataclass or dict). With ``prepared`` (a prepared data
     dir) the item feature tables are filled from the data (``rate_min_events``: :func:`item_rate_buckets`;
     ``rate_folds`` > 0: the out-of-fold tables of training, :func:`fold_rate_buckets`), so are a
     :class:`~climber.models.layers.PopularityPrior`'s tables (:func:`item_prior_logits`,
     :func:`item_log_counts`, :func:`fold_prior_logits`), and with ``item_vocab="train"`` items with fewer
     than ``item_min_events`` train events (1: without one) embed as the unknown item
-    (``ItemEmbedding.id_row``); without, the tables keep their defaults until a checkpoint is loaded."""
+    (``ItemEmbedding.id_row``), and with ``item_id_shrink`` > 0 an item's id vector is scaled by its
+    evidence (:func:`item_id_scales`, ``ItemEmbedding.id_scale``); without, the tables keep their
+    defaults until a checkpoint is loaded."""
     from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
 
     cfg_cls, model_cls = _lookup(name)
@@ -339,7 +351,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     if prepared is None:
         return model
     priors = [m for m in model.modules() if isinstance(m, PopularityPrior)]
-    events = train_events(prepared) if info.rate_buckets or item_vocab == "train" or priors else None
+    events = train_events(prepared) if info.rate_buckets or item_vocab == "train" or priors or item_id_shrink else None
     rates = train_rates(events) if events is not None else None
     fold_logits, fold_log_counts = fold_prior_logits(events, info.num_items) if priors else (None, None)
     for prior in priors:
@@ -364,6 +376,8 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
             tables["fold_rates"] = fold_rate_buckets(events, info.num_items, info.rate_buckets, rate_min_events, rate_folds)
     if item_vocab == "train":
         tables["id_row"] = train_item_rows(rates, info.num_items, item_min_events)
+    if item_id_shrink:
+        tables["id_scale"] = item_id_scales(rates, info.num_items, item_id_shrink)
     user_tables = dict(zip(("feature_ids", "bag_ids"), first_features(
         prepared, "user", [c for c, _ in info.user_features], info.user_bags, info.num_users + 1)))
     for module in model.modules():

@@ -400,6 +400,10 @@ class ItemEmbedding(nn.Embedding):
     ``train.item_min_events``, whose rows would learn little beyond their few labels. Side features keep
     the item's own values either way.
 
+    ``id_scale`` (num_items + 1,) scales each item's id vector: ones, or with ``train.item_id_shrink=k``
+    n / (n + k), n the item's train events (``climber.models.item_id_scales``), so a rare item's vector,
+    learned from a few labels, counts for little. Side features are not scaled.
+
     ``fold_rates`` (folds, num_items + 1), ``train.item_rate_folds`` (not saved; empty without): in
     training mode a candidate's rate bucket (the last side feature) comes from its user's fold's row,
     computed without that user's labels (``climber.models.fold_rate_buckets``); history tokens, and
@@ -417,11 +421,13 @@ class ItemEmbedding(nn.Embedding):
         super().__init__(num_items + 1, d_model, padding_idx=0)
         add_side_tables(self, num_items + 1, d_model, features, bags)
         self.register_buffer("id_row", torch.arange(num_items + 1))
+        self.register_buffer("id_scale", torch.ones(num_items + 1))
         self.register_buffer("fold_rates", torch.zeros(0, num_items + 1, dtype=torch.long), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before id_row (issue 21) were trained with every id on its own row
         state_dict.setdefault(prefix + "id_row", torch.arange(self.num_embeddings))
+        state_dict.setdefault(prefix + "id_scale", torch.ones(self.num_embeddings))  # and from before id_scale
         state_dict.setdefault(prefix + "bag_ids", self.bag_ids)  # and from before bags (issue 19) had none
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -438,7 +444,7 @@ class ItemEmbedding(nn.Embedding):
             folds = fold_of(users, len(self.fold_rates)).view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
             values = self.feature_ids[ids].clone()  # (B, ..., F)
             values[..., -1] = self.fold_rates[folds, ids]
-        return super().forward(rows) + side_vector(self, ids, values)
+        return super().forward(rows) * self.id_scale[ids].unsqueeze(-1) + side_vector(self, ids, values)
 
 
 class PopularityPrior(nn.Module):

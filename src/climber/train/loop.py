@@ -112,7 +112,8 @@ class Trainer:
         self.info = DataInfo.from_prepared(self.data_dir, tc.item_rate_buckets)
         self.model = build_model(cfg.model, cfg.model_config, self.info, prepared=self.data_dir,
                                  item_vocab=tc.item_vocab, rate_min_events=tc.item_rate_min_events,
-                                 rate_folds=tc.item_rate_folds, item_min_events=tc.item_min_events)
+                                 rate_folds=tc.item_rate_folds, item_min_events=tc.item_min_events,
+                                 item_id_shrink=tc.item_id_shrink)
         for module in self.model.modules():
             if isinstance(module, ItemEmbedding):
                 module.id_dropout = tc.item_dropout
