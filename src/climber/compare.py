@@ -95,7 +95,7 @@ EXECUTION_ONLY = {"threads", "workers", "device", "tensorboard", "eval_batch_siz
 BEFORE_THEY_EXISTED = {  # config section -> {setting: its behaviour before it existed}
     "train": {"item_vocab": "all", "item_rate_buckets": 0, "item_rate_min_events": 1, "item_dropout": 0.0,
               "embedding_decay": 0.0, "min_steps_per_epoch": 0, "lazy_embeddings": False, "select": "auc",
-              "bucket": False, "id_init": "normal"},
+              "bucket": False, "id_init": "normal", "item_id_shrink": 0.0},
     "model_config": {"context_features": False, "dot_head": False, "popularity_prior": False,
                      "popularity_count": False, "popularity_fit": False},
 }

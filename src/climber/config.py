@@ -90,7 +90,7 @@ class TrainConfig:
     max_epoch_minutes: float = 0.0  # 0 = no limit; else stop training an epoch early after this long
     item_vocab: str = "train"  # item ids with rows of their own: all (every prepared id) | train (ids with a train event; others -> 0)
     item_min_events: int = 1  # with item_vocab=train: items with fewer train events share the unknown item's row (0) too
-    item_id_shrink: float = 0.0  # > 0: an item's own id vector is scaled by n / (n + this), n its train events; 0 = off
+    item_id_shrink: float = 10.0  # > 0: an item's own id vector is scaled by n / (n + this), n its train events; 0 = off
     item_rate_buckets: int = 20  # > 0: each item's smoothed train positive rate, in this many quantile buckets, as an item feature
     item_rate_min_events: int = 20  # items with fewer train events get the global rate's bucket (their own labels would leak)
     item_rate_folds: int = 0  # >= 2: training candidates get their item's rate from the other folds' users (no own label); 0 = off

@@ -193,7 +193,7 @@ def test_item_min_events_gives_items_of_fewer_train_events_the_unknown_items_row
 
 
 def test_item_id_shrink_scales_each_items_own_vector_by_its_train_evidence(tmp_path):
-    """train.item_id_shrink=k: item i's id vector times n_i / (n_i + k), n_i its train events (0 without
+    """train.item_id_shrink=k (default 10): item i's id vector times n_i / (n_i + k), n_i its train events (0 without
     one), its side features unscaled; off (0), the scales are ones, so lookups are the plain rows exactly.
     A checkpoint written before the setting loads with ones."""
     from climber.config import ConfigError, resolve
@@ -215,8 +215,8 @@ def test_item_id_shrink_scales_each_items_own_vector_by_its_train_evidence(tmp_p
     ids = torch.arange(1, emb.num_embeddings).view(1, -1)
     want = emb.weight[emb.id_row[ids]] * expected[ids].unsqueeze(-1) + side_vector(emb, ids, None)
     assert torch.allclose(emb(ids), want)
-    plain = Trainer(tmp_path / "plain", data, resolve("climber-tiny", None, TINY), log=lambda *_: None,
-                    progress=False).model.emb.item
+    plain = Trainer(tmp_path / "plain", data, resolve("climber-tiny", None, TINY + ["train.item_id_shrink=0"]),
+                    log=lambda *_: None, progress=False).model.emb.item
     assert torch.equal(plain.id_scale, torch.ones(plain.num_embeddings))
     state = {k: v for k, v in emb.state_dict().items() if k != "id_scale"}
     emb.load_state_dict(state)
