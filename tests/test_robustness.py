@@ -173,7 +173,7 @@ def test_gaps_band_and_verdict_over_test_users(tmp_path):
     labels = (items > 3).astype("int8")
     (tmp_path / "data" / "m").mkdir(parents=True)
     train_items = np.repeat(np.arange(1, 7), 10)
-    pl.DataFrame({"item": np.concatenate([train_items, items]),
+    pl.DataFrame({"user": np.concatenate([np.full(60, 99), users]), "item": np.concatenate([train_items, items]),
                   "label": np.concatenate([(train_items > 3), labels]).astype("int8"),
                   "split": ["train"] * 60 + ["test"] * len(items)}).write_parquet(tmp_path / "data" / "m" / "events.parquet")
     rng = np.random.default_rng(0)

@@ -233,6 +233,17 @@ def finished_predictions(out: Path, member: str, labels: list[str], seeds: int, 
     return preds
 
 
+def scored_candidates(out: Path, member: str, labels: list[str], seeds: int, flag: str) -> tuple:
+    """:func:`finished_predictions`, their candidates (in the runs' order) with their item's train events and
+    the floor's score (``climber.eval.floor.with_floor_logits``), and the member's events (user, item,
+    label, split)."""
+    from climber.eval.floor import item_train_rates, with_floor_logits
+
+    predictions = finished_predictions(out, member, labels, seeds, flag)
+    events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["user", "item", "label", "split"])
+    return predictions, with_floor_logits(predictions[labels[0]][0], *item_train_rates(events)), events
+
+
 COUNT_WEIGHT = 0.3  # --diagnose: an item's volume added to the logit, log1p(its train events) times this
 
 
@@ -249,37 +260,31 @@ def diagnose(out: Path, models: list[str], seeds: int, members=MEMBERS) -> list[
     (:func:`pair_classes`, the seeds' mean; the floor's in a row of its own).
     Writes OUT/diagnostics.{md,json}."""
     from climber.config import TrainConfig, load_yaml
-    from climber.eval.floor import item_train_rates, repeated_items, with_floor_logits
+    from climber.eval.floor import repeated_items
     from climber.eval.metrics import all_metrics, gauc
     from climber.train.optim import warmup_steps
 
     out, rows, labels = Path(out), [], [Entry.parse(m).label for m in models]
     for member in members:
-        predictions = finished_predictions(out, member, labels, seeds, "--diagnose")
-        events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["user", "item", "label", "split"])
-        per_item, rate = item_train_rates(events)
-        floor_row = None
+        predictions, scored, events = scored_candidates(out, member, labels, seeds, "--diagnose")
+        user, clicks, floor = scored["user"].to_numpy(), scored["label"].to_numpy(), scored["floor_logit"].to_numpy()
+        train_events = scored["events"].to_numpy()
+        classes = item_class(train_events)
+        other = ~repeated_items(scored, events)  # leaves out the items a user meets again
+
+        def without_repeats(scores: list) -> float:
+            return float(np.mean([gauc(user[other], clicks[other], s[other]) for s in scores]))
+
+        floor_row = {"member": member, "model": "floor", "pairs": pair_classes(user, clicks, floor, classes),
+                     "repeat_fraction": float(1 - other.mean()), "test_gauc": gauc(user, clicks, floor),
+                     "test_gauc_without_repeats": without_repeats([floor])}
         for label in labels:
             runs = [out / "runs" / member / label / f"seed{s}" for s in range(seeds)]
-            preds = predictions[label]
-            scored = with_floor_logits(preds[0], per_item, rate)  # the same candidates, in order, for every seed
-            user, clicks, floor = scored["user"].to_numpy(), scored["label"].to_numpy(), scored["floor_logit"].to_numpy()
-            logits = [p["logit"].to_numpy() for p in preds]
+            logits = [p["logit"].to_numpy() for p in predictions[label]]
             centred = pl.DataFrame({"user": user, **{f"s{k}": lg for k, lg in enumerate(logits)}}).select(
                 pl.col(f"s{k}") - pl.col(f"s{k}").mean().over("user") for k in range(seeds)).to_numpy()
             spread = centred.std(axis=1)  # (candidates,) between the seeds
-            train_events = scored["events"].to_numpy()
-            classes = item_class(train_events)
             pairs = [pair_classes(user, clicks, lg, classes) for lg in logits]
-            other = ~repeated_items(scored, events)  # leaves out the items a user meets again
-
-            def without_repeats(scores: list) -> float:
-                return float(np.mean([gauc(user[other], clicks[other], s[other]) for s in scores]))
-
-            if floor_row is None:
-                floor_row = {"member": member, "model": "floor", "pairs": pair_classes(user, clicks, floor, classes),
-                             "repeat_fraction": float(1 - other.mean()), "test_gauc": gauc(user, clicks, floor),
-                             "test_gauc_without_repeats": without_repeats([floor])}
             picked = {"own": [], "logloss": []}
             for r in runs:
                 tc = TrainConfig(**load_yaml(r / "config.yaml")["train"])
@@ -349,7 +354,6 @@ def gaps(out: Path, models: list[str], seeds: int, members=MEMBERS, draws: int =
     the same users for both sides, each seed's figure on the resample, then the seeds' mean). The band
     is the spread that comes from which users happen to be in the test split; the seeds' own spread is
     the suite table's ±. Writes OUT/gaps.{md,json}."""
-    from climber.eval.floor import item_train_rates, with_floor_logits
     from climber.eval.metrics import auc, auc_on_draws, gauc, gauc_on_draws, user_draws
 
     out, rows = Path(out), []
@@ -358,9 +362,7 @@ def gaps(out: Path, models: list[str], seeds: int, members=MEMBERS, draws: int =
         raise ConfigError(f"robustness --gaps: give two entries, the model and its reference (e.g. climber,dlrm), "
                           f"got {len(labels)}")
     for member in members:
-        preds = finished_predictions(out, member, labels, seeds, "--gaps")
-        events = pl.read_parquet(out / "data" / member / "events.parquet", columns=["item", "label", "split"])
-        scored = with_floor_logits(preds[labels[0]][0], *item_train_rates(events))
+        preds, scored, _ = scored_candidates(out, member, labels, seeds, "--gaps")
         users, clicks = scored["user"].to_numpy(), scored["label"].to_numpy()
         inverse, counts = user_draws(users, draws)
         weights = counts[:, inverse]  # (draws, candidates)
