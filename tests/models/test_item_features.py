@@ -63,7 +63,8 @@ def test_train_item_vocab_embeds_items_without_a_train_event_as_the_unknown_item
 
 def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
     from climber.eval.floor import PRIOR_EVENTS
-    from climber.models import RATE_FEATURE, item_rate_buckets, train_events, train_rates
+    from climber.eval.floor import item_train_rates
+    from climber.models import RATE_FEATURE, item_rate_buckets, train_events
 
     data = tmp_path / "sparse"
     synthetic.synthesize(data, users=30, events_per_user=10, items=400, topics=4, seed=2, log=lambda *_: None)
@@ -72,7 +73,7 @@ def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
     glob = train["label"].mean()
     info = DataInfo.from_prepared(data, item_rate_buckets=5)
     assert info.item_features[-1] == (RATE_FEATURE, 5) and info.rate_buckets == 5 and info.matches(data)
-    buckets = item_rate_buckets(train_rates(train_events(data)), info.num_items, 5)
+    buckets = item_rate_buckets(item_train_rates(train_events(data)), info.num_items, 5)
     assert buckets[0] == 0 and buckets[1:].min() >= 1 and buckets.max() == 5
     rate = {}  # recomputed: (positives + 10 x global) / (events + 10); the global rate without a train event
     for item in range(1, info.num_items + 1):
@@ -88,7 +89,8 @@ def test_rate_buckets_order_items_by_their_smoothed_train_rate(tmp_path):
 
 
 def test_rate_buckets_give_items_of_few_train_events_the_global_rate(tmp_path):
-    from climber.models import item_rate_buckets, train_events, train_rates
+    from climber.eval.floor import item_train_rates
+    from climber.models import item_rate_buckets, train_events
 
     data = tmp_path / "sparse"
     synthetic.synthesize(data, users=60, events_per_user=12, items=150, topics=4, seed=3, log=lambda *_: None)
@@ -98,14 +100,14 @@ def test_rate_buckets_give_items_of_few_train_events_the_global_rate(tmp_path):
     few = [i for i in range(1, info.num_items + 1) if counts.get(i, 0) < 4]
     many = [i for i in range(1, info.num_items + 1) if counts.get(i, 0) >= 4]
     assert few and many
-    buckets = item_rate_buckets(train_rates(train_events(data)), info.num_items, 5, min_events=4)
+    buckets = item_rate_buckets(item_train_rates(train_events(data)), info.num_items, 5, min_events=4)
     glob = train["label"].mean()
     below = sum(1 for i in many if train.filter(pl.col("item") == i)["label"].mean() < glob)
     assert len({int(buckets[i]) for i in few}) == 1  # one shared bucket, whatever their own labels
     assert len({int(buckets[i]) for i in many}) == 5  # quantiles over the items with enough events
     shared = int(buckets[few[0]])
     assert sum(int(buckets[i]) < shared for i in many) <= below  # the shared bucket sits at the global rate
-    assert item_rate_buckets(train_rates(train_events(data)), info.num_items, 5, min_events=1)[few].unique().numel() > 1
+    assert item_rate_buckets(item_train_rates(train_events(data)), info.num_items, 5, min_events=1)[few].unique().numel() > 1
 
 
 def test_id_dropout_drops_the_id_vector_at_its_rate_in_training_only_and_keeps_side_features(tiny_synth):
@@ -159,14 +161,15 @@ def assert_fold_rows_ignore_their_users_labels(data, tables, folds: int, tmp_pat
 
 
 def test_out_of_fold_rate_buckets_never_hold_the_labels_of_the_folds_own_users(tmp_path):
-    from climber.models import fold_rate_buckets, item_rate_buckets, train_events, train_rates
+    from climber.eval.floor import item_train_rates
+    from climber.models import fold_rate_buckets, item_rate_buckets, train_events
 
     data = sparse_log(tmp_path)
     info = DataInfo.from_prepared(data, item_rate_buckets=5)
     folds = fold_rate_buckets(train_events(data), info.num_items, 5, 1, 3)  # (3, items + 1)
     assert folds.shape == (3, info.num_items + 1) and folds[:, 0].eq(0).all()
     assert folds.min() >= 0 and folds.max() <= 5
-    full = item_rate_buckets(train_rates(train_events(data)), info.num_items, 5)
+    full = item_rate_buckets(item_train_rates(train_events(data)), info.num_items, 5)
     assert not all(torch.equal(folds[k], full) for k in range(3))
     assert_fold_rows_ignore_their_users_labels(data, lambda d: fold_rate_buckets(train_events(d), info.num_items, 5, 1, 3), 3, tmp_path)
 

@@ -85,27 +85,20 @@ RATE_FEATURE = "train_rate"  # the item feature of train.item_rate_buckets, comp
 
 def train_events(prepared):
     """The train split's events of a prepared dir (columns user, item, label, split), read once for every
-    table built from them (:func:`train_rates`, the out-of-fold tables, :func:`fit_prior_weights`)."""
+    table built from them (``climber.eval.floor.item_train_rates``, the out-of-fold tables,
+    :func:`fit_prior_weights`)."""
     import polars as pl
 
     return (pl.read_parquet(Path(prepared) / "events.parquet", columns=["user", "item", "label", "split"])
             .filter(pl.col("split") == "train"))
 
 
-def train_rates(events):
-    """``climber.eval.floor.item_train_rates`` of :func:`train_events`: ((item, events, rate) of each item
-    with a train event, the global train rate)."""
-    from climber.eval.floor import item_train_rates
-
-    return item_train_rates(events)
-
-
 def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) -> torch.Tensor:
     """(num_items + 1,) int64 in 1 .. ``buckets``: each item's train positive rate (``rates``, from
-    :func:`train_rates`: smoothed towards the global rate), cut at the quantiles of the rates of the items
-    with at least ``min_events`` train events; an item with fewer has the global rate. A popularity prior
-    that an item shares with items of a similar rate, so its vector is trained on many events (row 0,
-    padding, stays 0).
+    ``climber.eval.floor.item_train_rates``: smoothed towards the global rate), cut at the quantiles of
+    the rates of the items with at least ``min_events`` train events; an item with fewer has the global
+    rate. A popularity prior that an item shares with items of a similar rate, so its vector is trained
+    on many events (row 0, padding, stays 0).
 
     Why ``min_events``: a training candidate's own label is part of its item's rate, and for an item of
     a few events the rate (so the bucket) is mostly those labels, a leak a model learns in training and
@@ -125,14 +118,15 @@ def item_rate_buckets(rates, num_items: int, buckets: int, min_events: int = 1) 
 
 
 def fold_train_rates(events, folds: int) -> list:
-    """:func:`train_rates` of the train events (:func:`train_events`) of the users outside each fold k in
-    0 .. folds - 1 (:func:`climber.models.layers.fold_of`): the rates a training candidate of fold k may
-    read, since no label of its user entered them."""
+    """``climber.eval.floor.item_train_rates`` of the train events (:func:`train_events`) of the users
+    outside each fold k in 0 .. folds - 1 (:func:`climber.models.layers.fold_of`): the rates a training
+    candidate of fold k may read, since no label of its user entered them."""
     import polars as pl
 
+    from climber.eval.floor import item_train_rates
     from climber.models.layers import fold_of
 
-    return [train_rates(events.filter(fold_of(pl.col("user"), folds) != k)) for k in range(folds)]
+    return [item_train_rates(events.filter(fold_of(pl.col("user"), folds) != k)) for k in range(folds)]
 
 
 def fold_rate_buckets(events, num_items: int, buckets: int, min_events: int, folds: int) -> torch.Tensor:
@@ -148,7 +142,7 @@ PRIOR_FOLDS = 5  # out-of-fold tables of the popularity prior in training (as tr
 
 
 def per_item_table(per_item, num_items: int, values) -> torch.Tensor:
-    """(num_items + 1,) float32: ``values`` at the rows of ``per_item``'s items (``train_rates``' first
+    """(num_items + 1,) float32: ``values`` at the rows of ``per_item``'s items (``item_train_rates``' first
     part, in its order), 0 at every other row (items without a train event, padding)."""
     import numpy as np
 
@@ -159,8 +153,8 @@ def per_item_table(per_item, num_items: int, values) -> torch.Tensor:
 
 def item_prior_logits(rates, num_items: int) -> torch.Tensor:
     """(num_items + 1,) float32: :class:`climber.models.layers.PopularityPrior`'s table, each item's
-    smoothed train positive rate (``rates``, from :func:`train_rates`) as log-odds minus the global
-    rate's; 0 for an item without a train event (it has the global rate) and for padding."""
+    smoothed train positive rate (``rates``, from ``climber.eval.floor.item_train_rates``) as log-odds
+    minus the global rate's; 0 for an item without a train event (it has the global rate) and for padding."""
     from climber.eval.floor import log_odds
 
     per_item, rate = rates
@@ -168,8 +162,8 @@ def item_prior_logits(rates, num_items: int) -> torch.Tensor:
 
 
 def item_log_counts(rates, num_items: int, scale: float = 1.0) -> torch.Tensor:
-    """(num_items + 1,) float32: log1p of each item's train events (``rates``, from :func:`train_rates`)
-    times ``scale``; 0 for an item without one and for padding."""
+    """(num_items + 1,) float32: log1p of each item's train events (``rates``, from
+    ``climber.eval.floor.item_train_rates``) times ``scale``; 0 for an item without one and for padding."""
     import numpy as np
 
     per_item, _ = rates
@@ -235,7 +229,7 @@ def fit_prior_weights(events, columns: list[torch.Tensor], pairs: int = FIT_PAIR
 
 def train_item_rows(rates, num_items: int, min_events: int = 1) -> torch.Tensor:
     """(num_items + 1,) int64: each item's own id when it has at least ``min_events`` train events
-    (``rates``, from :func:`train_rates`), else 0 (the unknown item)."""
+    (``rates``, from ``climber.eval.floor.item_train_rates``), else 0 (the unknown item)."""
     import polars as pl
 
     seen = torch.from_numpy(rates[0].filter(pl.col("events") >= min_events)["item"].to_numpy().astype("int64"))
@@ -246,8 +240,9 @@ def train_item_rows(rates, num_items: int, min_events: int = 1) -> torch.Tensor:
 
 def item_id_scales(rates, num_items: int, shrink: float) -> torch.Tensor:
     """(num_items + 1,) float32: ``train.item_id_shrink``, each item's id vector scale n / (n + ``shrink``),
-    n its train events (``rates``, from :func:`train_rates`); 0 for an item without one and for padding. An
-    item's own vector counts as much as its evidence, as its train rate does in the floor's smoothing."""
+    n its train events (``rates``, from ``climber.eval.floor.item_train_rates``); 0 for an item without
+    one and for padding. An item's own vector counts as much as its evidence, as its train rate does in
+    the floor's smoothing."""
     per_item, _ = rates
     events = per_item["events"].to_numpy()
     return per_item_table(per_item, num_items, events / (events + shrink))
@@ -342,6 +337,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
     (``ItemEmbedding.id_row``), and with ``item_id_shrink`` > 0 an item's id vector is scaled by its
     evidence (:func:`item_id_scales`, ``ItemEmbedding.id_scale``); without, the tables keep their
     defaults until a checkpoint is loaded."""
+    from climber.eval.floor import item_train_rates
     from climber.models.layers import ItemEmbedding, PopularityPrior, UserFeatures
 
     cfg_cls, model_cls = _lookup(name)
@@ -352,7 +348,7 @@ def build_model(name: str, cfg: Any, info: DataInfo, prepared=None, item_vocab: 
         return model
     priors = [m for m in model.modules() if isinstance(m, PopularityPrior)]
     events = train_events(prepared) if info.rate_buckets or item_vocab == "train" or priors or item_id_shrink else None
-    rates = train_rates(events) if events is not None else None
+    rates = item_train_rates(events) if events is not None else None
     fold_logits, fold_log_counts = fold_prior_logits(events, info.num_items) if priors else (None, None)
     for prior in priors:
         prior.logits.copy_(item_prior_logits(rates, info.num_items))
